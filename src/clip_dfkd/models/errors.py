@@ -1,0 +1,2 @@
+class ModelNotFoundError(RuntimeError):
+    """Weights that cannot be loaded here; the message says how to point at a local copy."""

@@ -1,0 +1,85 @@
+"""The text-to-image generator: any diffusers pipeline, from the hub or a local folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from clip_dfkd.models.errors import ModelNotFoundError
+from clip_dfkd.params import GeneratorParams
+from clip_dfkd.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def is_local_reference(model_id: str) -> bool:
+    """A folder rather than a hub id: an existing path, one that starts with '/', '.' or '~',
+    or one with more than the single '/' of ``organisation/name``."""
+    return (
+        Path(model_id).expanduser().exists()
+        or model_id.startswith(("/", ".", "~"))
+        or model_id.count("/") > 1
+    )
+
+
+def missing_generator_weights(params: GeneratorParams) -> str | None:
+    """Why the generator cannot be loaded here, or None when it can (or may still be
+    downloaded). Cheap: reads the disk and the Hugging Face cache, never the network."""
+    import huggingface_hub
+
+    if is_local_reference(params.model_id):
+        if Path(params.model_id, "model_index.json").expanduser().is_file():
+            return None
+        return (
+            f"image_synthesis.generator.model_id={params.model_id!r}: no diffusers pipeline there; "
+            "allowed: a folder saved with save_pretrained (it holds model_index.json) or a hub id"
+        )
+    if not huggingface_hub.is_offline_mode():
+        return None  # diffusers downloads it on first use
+    try:
+        huggingface_hub.snapshot_download(params.model_id, revision=params.revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+        return _download_hint(params)
+    return None
+
+
+def _download_hint(params: GeneratorParams) -> str:
+    return (
+        f"image_synthesis.generator.model_id={params.model_id!r}: not in the local Hugging Face "
+        "cache and cannot be downloaded here; download it where there is network "
+        f"(`hf download {params.model_id} --local-dir <dir>`) and set "
+        "image_synthesis.generator.model_id to that folder"
+    )
+
+
+def load_text_to_image(params: GeneratorParams, runtime: Runtime):
+    """``AutoPipelineForText2Image.from_pretrained`` on a hub id or a ``save_pretrained`` folder."""
+    import diffusers
+
+    if problem := missing_generator_weights(params):
+        raise ModelNotFoundError(problem)
+    local = is_local_reference(params.model_id)
+    source = str(Path(params.model_id).expanduser()) if local else params.model_id
+    logger.info("Loading generator %s", params.model_id)
+    try:
+        pipeline = diffusers.AutoPipelineForText2Image.from_pretrained(
+            source, dtype=runtime.dtype, revision=params.revision, variant=params.variant
+        )
+    except OSError as exc:
+        if local:
+            raise ModelNotFoundError(
+                f"image_synthesis.generator.model_id={params.model_id!r}: the pipeline folder is "
+                f"incomplete ({str(exc).splitlines()[0]})"
+            ) from exc
+        raise ModelNotFoundError(_download_hint(params)) from exc
+    if params.scheduler is not None:
+        scheduler_class = getattr(diffusers, params.scheduler)
+        pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+    # The synthesis node shows one progress bar over all images instead of one per batch.
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(runtime.device)
+    if runtime.compile:
+        pipeline.unet = torch.compile(pipeline.unet)
+    return pipeline

@@ -1,0 +1,127 @@
+"""The CLIP teacher: open_clip model, its preprocessing and a zero-shot head."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clip_dfkd.models.errors import ModelNotFoundError
+from clip_dfkd.models.model_configs import register_project_model_configs
+from clip_dfkd.params import TeacherParams, looks_like_path
+from clip_dfkd.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipTeacher:
+    """An open_clip model ready for zero-shot classification and embedding."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    runtime: Runtime
+    name: str
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised float32 image embeddings of a preprocessed batch."""
+        with self.runtime.autocast():
+            features = self.model.encode_image(pixels.to(self.runtime.device))
+        return F.normalize(features.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised float32 text embeddings."""
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.runtime.device)
+            with self.runtime.autocast():
+                chunks.append(self.model.encode_text(tokens).float())
+        return F.normalize(torch.cat(chunks), dim=-1)
+
+    def zero_shot_weights(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """One unit vector per class: the normalised mean of its prompt-ensemble embeddings."""
+        prompts = [t.format(class_name=name) for name in class_names for t in templates]
+        embeddings = self.encode_texts(prompts).view(len(class_names), len(templates), -1)
+        return F.normalize(embeddings.mean(dim=1), dim=-1)
+
+    def classify(self, pixels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-shot logits (CLIP's logit scale applied) and the normalised image embeddings."""
+        embeddings = self.encode_images(pixels)
+        return self.logit_scale * embeddings @ weights.T, embeddings
+
+
+def missing_teacher_weights(params: TeacherParams) -> str | None:
+    """Why the teacher's weights cannot be loaded here, or None when they can (or may still
+    be downloaded). Cheap: reads the disk and the Hugging Face cache, never the network."""
+    import huggingface_hub
+    import open_clip
+
+    if looks_like_path(params.pretrained):
+        if Path(params.pretrained).expanduser().is_file():
+            return None
+        return (
+            f"teacher.pretrained={params.pretrained!r}: no such checkpoint file; allowed: a local "
+            "open_clip checkpoint (.pt/.bin/.safetensors) or a tag of "
+            f"open_clip.list_pretrained_tags_by_model({params.model_name!r})"
+        )
+    if not huggingface_hub.is_offline_mode():
+        return None  # open_clip downloads it on first use
+    try:
+        # With HF_HUB_OFFLINE set this only looks in the cache.
+        open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(params.model_name, params.pretrained))
+    except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+        return _download_hint(params)
+    return None
+
+
+def _download_hint(params: TeacherParams) -> str:
+    return (
+        f"teacher: open_clip weights {params.model_name}/{params.pretrained} are not in the local "
+        "cache and cannot be downloaded here; download them where there is network "
+        f"(open_clip.create_model_and_transforms({params.model_name!r}, pretrained={params.pretrained!r}) "
+        "fills ~/.cache/huggingface) or set teacher.pretrained to a local checkpoint file"
+    )
+
+
+def load_teacher(params: TeacherParams, runtime: Runtime) -> ClipTeacher:
+    """Load an open_clip model from a pretrained tag or a local checkpoint file."""
+    import open_clip
+
+    register_project_model_configs()
+    if problem := missing_teacher_weights(params):
+        raise ModelNotFoundError(problem)
+    pretrained = params.pretrained
+    if looks_like_path(pretrained):
+        pretrained = str(Path(pretrained).expanduser())
+    logger.info("Loading teacher %s (%s)", params.model_name, params.pretrained)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            params.model_name, pretrained=pretrained, device=runtime.device
+        )
+    except RuntimeError as exc:
+        if looks_like_path(params.pretrained):
+            raise ModelNotFoundError(
+                f"teacher.pretrained={params.pretrained!r}: the checkpoint does not fit "
+                f"open_clip model {params.model_name!r} ({str(exc).splitlines()[0]})"
+            ) from exc
+        raise ModelNotFoundError(_download_hint(params)) from exc
+    model.eval().requires_grad_(False)
+    return ClipTeacher(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(params.model_name),
+        runtime=runtime,
+        name=f"{params.model_name}/{params.pretrained}",
+    )

@@ -1,0 +1,395 @@
+"""Typed parameters of every pipeline.
+
+Kedro validates a node's ``params:`` input against the pydantic model in the node's type
+hint before any node runs, so a bad value stops a run before heavy work. Each error is
+reported on one line that names the full key, the bad value and what is allowed.
+
+Only static checks live here (types, ranges, names known to open_clip/timm/diffusers).
+Checks that read the disk (weights paths, benchmark folders) run in
+:class:`clip_dfkd.hooks.PreflightHook`, so that ``kedro viz`` works on machines without
+the data.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class InvalidParameterError(ValueError):
+    """A parameter value that is not allowed; the message is one line."""
+
+
+def _bad(field: str, value: Any, reason: str) -> PydanticCustomError:
+    """An error of a cross-field check, reported against ``field`` like a field error."""
+    return PydanticCustomError("bad_param", reason, {"field": field, "value": value})
+
+
+def _one_line(section: str, exc: ValidationError) -> str:
+    messages = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        if error["type"] == "bad_param":
+            loc.append(error["ctx"]["field"])
+            value = error["ctx"]["value"]
+        else:
+            value = error["input"]
+        message = error["msg"].removeprefix("Value error, ")
+        key = ".".join([section, *loc]).strip(".")
+        messages.append(f"{key}={value!r}: {message}")
+    return "; ".join(messages)
+
+
+class _OneLineErrors:
+    """Turns pydantic's multi-line report into one line per bad key."""
+
+    section: ClassVar[str] = ""
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any):  # type: ignore[override]
+        try:
+            return super().model_validate(obj, **kwargs)  # type: ignore[misc]
+        except ValidationError as exc:
+            raise InvalidParameterError(_one_line(cls.section, exc)) from None
+
+
+class Params(_OneLineErrors, BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _placeholders(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def _check_template(template: str, required: set[str], allowed: set[str]) -> str:
+    try:
+        found = _placeholders(template)
+    except ValueError as exc:
+        raise ValueError(f"is not a format string ({exc})") from None
+    if missing := required - found:
+        raise ValueError(f"lacks the placeholder(s) {{{', '.join(sorted(missing))}}}")
+    if unknown := found - allowed:
+        raise ValueError(
+            f"has unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+        )
+    return template
+
+
+_WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
+
+
+def looks_like_path(value: str) -> bool:
+    """A weights reference is a local file when it has a path separator or a weights suffix."""
+    return (
+        "/" in value
+        or "\\" in value
+        or value.startswith(("~", "."))
+        or Path(value).suffix in _WEIGHT_SUFFIXES
+    )
+
+
+# --- shared ---------------------------------------------------------------------------
+
+
+class ClassNames(_OneLineErrors, RootModel[list[str]]):
+    """The category names the student learns; their order fixes the class indices."""
+
+    section: ClassVar[str] = "classes"
+
+    @field_validator("root")
+    @classmethod
+    def _non_empty_unique(cls, names: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("must list at least one class name")
+        if blank := [n for n in names if not n.strip()]:
+            raise ValueError(f"has blank names {blank}")
+        seen: set[str] = set()
+        duplicates = sorted({n for n in names if n.lower() in seen or seen.add(n.lower())})
+        if duplicates:
+            raise ValueError(f"has duplicate names {duplicates}; class names must be unique")
+        return names
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self.root)
+
+    def __len__(self) -> int:
+        return len(self.root)
+
+    def __getitem__(self, index: int) -> str:
+        return self.root[index]
+
+    def index(self, name: str) -> int:
+        return self.root.index(name)
+
+
+class RuntimeParams(Params):
+    """Where and how the models run; ``auto`` picks CUDA and bf16 when available."""
+
+    section: ClassVar[str] = "runtime"
+
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    compile: bool = False
+    num_workers: int = Field(default=0, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if device == "auto" or device == "cpu" or device == "mps":
+            return device
+        if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+            return device
+        raise ValueError("allowed: auto, cpu, cuda, cuda:<index>, mps")
+
+
+class TeacherParams(Params):
+    """The CLIP teacher, loaded with open_clip.
+
+    ``pretrained`` is either one of open_clip's pretrained tags for ``model_name`` (downloaded
+    to the cache on first use) or the path of a local checkpoint file.
+    """
+
+    section: ClassVar[str] = "teacher"
+
+    model_name: str
+    pretrained: str
+    templates: list[str] = Field(min_length=1)
+    batch_size: PositiveInt = 64
+
+    @field_validator("model_name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        import open_clip
+
+        from clip_dfkd.models.model_configs import register_project_model_configs
+
+        register_project_model_configs()
+        known = open_clip.list_models()
+        if name not in known:
+            raise ValueError(
+                f"is not an open_clip model; allowed: one of open_clip.list_models() "
+                f"(e.g. {', '.join(m for m in known if m.startswith('ViT-B'))[:120]}…) "
+                "or a config registered with open_clip.add_model_config"
+            )
+        return name
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_name_the_class(cls, templates: list[str]) -> list[str]:
+        for template in templates:
+            _check_template(template, {"class_name"}, {"class_name"})
+        return templates
+
+    @model_validator(mode="after")
+    def _known_tag_or_path(self) -> TeacherParams:
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(self.model_name)
+        if self.pretrained not in tags and not looks_like_path(self.pretrained):
+            raise _bad(
+                "pretrained",
+                self.pretrained,
+                f"neither a pretrained tag of {self.model_name} (allowed: {', '.join(tags) or 'none'}) "
+                f"nor a checkpoint path (one with a '/', or ending in {', '.join(sorted(_WEIGHT_SUFFIXES))})",
+            )
+        return self
+
+
+# --- prompt_generation ----------------------------------------------------------------
+
+
+class PromptGenerationParams(Params):
+    """Class names × styles → one prompt per image to synthesise."""
+
+    section: ClassVar[str] = "prompt_generation"
+
+    method: Literal["vanilla"] = "vanilla"
+    styles: list[str] = Field(min_length=1)
+    templates: list[str] = Field(default=["a {style} of a {class_name}"], min_length=1)
+    images_per_class_and_style: PositiveInt = 8
+    seed: int = 0
+
+    @field_validator("styles")
+    @classmethod
+    def _unique_styles(cls, styles: list[str]) -> list[str]:
+        if len({s.lower() for s in styles}) != len(styles):
+            raise ValueError("has duplicate styles; styles must be unique")
+        return styles
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slots(cls, templates: list[str]) -> list[str]:
+        for template in templates:
+            _check_template(template, {"style", "class_name"}, {"style", "class_name"})
+        return templates
+
+
+# --- image_synthesis ------------------------------------------------------------------
+
+
+class GeneratorParams(Params):
+    """A diffusers text-to-image pipeline: a hub id or a local ``save_pretrained`` folder."""
+
+    section: ClassVar[str] = "image_synthesis.generator"
+
+    model_id: str
+    revision: str | None = None
+    variant: str | None = None
+    scheduler: str | None = None
+    num_inference_steps: PositiveInt = 4
+    guidance_scale: float = Field(default=0.0, ge=0.0)
+    negative_prompt: str = ""
+    height: PositiveInt = 512
+    width: PositiveInt = 512
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        import diffusers
+
+        schedulers = sorted(
+            n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_")
+        )
+        if name not in schedulers:
+            raise ValueError(f"is not a diffusers scheduler; allowed: null or {', '.join(schedulers)}")
+        return name
+
+    @field_validator("height", "width")
+    @classmethod
+    def _fits_the_latent_grid(cls, size: int) -> int:
+        # Stable Diffusion VAEs downsample by 8; other sizes crash deep inside the UNet.
+        if size % 8:
+            raise ValueError("must be a multiple of 8")
+        return size
+
+
+class ImageSynthesisParams(Params):
+    section: ClassVar[str] = "image_synthesis"
+
+    backend: Literal["diffusion"] = "diffusion"
+    generator: GeneratorParams
+    batch_size: PositiveInt = 4
+    sample_grid_columns: PositiveInt = 8
+
+
+# --- teacher_labeling -----------------------------------------------------------------
+
+
+class LabelFilterParams(Params):
+    """Drop synthetic images the teacher does not recognise as their intended class."""
+
+    enabled: bool = False
+    require_intended_class: bool = True
+    min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class TeacherLabelingParams(Params):
+    section: ClassVar[str] = "teacher_labeling"
+
+    filter: LabelFilterParams = LabelFilterParams()
+
+
+# --- student_distillation -------------------------------------------------------------
+
+
+class StudentParams(Params):
+    """A timm classifier; ``checkpoint_path`` optionally initialises it from local ImageNet weights."""
+
+    model_name: str
+    checkpoint_path: str | None = None
+    image_size: PositiveInt = 224
+
+    @field_validator("model_name")
+    @classmethod
+    def _known_timm_model(cls, name: str) -> str:
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(
+                "is not a timm model; allowed: a name from timm.list_models() "
+                "(e.g. resnet18, resnet50, mobilenetv3_large_100, efficientnet_b0)"
+            )
+        return name
+
+
+class DistillationLossParams(Params):
+    temperature: PositiveFloat = 4.0
+    kd_weight: float = Field(default=1.0, ge=0.0)
+    embedding_weight: float = Field(default=0.0, ge=0.0)
+    embedding_loss: Literal["cosine", "l2"] = "cosine"
+
+    @model_validator(mode="after")
+    def _some_signal(self) -> DistillationLossParams:
+        if self.kd_weight == 0 and self.embedding_weight == 0:
+            raise _bad("kd_weight", 0, "kd_weight and embedding_weight are both 0; allowed: at least one > 0")
+        return self
+
+
+class AugmentationParams(Params):
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    horizontal_flip: bool = True
+    color_jitter: float = Field(default=0.3, ge=0.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        low, high = scale
+        if not 0 < low <= high <= 1:
+            raise ValueError("allowed: [low, high] with 0 < low <= high <= 1")
+        return scale
+
+
+class TrainingParams(Params):
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 64
+    learning_rate: PositiveFloat = 1e-3
+    weight_decay: float = Field(default=0.05, ge=0.0)
+    seed: int = 0
+
+
+class RegistryParams(Params):
+    model_name: str = Field(default="clip-dfkd-student", min_length=1)
+    alias: str = Field(default="candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class StudentDistillationParams(Params):
+    section: ClassVar[str] = "student_distillation"
+
+    student: StudentParams
+    training: TrainingParams = TrainingParams()
+    loss: DistillationLossParams = DistillationLossParams()
+    augmentation: AugmentationParams = AugmentationParams()
+    registry: RegistryParams = RegistryParams()
+
+
+# --- ood_evaluation -------------------------------------------------------------------
+
+
+class BenchmarkParams(Params):
+    """A folder laid out as ``<root>/<domain>/<class>/<image files>``."""
+
+    root: str
+    domains: list[str] | None = None
+
+
+class OodEvaluationParams(Params):
+    section: ClassVar[str] = "ood_evaluation"
+
+    benchmarks: dict[str, BenchmarkParams] = Field(min_length=1)
+    batch_size: PositiveInt = 64

@@ -1,0 +1,35 @@
+from kedro.pipeline import Node, Pipeline
+
+from clip_dfkd.pipelines.student_distillation.nodes import register_student, train_student
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                train_student,
+                inputs=[
+                    "synthetic_images",
+                    "teacher_labels",
+                    "params:classes",
+                    "params:student_distillation",
+                    "params:runtime",
+                ],
+                outputs=["student_model", "student_distillation_metrics"],
+                name="train_student",
+            ),
+            Node(
+                register_student,
+                inputs=[
+                    "student_model",
+                    "params:classes",
+                    "params:teacher",
+                    "params:image_synthesis",
+                    "params:prompt_generation",
+                    "params:student_distillation",
+                ],
+                outputs="student_registration",
+                name="register_student",
+            ),
+        ]
+    )

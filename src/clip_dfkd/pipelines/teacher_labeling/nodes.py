@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from clip_dfkd.imaging import iterate_batches
+from clip_dfkd.models import ClipTeacher, load_teacher
+from clip_dfkd.params import ClassNames, RuntimeParams, TeacherLabelingParams, TeacherParams
+from clip_dfkd.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def load_teacher_model(teacher: TeacherParams, runtime: RuntimeParams) -> ClipTeacher:
+    return load_teacher(teacher, Runtime.resolve(runtime))
+
+
+def build_zero_shot_head(teacher_model: ClipTeacher, classes: ClassNames, teacher: TeacherParams) -> torch.Tensor:
+    """Class weights ``(num_classes, embedding_dim)`` from the prompt-template ensemble."""
+    return teacher_model.zero_shot_weights(list(classes), teacher.templates)
+
+
+def label_images(
+    images: dict[str, Callable[[], Image.Image]],
+    manifest: pd.DataFrame,
+    teacher_model: ClipTeacher,
+    zero_shot_head: torch.Tensor,
+    teacher: TeacherParams,
+    params: TeacherLabelingParams,
+) -> pd.DataFrame:
+    """Teacher logits, probabilities and normalised embeddings for every manifest image.
+
+    With ``filter.enabled``, rows the teacher does not recognise as their intended class (or
+    recognises with less than ``min_confidence``) get ``kept = False``; they stay in the table
+    so that the drop is visible per class and style.
+    """
+    missing = [image_id for image_id in manifest["image_id"] if image_id not in images]
+    if missing:
+        raise ValueError(
+            f"synthetic_images lacks {len(missing)} of the {len(manifest)} images in synthesis_manifest "
+            f"(first: {missing[0]!r}); rerun `kedro run --pipelines=image_synthesis`"
+        )
+    sources = [images[image_id] for image_id in manifest["image_id"]]
+    logits_chunks, embedding_chunks = [], []
+    progress = tqdm(total=len(sources), desc="Teacher labelling", unit="img")
+    for _, ok, (pixels,) in iterate_batches(
+        sources, [teacher_model.preprocess], teacher.batch_size, teacher_model.runtime.num_workers
+    ):
+        if not bool(ok.all()):
+            raise ValueError("a synthetic image could not be decoded; delete it and rerun image_synthesis")
+        logits, embeddings = teacher_model.classify(pixels, zero_shot_head)
+        logits_chunks.append(logits.cpu())
+        embedding_chunks.append(embeddings.cpu())
+        progress.update(len(pixels))
+    progress.close()
+    logits = torch.cat(logits_chunks)
+    probabilities = logits.softmax(dim=-1)
+    confidence, prediction = probabilities.max(dim=-1)
+
+    labels = manifest[["image_id", "class_name", "class_index", "style", "method"]].copy()
+    labels["teacher_logits"] = list(logits.numpy().astype(np.float32))
+    labels["teacher_probs"] = list(probabilities.numpy().astype(np.float32))
+    labels["teacher_embedding"] = list(torch.cat(embedding_chunks).numpy().astype(np.float32))
+    labels["teacher_prediction"] = prediction.numpy()
+    labels["teacher_confidence"] = confidence.numpy()
+    labels["teacher_agrees"] = labels["teacher_prediction"] == labels["class_index"]
+    labels["kept"] = _keep_mask(labels, params)
+    return labels
+
+
+def _keep_mask(labels: pd.DataFrame, params: TeacherLabelingParams) -> pd.Series:
+    keep = pd.Series(True, index=labels.index)
+    if not params.filter.enabled:
+        return keep
+    if params.filter.require_intended_class:
+        keep &= labels["teacher_agrees"]
+    keep &= labels["teacher_confidence"] >= params.filter.min_confidence
+    return keep
+
+
+def summarise_labels(labels: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Per class and style: images, how many the filter kept and dropped, how often the
+    teacher saw the intended class; plus run-level metrics for MLflow."""
+    summary = (
+        labels.groupby(["class_name", "style"], sort=False)
+        .agg(
+            images=("image_id", "size"),
+            kept=("kept", "sum"),
+            teacher_agreement=("teacher_agrees", "mean"),
+            mean_confidence=("teacher_confidence", "mean"),
+        )
+        .reset_index()
+    )
+    summary["dropped"] = summary["images"] - summary["kept"]
+    dropped = summary[summary["dropped"] > 0]
+    if len(dropped):
+        logger.info(
+            "Teacher filter dropped %d of %d images:\n%s",
+            int(summary["dropped"].sum()),
+            len(labels),
+            dropped[["class_name", "style", "images", "dropped"]].to_string(index=False),
+        )
+    else:
+        logger.info("Teacher filter kept all %d images", len(labels))
+    metrics = {
+        "images": float(len(labels)),
+        "kept": float(labels["kept"].sum()),
+        "intended_class_agreement": float(labels["teacher_agrees"].mean()),
+        "mean_confidence": float(labels["teacher_confidence"].mean()),
+    }
+    return summary, {name: {"value": value, "step": 0} for name, value in metrics.items()}

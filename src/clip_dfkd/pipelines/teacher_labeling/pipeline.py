@@ -1,0 +1,55 @@
+from kedro.pipeline import Node, Pipeline
+
+from clip_dfkd.pipelines.teacher_labeling.nodes import (
+    build_zero_shot_head,
+    label_images,
+    load_teacher_model,
+    summarise_labels,
+)
+
+
+def create_teacher_pipeline() -> Pipeline:
+    """The loaded teacher and its zero-shot head, shared in memory by every stage that needs
+    them; summing pipelines merges these identical nodes, so one run loads the teacher once."""
+    return Pipeline(
+        [
+            Node(
+                load_teacher_model,
+                inputs=["params:teacher", "params:runtime"],
+                outputs="teacher_model",
+                name="load_teacher_model",
+            ),
+            Node(
+                build_zero_shot_head,
+                inputs=["teacher_model", "params:classes", "params:teacher"],
+                outputs="zero_shot_head",
+                name="build_zero_shot_head",
+            ),
+        ]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return create_teacher_pipeline() + Pipeline(
+        [
+            Node(
+                label_images,
+                inputs=[
+                    "synthetic_images",
+                    "synthesis_manifest",
+                    "teacher_model",
+                    "zero_shot_head",
+                    "params:teacher",
+                    "params:teacher_labeling",
+                ],
+                outputs="teacher_labels",
+                name="label_images",
+            ),
+            Node(
+                summarise_labels,
+                inputs="teacher_labels",
+                outputs=["teacher_label_summary", "teacher_labeling_metrics"],
+                name="summarise_labels",
+            ),
+        ]
+    )

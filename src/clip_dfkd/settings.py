@@ -1,0 +1,24 @@
+"""Kedro project settings."""
+
+from kedro.config import OmegaConfigLoader
+
+from clip_dfkd.config_resolvers import tracking_uri
+from clip_dfkd.hooks import DemoAssetsHook, PreflightHook, TypedParamsMlflowHook
+
+# Pluggy calls the last registered hook first: demo assets exist before the preflight
+# checks look for them.
+HOOKS = (TypedParamsMlflowHook(), PreflightHook(), DemoAssetsHook())
+
+# kedro-mlflow's own hook is replaced by TypedParamsMlflowHook above. Kedro matches the
+# distribution's metadata name, which kedro-mlflow publishes as "kedro_mlflow".
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",)
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]},
+    # conf/demo/mlflow.yml overrides single keys of conf/base/mlflow.yml.
+    "merge_strategy": {"mlflow": "soft"},
+    "custom_resolvers": {"clip_dfkd.tracking_uri": tracking_uri},
+}

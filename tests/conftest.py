@@ -1,0 +1,96 @@
+"""Shared fixtures: an offline environment and demo projects copied to temporary folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+# No test may touch the network; set before huggingface_hub reads it at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_LAYERS = [
+    "01_raw",
+    "02_intermediate",
+    "03_primary",
+    "04_feature",
+    "05_model_input",
+    "06_models",
+    "07_model_output",
+    "08_reporting",
+]
+
+
+def make_project_copy(destination: Path) -> Path:
+    """A fresh copy of the project's configuration with empty data layers (the package
+    itself comes from the installed ``clip_dfkd``)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO_ROOT / "pyproject.toml", destination / "pyproject.toml")
+    shutil.copy(REPO_ROOT / ".telemetry", destination / ".telemetry")
+    shutil.copytree(REPO_ROOT / "conf", destination / "conf", ignore=shutil.ignore_patterns("local"))
+    (destination / "conf" / "local").mkdir()
+    (destination / "src").mkdir()  # Kedro insists on it; the package itself is installed
+    for layer in DATA_LAYERS:
+        (destination / "data" / layer).mkdir(parents=True)
+    return destination
+
+
+class StagedDemoProject:
+    """A demo project whose pipelines run in-process, each at most once, prerequisites first."""
+
+    STAGES = ["prompt_generation", "image_synthesis", "teacher_labeling", "student_distillation", "ood_evaluation"]
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._done: set[str] = set()
+
+    def session(self, env: str = "demo", runtime_params: dict | None = None):
+        from kedro.framework.session import KedroSession
+        from kedro.framework.startup import bootstrap_project
+
+        bootstrap_project(self.path)
+        return KedroSession.create(project_path=self.path, env=env, runtime_params=runtime_params)
+
+    def run(self, stage: str) -> None:
+        for earlier in self.STAGES[: self.STAGES.index(stage) + 1]:
+            if earlier not in self._done:
+                with self.session() as session:
+                    session.run(pipeline_names=[earlier])
+                self._done.add(earlier)
+
+    def catalog(self):
+        with self.session() as session:
+            return session.load_context().catalog
+
+
+@pytest.fixture(scope="session")
+def demo_project(tmp_path_factory: pytest.TempPathFactory) -> StagedDemoProject:
+    path = make_project_copy(tmp_path_factory.mktemp("staged") / "project")
+    previous = Path.cwd()
+    # Kedro resolves catalog paths and the tracking URI from the working directory.
+    os.chdir(path)
+    try:
+        yield StagedDemoProject(path)
+    finally:
+        os.chdir(previous)
+
+
+@pytest.fixture(scope="session")
+def demo_assets(demo_project: StagedDemoProject):
+    """The demo's tiny teacher, generator and benchmark (built by the demo hook)."""
+    from clip_dfkd.demo import DemoAssetsParams
+
+    catalog = demo_project.catalog()
+    raw = catalog.load("parameters")["demo_assets"]
+    return DemoAssetsParams.model_validate(raw)
+
+
+@pytest.fixture
+def fresh_project(tmp_path: Path) -> Path:
+    """An unused copy of the project, for runs in a subprocess (cold start, SIGKILL)."""
+    return make_project_copy(tmp_path / "project")

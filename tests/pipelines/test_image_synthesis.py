@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from clip_dfkd.datasets import ResumablePartitionedDataset
+from clip_dfkd.params import ImageSynthesisParams
+from clip_dfkd.pipelines.image_synthesis.nodes import build_manifest
+
+
+def _prompt_table() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "prompt_id": ["dog-photo-0000", "dog-photo-0001"],
+            "class_name": ["dog", "dog"],
+            "class_index": [0, 0],
+            "style": ["photo", "photo"],
+            "template": ["a {style} of a {class_name}"] * 2,
+            "prompt": ["a photo of a dog"] * 2,
+            "method": ["vanilla"] * 2,
+            "style_vector_id": [None, None],
+            "seed": [11, 12],
+        }
+    )
+
+
+def _params(**generator) -> ImageSynthesisParams:
+    return ImageSynthesisParams.model_validate({"generator": {"model_id": "some/model", **generator}})
+
+
+def test_manifest_ids_change_exactly_when_the_recipe_changes() -> None:
+    base = build_manifest(_prompt_table(), _params())
+    same = build_manifest(_prompt_table(), _params())
+    more_steps = build_manifest(_prompt_table(), _params(num_inference_steps=8))
+
+    assert base["image_id"].tolist() == same["image_id"].tolist()
+    assert base["image_id"].str.startswith("dog/dog-photo-000").all()
+    assert not set(base["image_id"]) & set(more_steps["image_id"])
+    row = base.iloc[0]
+    assert (row.generator_model_id, row.num_inference_steps, row.height, row.seed) == ("some/model", 4, 512, 11)
+
+
+def test_resumable_dataset_skips_existing_partitions_and_never_lists_partial_files(tmp_path) -> None:
+    dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset="pillow.ImageDataset", filename_suffix=".png")
+    calls: list[str] = []
+
+    def image(name: str, value: int):
+        def render():
+            calls.append(name)
+            return Image.new("RGB", (4, 4), (value, 0, 0))
+
+        return render
+
+    dataset.save({"a/1": image("a/1", 10)})
+    (tmp_path / "a" / "2.partial.png").write_bytes(b"\x89PNG truncated")
+    dataset.save({"a/1": image("a/1", 99), "a/2": image("a/2", 20)})
+
+    assert calls == ["a/1", "a/2"]
+    loaded = dataset.load()
+    assert sorted(loaded) == ["a/1", "a/2"]
+    assert np.asarray(loaded["a/1"]())[0, 0, 0] == 10  # kept, not re-rendered
+    assert not (tmp_path / "a" / "2.partial.png").exists()
+
+
+def test_pipeline_renders_every_manifest_image(demo_project) -> None:
+    demo_project.run("image_synthesis")
+
+    manifest = pd.read_parquet(demo_project.path / "data/03_primary/synthesis_manifest.parquet")
+    root = demo_project.path / "data/03_primary/synthetic_images"
+    files = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.png"))
+    assert files == sorted(manifest["image_id"])
+    with Image.open(root / f"{manifest.image_id.iloc[0]}.png") as image:
+        assert image.size == (32, 32)
+    assert (demo_project.path / "data/08_reporting/synthetic_sample_grid.png").stat().st_size > 0
+
+
+def test_pipeline_is_reproducible_from_the_manifest(demo_project) -> None:
+    """Deleting an image and rerunning renders the same pixels from its manifest row."""
+    demo_project.run("image_synthesis")
+    manifest = pd.read_parquet(demo_project.path / "data/03_primary/synthesis_manifest.parquet")
+    target = demo_project.path / "data/03_primary/synthetic_images" / f"{manifest.image_id.iloc[5]}.png"
+    before = np.asarray(Image.open(target))
+    untouched = target.with_name(f"{manifest.image_id.iloc[0].split('/')[1]}.png")
+    untouched_mtime = untouched.stat().st_mtime_ns
+    target.unlink()
+
+    with demo_project.session() as session:
+        session.run(pipeline_names=["image_synthesis"])
+
+    assert np.array_equal(np.asarray(Image.open(target)), before)
+    assert untouched.stat().st_mtime_ns == untouched_mtime
+
+
+@pytest.mark.timeout(300)
+def test_run_killed_with_sigkill_resumes_to_exactly_one_complete_image_each(fresh_project) -> None:
+    project = fresh_project
+    params = [
+        "--params",
+        "prompt_generation.images_per_class_and_style=30,image_synthesis.batch_size=2",
+    ]
+    command = [sys.executable, "-m", "kedro", "run", "--env=demo", "--pipelines=prompt_generation,image_synthesis", *params]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    images = project / "data/03_primary/synthetic_images"
+
+    process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(list(images.rglob("*.png"))) >= 40:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "synthesis finished before it could be killed: " + process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written_before = {p for p in images.rglob("*.png") if ".partial" not in p.name}
+    assert 40 <= len(written_before) < 270
+
+    rerun = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+    manifest = pd.read_parquet(project / "data/03_primary/synthesis_manifest.parquet")
+    final = sorted(p for p in images.rglob("*.png") if ".partial" not in p.name)
+    assert len(manifest) == 270
+    assert sorted(str(p.relative_to(images).with_suffix("")) for p in final) == sorted(manifest["image_id"])
+    for path in final:
+        with Image.open(path) as image:
+            image.load()  # raises on a truncated file
+            assert image.size == (32, 32)

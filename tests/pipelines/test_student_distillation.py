@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from clip_dfkd.datasets import StudentModelDataset
+from clip_dfkd.models import StudentClassifier, create_student
+from clip_dfkd.params import ClassNames, DistillationLossParams, RuntimeParams, StudentDistillationParams, StudentParams
+from clip_dfkd.pipelines.student_distillation.nodes import distillation_loss, train_student
+
+CLASSES = ["ball", "box", "tent"]
+
+
+def _loss_params(**overrides) -> DistillationLossParams:
+    return DistillationLossParams.model_validate(overrides)
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_matches_the_formula() -> None:
+    teacher = torch.tensor([[2.0, 0.0, -1.0]])
+    embedding = torch.nn.functional.normalize(torch.tensor([[1.0, 2.0]]), dim=-1)
+
+    same = distillation_loss(teacher.clone(), teacher, None, embedding, _loss_params(temperature=2.0))
+    assert float(same["kd"]) == pytest.approx(0.0, abs=1e-6)
+
+    student = torch.tensor([[0.0, 1.0, 0.0]])
+    losses = distillation_loss(student, teacher, None, embedding, _loss_params(temperature=2.0))
+    p = torch.softmax(teacher / 2, -1)
+    q = torch.softmax(student / 2, -1)
+    expected = 4 * float((p * (p / q).log()).sum())
+    assert float(losses["kd"]) == pytest.approx(expected, rel=1e-5)
+    assert float(losses["total"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_embedding_alignment_terms() -> None:
+    logits = torch.zeros(1, 3)
+    teacher_embedding = torch.tensor([[1.0, 0.0]])
+    orthogonal = torch.tensor([[0.0, 5.0]])
+
+    cosine = distillation_loss(logits, logits, orthogonal, teacher_embedding, _loss_params(embedding_weight=0.5))
+    l2 = distillation_loss(
+        logits, logits, orthogonal, teacher_embedding, _loss_params(embedding_weight=0.5, embedding_loss="l2")
+    )
+    aligned = distillation_loss(logits, logits, torch.tensor([[3.0, 0.0]]), teacher_embedding, _loss_params(embedding_weight=1))
+
+    assert float(cosine["embedding"]) == pytest.approx(1.0)
+    assert float(cosine["total"]) == pytest.approx(0.5)
+    assert float(l2["embedding"]) == pytest.approx(2.0)
+    assert float(aligned["embedding"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def _training_data(n: int = 12) -> tuple[dict, pd.DataFrame]:
+    rng = np.random.default_rng(0)
+    colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
+    images, rows = {}, []
+    for i in range(n):
+        label = i % 3
+        noise = rng.integers(-20, 20, (32, 32, 3))
+        array = np.clip(np.array(colours[label]) + noise, 0, 255).astype(np.uint8)
+        images[f"img-{i}"] = lambda a=array: Image.fromarray(a)
+        logits = np.full(3, -2.0, dtype=np.float32)
+        logits[label] = 4.0
+        embedding = np.zeros(8, dtype=np.float32)
+        embedding[label] = 1.0
+        rows.append({"image_id": f"img-{i}", "teacher_logits": logits, "teacher_embedding": embedding, "kept": True})
+    return images, pd.DataFrame(rows)
+
+
+def test_training_lowers_the_loss_and_learns_the_teacher(tmp_path) -> None:
+    images, labels = _training_data()
+    params = StudentDistillationParams.model_validate(
+        {
+            "student": {"model_name": "test_resnet", "image_size": 32},
+            "training": {"epochs": 12, "batch_size": 6, "learning_rate": 3e-3, "weight_decay": 0.0},
+            "loss": {"embedding_weight": 0.5},
+            "augmentation": {"crop_scale": [0.9, 1.0], "color_jitter": 0.0},
+        }
+    )
+
+    student, history = train_student(images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu"))
+
+    losses = [step["value"] for step in history["total_loss"]]
+    assert len(losses) == 12 and [s["step"] for s in history["total_loss"]] == list(range(12))
+    assert losses[-1] < 0.5 * losses[0]
+    assert "embedding_loss" in history
+    pixels = torch.stack([student.eval_transform()(images[f"img-{i}"]()) for i in range(12)])
+    with torch.no_grad():
+        predictions = student(pixels).argmax(-1)
+    assert (predictions == torch.arange(12) % 3).float().mean() >= 0.9
+
+
+def test_student_round_trips_through_its_dataset(tmp_path) -> None:
+    student = create_student(StudentParams(model_name="test_resnet", image_size=32), CLASSES, embedding_dim=8).eval()
+    dataset = StudentModelDataset(path=str(tmp_path / "student"))
+    dataset.save(student)
+    dataset.save(student)  # an existing folder is replaced whole
+
+    loaded = dataset.load()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(pixels), student(pixels))
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["class_names"] == CLASSES and config["image_size"] == 32
+    assert config["mean"] == [0.5, 0.5, 0.5]  # test_resnet's pretraining normalisation
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+def test_filter_leaving_no_image_is_an_error(tmp_path) -> None:
+    images, labels = _training_data(3)
+    labels["kept"] = False
+    params = StudentDistillationParams.model_validate({"student": {"model_name": "test_resnet", "image_size": 32}})
+    with pytest.raises(ValueError, match="teacher_labels keeps no image"):
+        train_student(images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu"))
+
+
+def test_pipeline_trains_saves_and_registers_the_student(demo_project) -> None:
+    import mlflow
+
+    demo_project.run("student_distillation")
+
+    student = StudentClassifier.from_pretrained(demo_project.path / "data/06_models/student")
+    assert student.class_names == CLASSES
+    registration = json.loads((demo_project.path / "data/08_reporting/student_registration.json").read_text())
+    assert registration["uri"] == "models:/clip-dfkd-demo-student@candidate"
+    mlflow.set_tracking_uri(f"sqlite:///{demo_project.path / 'mlflow.db'}")
+    version = mlflow.MlflowClient().get_model_version_by_alias("clip-dfkd-demo-student", "candidate")
+    assert str(version.version) == registration["version"]
+    assert version.tags["prompt_method"] == "vanilla"
+    assert version.tags["classes"] == "ball,box,tent"
+    assert version.tags["teacher"].startswith("open_clip:clip-dfkd-tiny/")
+    assert math.isfinite(mlflow.get_run(registration["run_id"]).data.metrics["student_distillation.total_loss"])

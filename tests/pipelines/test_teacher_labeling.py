@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clip_dfkd.models import load_teacher
+from clip_dfkd.params import ClassNames, RuntimeParams, TeacherLabelingParams, TeacherParams
+from clip_dfkd.pipelines.teacher_labeling.nodes import build_zero_shot_head, label_images, summarise_labels
+from clip_dfkd.runtime import Runtime
+
+CLASSES = ["ball", "box", "tent"]
+
+
+@pytest.fixture(scope="module")
+def teacher_params(demo_assets) -> TeacherParams:
+    return TeacherParams.model_validate(
+        {
+            "model_name": "clip-dfkd-tiny",
+            "pretrained": demo_assets.teacher_checkpoint,
+            "templates": ["a photo of a {class_name}.", "a sketch of a {class_name}."],
+            "batch_size": 4,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_params):
+    return load_teacher(teacher_params, Runtime.resolve(RuntimeParams(device="cpu")))
+
+
+def _images(n: int) -> tuple[dict, pd.DataFrame]:
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+    images = {f"img-{i}": (lambda a=a: Image.fromarray(a)) for i, a in enumerate(arrays)}
+    manifest = pd.DataFrame(
+        {
+            "image_id": list(images),
+            "class_name": [CLASSES[i % 3] for i in range(n)],
+            "class_index": [i % 3 for i in range(n)],
+            "style": ["photo", "sketch"] * (n // 2),
+            "method": "vanilla",
+        }
+    )
+    return images, manifest
+
+
+def test_zero_shot_head_is_the_normalised_mean_of_template_embeddings(teacher, teacher_params) -> None:
+    head = build_zero_shot_head(teacher, ClassNames.model_validate(CLASSES), teacher_params)
+
+    assert head.shape == (3, 32)
+    assert torch.allclose(head.norm(dim=-1), torch.ones(3), atol=1e-5)
+    tokens = teacher.tokenizer(["a photo of a box.", "a sketch of a box."])
+    with torch.no_grad():
+        manual = F.normalize(teacher.model.encode_text(tokens), dim=-1).mean(0)
+    assert torch.allclose(head[1], F.normalize(manual, dim=0), atol=1e-5)
+
+
+def test_labels_hold_scaled_logits_probabilities_and_unit_embeddings(teacher, teacher_params) -> None:
+    head = build_zero_shot_head(teacher, ClassNames.model_validate(CLASSES), teacher_params)
+    images, manifest = _images(10)
+
+    labels = label_images(images, manifest, teacher, head, teacher_params, TeacherLabelingParams())
+
+    pixels = teacher.preprocess(images["img-3"]()).unsqueeze(0)
+    with torch.no_grad():
+        embedding = F.normalize(teacher.model.encode_image(pixels), dim=-1)[0]
+    row = labels.iloc[3]
+    assert np.allclose(row.teacher_embedding, embedding.numpy(), atol=1e-5)
+    expected_logits = teacher.logit_scale * embedding @ head.T
+    assert np.allclose(row.teacher_logits, expected_logits.numpy(), atol=1e-4)
+    assert np.allclose(row.teacher_probs, expected_logits.softmax(-1).numpy(), atol=1e-5)
+    assert row.teacher_prediction == int(expected_logits.argmax())
+    assert labels["kept"].all()
+    assert (labels["teacher_agrees"] == (labels["teacher_prediction"] == labels["class_index"])).all()
+
+
+def test_filter_drops_disagreeing_and_unconfident_images(teacher, teacher_params) -> None:
+    head = build_zero_shot_head(teacher, ClassNames.model_validate(CLASSES), teacher_params)
+    images, manifest = _images(12)
+    threshold = 0.6
+    params = TeacherLabelingParams.model_validate({"filter": {"enabled": True, "min_confidence": threshold}})
+
+    labels = label_images(images, manifest, teacher, head, teacher_params, params)
+    summary, metrics = summarise_labels(labels)
+
+    expected = labels["teacher_agrees"] & (labels["teacher_confidence"] >= threshold)
+    assert labels["kept"].tolist() == expected.tolist()
+    assert summary["images"].sum() == 12
+    assert summary["dropped"].sum() == int((~expected).sum())
+    assert metrics["kept"] == {"value": float(expected.sum()), "step": 0}
+
+
+def test_missing_images_are_an_error_that_says_what_to_rerun(teacher, teacher_params) -> None:
+    head = build_zero_shot_head(teacher, ClassNames.model_validate(CLASSES), teacher_params)
+    images, manifest = _images(4)
+    del images["img-2"]
+
+    with pytest.raises(ValueError, match=r"lacks 1 of the 4 images .*'img-2'.*--pipelines=image_synthesis"):
+        label_images(images, manifest, teacher, head, teacher_params, TeacherLabelingParams())
+
+
+def test_pipeline_labels_every_synthetic_image(demo_project) -> None:
+    demo_project.run("teacher_labeling")
+
+    labels = pd.read_parquet(demo_project.path / "data/04_feature/teacher_labels.parquet")
+    manifest = pd.read_parquet(demo_project.path / "data/03_primary/synthesis_manifest.parquet")
+    assert sorted(labels["image_id"]) == sorted(manifest["image_id"])
+    probabilities = np.stack(labels["teacher_probs"].to_numpy())
+    assert probabilities.shape == (len(manifest), 3)
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert np.allclose(np.linalg.norm(np.stack(labels["teacher_embedding"].to_numpy()), axis=1), 1, atol=1e-5)

@@ -1,0 +1,97 @@
+"""Runs that cannot succeed stop before any node runs, with one line per problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+from kedro.validation import ParameterValidationError
+
+from clip_dfkd.hooks import PreflightError
+from clip_dfkd.models import ModelNotFoundError, load_teacher, load_text_to_image
+from clip_dfkd.models.student import create_student
+from clip_dfkd.params import GeneratorParams, RuntimeParams, StudentParams, TeacherParams
+from clip_dfkd.runtime import Runtime
+
+CPU = Runtime.resolve(RuntimeParams(device="cpu"))
+
+
+def _outputs(project: Path) -> list[Path]:
+    """Files under the data layers, beside the demo's own tiny models and benchmark."""
+    demo_assets = (project / "data/06_models/demo", project / "data/01_raw/demo_shapes")
+    return [
+        p
+        for p in (project / "data").rglob("*")
+        if p.is_file() and not any(parent in demo_assets for parent in p.parents)
+    ]
+
+
+def _run(project: Path, env: str, runtime_params: dict | None = None) -> None:
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env=env, runtime_params=runtime_params) as session:
+        session.run()
+
+
+def test_real_recipe_without_weights_names_every_missing_model(fresh_project, monkeypatch) -> None:
+    monkeypatch.chdir(fresh_project)
+    with pytest.raises(PreflightError) as caught:
+        _run(fresh_project, "base")
+
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("teacher: open_clip weights ViT-B-32/openai are not in the local cache")
+    assert "set teacher.pretrained to a local checkpoint file" in lines[0]
+    assert lines[1].startswith("image_synthesis.generator.model_id='stabilityai/sd-turbo': not in the local")
+    assert "hf download stabilityai/sd-turbo --local-dir" in lines[1]
+    assert lines[2].startswith("ood_evaluation.benchmarks.pacs.root='data/01_raw/PACS': no such folder")
+    assert _outputs(fresh_project) == []
+
+
+@pytest.mark.parametrize(
+    ("runtime_params", "error", "expected"),
+    [
+        ({"classes": []}, ParameterValidationError, "classes=[]: must list at least one class name"),
+        ({"classes": ["ball", "ball"]}, ParameterValidationError, "classes=['ball', 'ball']: has duplicate names"),
+        (
+            {"student_distillation": {"student": {"model_name": "resnet-404"}}},
+            ParameterValidationError,
+            "student_distillation.student.model_name='resnet-404': is not a timm model",
+        ),
+        (
+            {"ood_evaluation": {"benchmarks": {"demo_shapes": {"root": "nowhere"}}}},
+            PreflightError,
+            "ood_evaluation.benchmarks.demo_shapes.root='nowhere': no such folder",
+        ),
+        (
+            {"classes": ["ball", "box"]},
+            PreflightError,
+            "ood_evaluation.benchmarks.demo_shapes: class folder cartoon/'tent' is not in classes",
+        ),
+        (
+            {"teacher": {"pretrained": "weights/missing.safetensors"}},
+            PreflightError,
+            "teacher.pretrained='weights/missing.safetensors': no such checkpoint file",
+        ),
+    ],
+)
+def test_bad_demo_runs_fail_before_writing_anything(fresh_project, monkeypatch, runtime_params, error, expected) -> None:
+    monkeypatch.chdir(fresh_project)
+    with pytest.raises(error) as caught:
+        _run(fresh_project, "demo", runtime_params)
+
+    assert expected in str(caught.value)
+    assert _outputs(fresh_project) == []
+
+
+def test_loaders_fail_with_the_same_clear_messages() -> None:
+    teacher = TeacherParams(model_name="ViT-B-32", pretrained="openai", templates=["a {class_name}"])
+    with pytest.raises(ModelNotFoundError, match=r"^teacher: open_clip weights ViT-B-32/openai are not in the local cache"):
+        load_teacher(teacher, CPU)
+    with pytest.raises(ModelNotFoundError, match=r"generator.model_id='stabilityai/sd-turbo': not in the local"):
+        load_text_to_image(GeneratorParams(model_id="stabilityai/sd-turbo"), CPU)
+    with pytest.raises(ModelNotFoundError, match=r"generator.model_id='./models/sd': no diffusers pipeline there"):
+        load_text_to_image(GeneratorParams(model_id="./models/sd"), CPU)
+    with pytest.raises(ModelNotFoundError, match=r"checkpoint_path='/nope/resnet18.pth': no such file"):
+        create_student(StudentParams(model_name="resnet18", checkpoint_path="/nope/resnet18.pth"), ["a", "b"])
