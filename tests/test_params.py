@@ -97,7 +97,11 @@ def _error(model, raw) -> str:
             {**STUDENT, "loss": {"kd_weight": 0, "embedding_weight": 0}},
             "student_distillation.loss.kd_weight=0: kd_weight and embedding_weight are both 0",
         ),
-        (OodEvaluationParams, {"benchmarks": {}}, "ood_evaluation.benchmarks={}: Dictionary should have at least 1 item"),
+        (
+            OodEvaluationParams,
+            {"benchmarks": {}},
+            "ood_evaluation.benchmarks={}: Dictionary should have at least 1 item",
+        ),
     ],
 )
 def test_bad_values_fail_on_one_line_naming_key_value_and_rule(model, raw, expected) -> None:

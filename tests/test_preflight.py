@@ -76,7 +76,9 @@ def test_real_recipe_without_weights_names_every_missing_model(fresh_project, mo
         ),
     ],
 )
-def test_bad_demo_runs_fail_before_writing_anything(fresh_project, monkeypatch, runtime_params, error, expected) -> None:
+def test_bad_demo_runs_fail_before_writing_anything(
+    fresh_project, monkeypatch, runtime_params, error, expected
+) -> None:
     monkeypatch.chdir(fresh_project)
     with pytest.raises(error) as caught:
         _run(fresh_project, "demo", runtime_params)
@@ -87,7 +89,9 @@ def test_bad_demo_runs_fail_before_writing_anything(fresh_project, monkeypatch, 
 
 def test_loaders_fail_with_the_same_clear_messages() -> None:
     teacher = TeacherParams(model_name="ViT-B-32", pretrained="openai", templates=["a {class_name}"])
-    with pytest.raises(ModelNotFoundError, match=r"^teacher: open_clip weights ViT-B-32/openai are not in the local cache"):
+    with pytest.raises(
+        ModelNotFoundError, match=r"^teacher: open_clip weights ViT-B-32/openai are not in the local cache"
+    ):
         load_teacher(teacher, CPU)
     with pytest.raises(ModelNotFoundError, match=r"generator.model_id='stabilityai/sd-turbo': not in the local"):
         load_text_to_image(GeneratorParams(model_id="stabilityai/sd-turbo"), CPU)

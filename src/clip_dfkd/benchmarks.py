@@ -26,6 +26,7 @@ class DomainImages:
 def class_index_of_folder(folder: str, classes: list[str]) -> int | None:
     """Match a class folder to a class name, ignoring case and ``_``/``-`` versus spaces
     (DomainNet writes ``hot_air_balloon``, OfficeHome ``Alarm_Clock``)."""
+
     def canonical(name: str) -> str:
         return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from kedro.io import AbstractDataset
 from kedro_datasets.partitions import PartitionedDataset
 
+from clip_dfkd.atomic import atomic_directory
 from clip_dfkd.models.student import StudentClassifier
 
 _PARTIAL = ".partial"
@@ -44,10 +43,8 @@ class ResumablePartitionedDataset(PartitionedDataset):
 
 
 class StudentModelDataset(AbstractDataset[StudentClassifier, StudentClassifier]):
-    """A trained student as a ``save_pretrained`` folder (config.json + model.safetensors).
-
-    The folder is written next to its final place and swapped in by rename.
-    """
+    """A trained student as a ``save_pretrained`` folder (config.json + model.safetensors),
+    written whole or not at all."""
 
     def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
         self._path = Path(path)
@@ -57,15 +54,8 @@ class StudentModelDataset(AbstractDataset[StudentClassifier, StudentClassifier])
         return StudentClassifier.from_pretrained(self._path)
 
     def save(self, data: StudentClassifier) -> None:
-        staging = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex}{_PARTIAL}")
-        data.save_pretrained(staging)
-        retired = None
-        if self._path.exists():
-            retired = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex}.old")
-            self._path.rename(retired)
-        staging.rename(self._path)
-        if retired is not None:
-            shutil.rmtree(retired)
+        with atomic_directory(self._path) as staging:
+            data.save_pretrained(staging)
 
     def _exists(self) -> bool:
         return (self._path / "config.json").is_file()

@@ -9,10 +9,7 @@ accuracy.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import shutil
-import uuid
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pydantic import PositiveInt
 
+from clip_dfkd.atomic import atomic_directory
 from clip_dfkd.params import Params
 
 logger = logging.getLogger(__name__)
@@ -60,21 +58,15 @@ def ensure_demo_assets(params: DemoAssetsParams, project_path: Path) -> None:
 
 def draw_demo_benchmark(root: Path, params: DemoAssetsParams) -> None:
     """Each class is a shape, each domain a way of drawing it (filled photo-like texture,
-    line sketch, flat cartoon, ...), so the domains really differ. Written to a sibling
-    folder and renamed into place, so a half-drawn benchmark never exists."""
-    staging = root.with_name(f".{root.name}.{uuid.uuid4().hex}.partial")
+    line sketch, flat cartoon, night), so the domains really differ."""
     rng = random.Random(params.seed)
-    for d, domain in enumerate(params.benchmark_domains):
-        for c, class_name in enumerate(params.benchmark_classes):
-            folder = staging / domain / class_name
-            folder.mkdir(parents=True)
-            for n in range(params.images_per_class):
-                _draw(c, d, rng, params.image_size).save(folder / f"{n:03d}.png")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(staging, root)
-    except OSError:  # another process drew it meanwhile
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_directory(root) as staging:
+        for d, domain in enumerate(params.benchmark_domains):
+            for c, class_name in enumerate(params.benchmark_classes):
+                folder = staging / domain / class_name
+                folder.mkdir(parents=True)
+                for n in range(params.images_per_class):
+                    _draw(c, d, rng, params.image_size).save(folder / f"{n:03d}.png")
 
 
 def _draw(shape: int, style: int, rng: random.Random, size: int) -> Image.Image:
@@ -92,7 +84,9 @@ def _draw(shape: int, style: int, rng: random.Random, size: int) -> Image.Image:
     elif kind == 1:
         draw.rectangle(box, fill=fill, outline=outline, width=2)
     elif kind == 2:
-        draw.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=fill, outline=outline, width=2)
+        draw.polygon(
+            [(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=fill, outline=outline, width=2
+        )
     else:
         draw.line([(box[0], box[1]), (box[2], box[3])], fill=outline, width=3)
         draw.line([(box[0], box[3]), (box[2], box[1])], fill=outline, width=3)

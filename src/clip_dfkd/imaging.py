@@ -40,7 +40,9 @@ class TransformedImages(Dataset):
     tensors, so a caller counts it as corrupt instead of losing it silently.
     """
 
-    def __init__(self, sources: Sequence[ImageSource], transforms: Sequence[Transform], shapes: Sequence[tuple[int, ...]]):
+    def __init__(
+        self, sources: Sequence[ImageSource], transforms: Sequence[Transform], shapes: Sequence[tuple[int, ...]]
+    ):
         self._sources = sources
         self._transforms = transforms
         self._shapes = shapes
@@ -78,4 +80,3 @@ def iterate_batches(
     )
     for indices, ok, *tensors in loader:
         yield indices, ok, tensors
-

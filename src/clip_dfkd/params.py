@@ -16,7 +16,6 @@ import string
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic_core import PydanticCustomError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 
 class InvalidParameterError(ValueError):
@@ -83,9 +83,7 @@ def _check_template(template: str, required: set[str], allowed: set[str]) -> str
     if missing := required - found:
         raise ValueError(f"lacks the placeholder(s) {{{', '.join(sorted(missing))}}}")
     if unknown := found - allowed:
-        raise ValueError(
-            f"has unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
-        )
+        raise ValueError(f"has unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     return template
 
 
@@ -94,12 +92,7 @@ _WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
 
 def looks_like_path(value: str) -> bool:
     """A weights reference is a local file when it has a path separator or a weights suffix."""
-    return (
-        "/" in value
-        or "\\" in value
-        or value.startswith(("~", "."))
-        or Path(value).suffix in _WEIGHT_SUFFIXES
-    )
+    return "/" in value or "\\" in value or value.startswith(("~", ".")) or Path(value).suffix in _WEIGHT_SUFFIXES
 
 
 # --- shared ---------------------------------------------------------------------------
@@ -180,9 +173,9 @@ class TeacherParams(Params):
         register_project_model_configs()
         known = open_clip.list_models()
         if name not in known:
+            examples = ", ".join(m for m in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14") if m in known)
             raise ValueError(
-                f"is not an open_clip model; allowed: one of open_clip.list_models() "
-                f"(e.g. {', '.join(m for m in known if m.startswith('ViT-B'))[:120]}…) "
+                f"is not an open_clip model; allowed: one of open_clip.list_models() (e.g. {examples}) "
                 "or a config registered with open_clip.add_model_config"
             )
         return name
@@ -263,9 +256,7 @@ class GeneratorParams(Params):
             return None
         import diffusers
 
-        schedulers = sorted(
-            n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_")
-        )
+        schedulers = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
         if name not in schedulers:
             raise ValueError(f"is not a diffusers scheduler; allowed: null or {', '.join(schedulers)}")
         return name

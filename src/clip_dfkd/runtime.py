@@ -39,8 +39,7 @@ class Runtime:
             device = torch.device(params.device)
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError(
-                    f"runtime.device={params.device!r}: CUDA is not available on this machine; "
-                    "allowed here: auto, cpu"
+                    f"runtime.device={params.device!r}: CUDA is not available on this machine; allowed here: auto, cpu"
                 )
         if params.precision == "auto":
             # Half precision only pays on accelerators; bf16 needs no loss scaling.

@@ -100,4 +100,7 @@ def register_student_model(
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{package}=={version(package)}" for package in ("torch", "torchvision", "timm", "safetensors", "pillow", "pandas", "pydantic")]
+    return [
+        f"{package}=={version(package)}"
+        for package in ("torch", "torchvision", "timm", "safetensors", "pillow", "pandas", "pydantic")
+    ]

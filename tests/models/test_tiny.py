@@ -105,15 +105,11 @@ def test_tiny_clip_loads_through_open_clip(tmp_path: Path) -> None:
     assert checkpoint == tmp_path / "teacher" / "tiny.safetensors"
     saved = load_file(checkpoint)
     assert saved["logit_scale"].item() == pytest.approx(math.log(1 / 0.07))
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        TINY_CLIP_MODEL_NAME, pretrained=str(checkpoint)
-    )
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP_MODEL_NAME, pretrained=str(checkpoint))
     _assert_same_tensors(saved, dict(model.state_dict()))
 
     model.eval()
-    pixels = torch.stack(
-        [preprocess(Image.new("RGB", (64, 48), colour)) for colour in ("red", "white")]
-    )
+    pixels = torch.stack([preprocess(Image.new("RGB", (64, 48), colour)) for colour in ("red", "white")])
     tokens = open_clip.get_tokenizer(TINY_CLIP_MODEL_NAME)(TEXTS)
     with torch.inference_mode():
         image_features = model.encode_image(pixels)
@@ -136,9 +132,7 @@ def test_tiny_clip_is_reproducible_per_seed(tmp_path: Path) -> None:
     _assert_same_tensors(load_file(first), load_file(again))
     first_tensors, other_tensors = load_file(first), load_file(other)
     assert not torch.equal(first_tensors["visual.conv1.weight"], other_tensors["visual.conv1.weight"])
-    assert not torch.equal(
-        first_tensors["token_embedding.weight"], other_tensors["token_embedding.weight"]
-    )
+    assert not torch.equal(first_tensors["token_embedding.weight"], other_tensors["token_embedding.weight"])
     # Building must not reseed the caller's random stream.
     assert torch.equal(torch.get_rng_state(), rng_state)
 
@@ -180,7 +174,7 @@ def test_tiny_stable_diffusion_generates_reproducible_32px_images(tiny_sd_dir: P
     images = generate(["a photo of a dog", "a photo of a cat"], [0, 1])
     repeat = generate(["a photo of a dog", "a photo of a cat"], [0, 1])
     assert [(image.mode, image.size) for image in images] == [("RGB", (32, 32))] * 2
-    for image, same in zip(images, repeat):
+    for image, same in zip(images, repeat, strict=True):
         assert np.array_equal(np.asarray(image), np.asarray(same))
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
 
@@ -198,8 +192,7 @@ def test_tiny_stable_diffusion_loads_through_auto_pipeline(tiny_sd_dir: Path) ->
 
     assert type(auto) is StableDiffusionPipeline
     images = [
-        pipe("a photo of a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(7))
-        .images[0]
+        pipe("a photo of a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(7)).images[0]
         for pipe in (auto, direct)
     ]
     assert images[0].size == (32, 32)
@@ -248,9 +241,7 @@ def test_rebuilds_replace_partial_outputs_and_ignore_stale_temporaries(tmp_path:
     )
 
 
-def test_failed_builds_keep_the_previous_output(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_builds_keep_the_previous_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import CLIPTokenizer
 
     checkpoint = build_tiny_clip(tmp_path / "tiny.safetensors", seed=0)

@@ -106,7 +106,15 @@ def test_run_killed_with_sigkill_resumes_to_exactly_one_complete_image_each(fres
         "--params",
         "prompt_generation.images_per_class_and_style=30,image_synthesis.batch_size=2",
     ]
-    command = [sys.executable, "-m", "kedro", "run", "--env=demo", "--pipelines=prompt_generation,image_synthesis", *params]
+    command = [
+        sys.executable,
+        "-m",
+        "kedro",
+        "run",
+        "--env=demo",
+        "--pipelines=prompt_generation,image_synthesis",
+        *params,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     images = project / "data/03_primary/synthetic_images"
 
@@ -116,7 +124,9 @@ def test_run_killed_with_sigkill_resumes_to_exactly_one_complete_image_each(fres
         if len(list(images.rglob("*.png"))) >= 40:
             break
         time.sleep(0.05)
-    assert process.poll() is None, "synthesis finished before it could be killed: " + process.stderr.read().decode()[-2000:]
+    assert process.poll() is None, (
+        "synthesis finished before it could be killed: " + process.stderr.read().decode()[-2000:]
+    )
     process.send_signal(signal.SIGKILL)
     process.wait()
     written_before = {p for p in images.rglob("*.png") if ".partial" not in p.name}

@@ -34,9 +34,23 @@ def test_scan_lists_domains_and_matches_class_folders_loosely(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("layout", "params", "message"),
     [
-        ({}, {"root": "missing"}, r"ood_evaluation\.benchmarks\.toy\.root='.*missing': no such folder; expected the layout <root>/<domain>/<class>/<image files>"),
-        ({"photo": {"giraffe": 1}}, {}, r"ood_evaluation\.benchmarks\.toy: class folder photo/'giraffe' is not in classes; allowed: \['ball', 'box', 'tent'\]"),
-        ({"photo": {"ball": 1}}, {"domains": ["clipart"]}, r"ood_evaluation\.benchmarks\.toy\.domains=\['clipart'\]: not folders of .*; allowed: \['photo'\]"),
+        (
+            {},
+            {"root": "missing"},
+            r"ood_evaluation\.benchmarks\.toy\.root='.*missing': no such folder; "
+            r"expected the layout <root>/<domain>/<class>/<image files>",
+        ),
+        (
+            {"photo": {"giraffe": 1}},
+            {},
+            r"ood_evaluation\.benchmarks\.toy: class folder photo/'giraffe' is not in classes; "
+            r"allowed: \['ball', 'box', 'tent'\]",
+        ),
+        (
+            {"photo": {"ball": 1}},
+            {"domains": ["clipart"]},
+            r"ood_evaluation\.benchmarks\.toy\.domains=\['clipart'\]: not folders of .*; allowed: \['photo'\]",
+        ),
     ],
 )
 def test_bad_benchmarks_fail_on_one_line(tmp_path, layout, params, message) -> None:
@@ -82,11 +96,22 @@ def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -
     params = OodEvaluationParams.model_validate({"benchmarks": {"toy": {"root": str(root)}}, "batch_size": 2})
 
     results = evaluate_domains(
-        _ConstantStudent(0), _ConstantTeacher(2), None, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu")
+        _ConstantStudent(0),
+        _ConstantTeacher(2),
+        None,
+        ClassNames.model_validate(CLASSES),
+        params,
+        RuntimeParams(device="cpu"),
     )
 
     photo, sketch = results.iloc[0], results.iloc[1]
-    assert (photo.images, photo.corrupt_images, photo.student_top1, photo.teacher_top1, photo.agreement) == (4, 0, 0.75, 0.0, 0.0)
+    assert (photo.images, photo.corrupt_images, photo.student_top1, photo.teacher_top1, photo.agreement) == (
+        4,
+        0,
+        0.75,
+        0.0,
+        0.0,
+    )
     assert (sketch.images, sketch.corrupt_images, sketch.student_top1, sketch.teacher_top1) == (4, 1, 0.25, 0.75)
 
     table, markdown, metrics = summarise_evaluation(results)

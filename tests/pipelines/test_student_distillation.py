@@ -46,7 +46,9 @@ def test_embedding_alignment_terms() -> None:
     l2 = distillation_loss(
         logits, logits, orthogonal, teacher_embedding, _loss_params(embedding_weight=0.5, embedding_loss="l2")
     )
-    aligned = distillation_loss(logits, logits, torch.tensor([[3.0, 0.0]]), teacher_embedding, _loss_params(embedding_weight=1))
+    aligned = distillation_loss(
+        logits, logits, torch.tensor([[3.0, 0.0]]), teacher_embedding, _loss_params(embedding_weight=1)
+    )
 
     assert float(cosine["embedding"]) == pytest.approx(1.0)
     assert float(cosine["total"]) == pytest.approx(0.5)
@@ -82,7 +84,9 @@ def test_training_lowers_the_loss_and_learns_the_teacher(tmp_path) -> None:
         }
     )
 
-    student, history = train_student(images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu"))
+    student, history = train_student(
+        images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu")
+    )
 
     losses = [step["value"] for step in history["total_loss"]]
     assert len(losses) == 12 and [s["step"] for s in history["total_loss"]] == list(range(12))
@@ -134,3 +138,20 @@ def test_pipeline_trains_saves_and_registers_the_student(demo_project) -> None:
     assert version.tags["classes"] == "ball,box,tent"
     assert version.tags["teacher"].startswith("open_clip:clip-dfkd-tiny/")
     assert math.isfinite(mlflow.get_run(registration["run_id"]).data.metrics["student_distillation.total_loss"])
+
+
+def test_student_starts_from_a_local_imagenet_checkpoint(tmp_path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    imagenet = timm.create_model("test_resnet", num_classes=1000)
+    checkpoint = tmp_path / "test_resnet_in1k.safetensors"
+    save_file({k: v.contiguous() for k, v in imagenet.state_dict().items()}, checkpoint)
+
+    student = create_student(
+        StudentParams(model_name="test_resnet", image_size=32, checkpoint_path=str(checkpoint)), CLASSES
+    )
+
+    backbone = student.backbone.state_dict()
+    assert torch.equal(backbone["conv1.0.weight"], imagenet.state_dict()["conv1.0.weight"])
+    assert backbone["fc.weight"].shape == (3, imagenet.num_features)  # a fresh head for our classes

@@ -17,11 +17,7 @@ logger = logging.getLogger(__name__)
 def is_local_reference(model_id: str) -> bool:
     """A folder rather than a hub id: an existing path, one that starts with '/', '.' or '~',
     or one with more than the single '/' of ``organisation/name``."""
-    return (
-        Path(model_id).expanduser().exists()
-        or model_id.startswith(("/", ".", "~"))
-        or model_id.count("/") > 1
-    )
+    return Path(model_id).expanduser().exists() or model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
 
 
 def missing_generator_weights(params: GeneratorParams) -> str | None:

@@ -58,9 +58,7 @@ class StudentClassifier(nn.Module):
             pretrained_cfg_overlay=overlay,
             num_classes=len(class_names),
         )
-        self.projection = (
-            nn.Linear(self.backbone.num_features, embedding_dim) if embedding_dim else None
-        )
+        self.projection = nn.Linear(self.backbone.num_features, embedding_dim) if embedding_dim else None
 
     @property
     def class_names(self) -> list[str]:

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
+from clip_dfkd.atomic import atomic_directory, atomic_file
 from clip_dfkd.models.model_configs import register_project_model_configs
 
 if TYPE_CHECKING:
@@ -83,7 +81,7 @@ def build_tiny_clip(checkpoint_path: Path, seed: int = 0) -> Path:
     with _seeded(seed):
         model = open_clip.create_model(TINY_CLIP_MODEL_NAME)
     tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    with _atomic_file(checkpoint_path) as staging:
+    with atomic_file(checkpoint_path) as staging:
         # One metadata key only: safetensors writes metadata in hash-map order, so more keys
         # would make files of the same seed differ byte for byte.
         save_file(tensors, staging, metadata={"format": "pt"})
@@ -104,7 +102,7 @@ def build_clip_tokenizer(output_dir: Path) -> Path:
         ``output_dir``, loadable with ``transformers.CLIPTokenizer.from_pretrained``.
     """
     output_dir = Path(output_dir)
-    with _atomic_directory(output_dir) as staging:
+    with atomic_directory(output_dir) as staging:
         _write_clip_tokenizer(staging)
     return output_dir
 
@@ -128,7 +126,7 @@ def build_tiny_stable_diffusion(output_dir: Path, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     output_dir = Path(output_dir)
-    with _atomic_directory(output_dir) as staging:
+    with atomic_directory(output_dir) as staging:
         # The pipeline's save_pretrained rewrites this folder with the same files; writing it
         # first also keeps vocab.json and merges.txt.
         tokenizer = _write_clip_tokenizer(staging / "tokenizer")
@@ -218,9 +216,7 @@ def _write_clip_tokenizer(directory: Path) -> CLIPTokenizer:
     tokenizer.save_pretrained(directory)
     # transformers 5 saves only tokenizer.json; these let older readers load the folder too.
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
-    )
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return tokenizer
 
 
@@ -230,50 +226,3 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def _staging_path(destination: Path) -> Path:
-    # A fresh name per build: concurrent builds and leftovers of killed ones never collide.
-    return destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.tmp")
-
-
-@contextmanager
-def _atomic_file(destination: Path) -> Iterator[Path]:
-    """Yield a sibling path to write; on success it replaces ``destination`` in one rename."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging_path(destination)
-    try:
-        yield staging
-        os.replace(staging, destination)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
-@contextmanager
-def _atomic_directory(destination: Path) -> Iterator[Path]:
-    """Yield an empty sibling folder to fill; on success it takes the place of ``destination``.
-
-    A folder cannot be renamed over a non-empty one, so an existing ``destination`` is first
-    renamed aside and deleted after the swap; it is absent only between two renames.
-    """
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging_path(destination)
-    staging.mkdir()
-    try:
-        yield staging
-        previous = None
-        if destination.exists() or destination.is_symlink():
-            previous = _staging_path(destination)
-            os.replace(destination, previous)
-        os.replace(staging, destination)
-        if previous is not None:
-            _remove(previous)
-    finally:
-        _remove(staging)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

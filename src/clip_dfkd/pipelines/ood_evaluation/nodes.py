@@ -122,7 +122,10 @@ def plot_domain_accuracy(domain_results: pd.DataFrame) -> Figure:
     for axis, benchmark in zip(axes[0], benchmarks, strict=True):
         rows = domain_results[domain_results["benchmark"] == benchmark]
         positions = np.arange(len(rows))
-        for offset, column, label in ((-width / 2, "student_top1", "student"), (width / 2, "teacher_top1", "teacher (zero-shot)")):
+        for offset, column, label in (
+            (-width / 2, "student_top1", "student"),
+            (width / 2, "teacher_top1", "teacher (zero-shot)"),
+        ):
             bars = axis.bar(positions + offset, rows[column], width, label=label)
             axis.bar_label(bars, fmt="%.2f", fontsize=7)
         axis.set_xticks(positions, rows["domain"], rotation=20)

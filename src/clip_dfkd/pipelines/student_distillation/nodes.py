@@ -60,12 +60,15 @@ def distillation_loss(
     embedding: ``1 − cos`` or the squared L2 distance after normalising the projection.
     """
     temperature = params.temperature
-    kd = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits / temperature, dim=-1),
-        reduction="batchmean",
-        log_target=True,
-    ) * temperature**2
+    kd = (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=-1),
+            F.log_softmax(teacher_logits / temperature, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
     losses = {"kd": kd}
     total = params.kd_weight * kd
     if student_embedding is not None and params.embedding_weight > 0:
