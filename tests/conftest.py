@@ -82,15 +82,43 @@ def demo_project(tmp_path_factory: pytest.TempPathFactory) -> StagedDemoProject:
 
 @pytest.fixture(scope="session")
 def demo_assets(demo_project: StagedDemoProject):
-    """The demo's tiny teacher, generator and benchmark (built by the demo hook)."""
-    from clip_dfkd.demo import DemoAssetsParams
+    """The demo's tiny teacher, generator and benchmark, with paths relative to the project
+    (the working directory during tests)."""
+    from clip_dfkd.demo import DemoAssetsParams, ensure_demo_assets
 
-    catalog = demo_project.catalog()
-    raw = catalog.load("parameters")["demo_assets"]
-    return DemoAssetsParams.model_validate(raw)
+    params = DemoAssetsParams.model_validate(demo_project.catalog().load("parameters")["demo_assets"])
+    ensure_demo_assets(params, demo_project.path)
+    return params
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoders(demo_assets):
+    """The demo generator's CLIPTextModel and the demo teacher's open_clip text tower, both
+    wrapped for pseudo-words."""
+    from clip_dfkd.models import load_teacher
+    from clip_dfkd.models.text_encoders import OpenClipTextEncoder, load_generator_text_encoder
+    from clip_dfkd.params import GeneratorParams, RuntimeParams, TeacherParams
+    from clip_dfkd.runtime import Runtime
+
+    cpu = Runtime.resolve(RuntimeParams(device="cpu"))
+    generator = load_generator_text_encoder(GeneratorParams(model_id=demo_assets.generator_dir), cpu)
+    teacher = load_teacher(
+        TeacherParams(
+            model_name="clip-dfkd-tiny", pretrained=demo_assets.teacher_checkpoint, templates=["{class_name}"]
+        ),
+        cpu,
+    )
+    return {"diffusers": generator, "open_clip": OpenClipTextEncoder(teacher.model, teacher.tokenizer, "teacher")}
 
 
 @pytest.fixture
 def fresh_project(tmp_path: Path) -> Path:
     """An unused copy of the project, for runs in a subprocess (cold start, SIGKILL)."""
     return make_project_copy(tmp_path / "project")
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which the project's
+    config honours as an override; undo it after each test so that projects stay apart."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -35,7 +35,7 @@ def _error(model, raw) -> str:
         (
             PromptGenerationParams,
             {"method": "fancy", "styles": ["photo"]},
-            "prompt_generation.method='fancy': Input should be 'vanilla'",
+            "prompt_generation.method='fancy': Input should be 'vanilla', 'mix', 'random' or 'contrastive'",
         ),
         (
             PromptGenerationParams,
@@ -46,6 +46,31 @@ def _error(model, raw) -> str:
             PromptGenerationParams,
             {"styles": ["photo"], "templates": ["a {style} picture"]},
             "prompt_generation.templates=['a {style} picture']: lacks the placeholder(s) {class_name}",
+        ),
+        (
+            PromptGenerationParams,
+            {"method": "mix", "styles": ["photo", "sketch"], "mix": {"k": 3}},
+            "prompt_generation.mix.k=3: larger than the style dictionary (2 styles); allowed: 1..2",
+        ),
+        (
+            PromptGenerationParams,
+            {"styles": ["photo"], "mix": {"alpha": 0}},
+            "prompt_generation.mix.alpha=0: Input should be greater than 0",
+        ),
+        (
+            PromptGenerationParams,
+            {"styles": ["photo"], "num_styles": 0},
+            "prompt_generation.num_styles=0: Input should be greater than 0",
+        ),
+        (
+            PromptGenerationParams,
+            {"styles": ["photo"], "pseudo_word_template": "a picture of a {class_name}"},
+            "prompt_generation.pseudo_word_template='a picture of a {class_name}': lacks the placeholder(s) {style}",
+        ),
+        (
+            PromptGenerationParams,
+            {"styles": ["photo"], "pseudo_word_template": "a {style} style"},
+            "prompt_generation.pseudo_word_template='a {style} style': lacks the placeholder(s) {class_name}",
         ),
         (
             ImageSynthesisParams,

@@ -87,6 +87,24 @@ def test_bad_demo_runs_fail_before_writing_anything(
     assert _outputs(fresh_project) == []
 
 
+def test_a_saved_bank_of_the_wrong_size_fails_before_any_work(fresh_project, monkeypatch) -> None:
+    import torch
+
+    from clip_dfkd.styles import StyleBank
+
+    StyleBank.create("contrastive", "other", torch.zeros(4, 768), {}).save(fresh_project / "bank768.safetensors")
+    monkeypatch.chdir(fresh_project)
+    params = {"prompt_generation": {"method": "contrastive", "contrastive": {"bank_path": "bank768.safetensors"}}}
+    with pytest.raises(PreflightError) as caught:
+        _run(fresh_project, "demo", params)
+
+    assert str(caught.value) == (
+        "prompt_generation.contrastive.bank_path='bank768.safetensors': its pseudo-words have 768 dimensions; "
+        "the text encoder of data/06_models/demo/tiny-stable-diffusion embeds tokens in 32"
+    )
+    assert _outputs(fresh_project) == []
+
+
 def test_loaders_fail_with_the_same_clear_messages() -> None:
     teacher = TeacherParams(model_name="ViT-B-32", pretrained="openai", templates=["a {class_name}"])
     with pytest.raises(

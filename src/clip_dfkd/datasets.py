@@ -1,4 +1,4 @@
-"""Kedro datasets the project needs beyond kedro-datasets: both write whole or not at all."""
+"""Kedro datasets the project needs beyond kedro-datasets; each writes whole or not at all."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from kedro_datasets.partitions import PartitionedDataset
 
 from clip_dfkd.atomic import atomic_directory
 from clip_dfkd.models.student import StudentClassifier
+from clip_dfkd.styles import StyleBank
 
 _PARTIAL = ".partial"
 
@@ -62,3 +63,24 @@ class StudentModelDataset(AbstractDataset[StudentClassifier, StudentClassifier])
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
+
+
+class StyleBankDataset(AbstractDataset[StyleBank, StyleBank]):
+    """A style bank as one ``.safetensors`` file: the vectors, and names, method and encoder
+    in its metadata."""
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def load(self) -> StyleBank:
+        return StyleBank.load(self._filepath)
+
+    def save(self, data: StyleBank) -> None:
+        data.save(self._filepath)
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from kedro.framework.hooks import hook_impl
 from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
 from pydantic import BaseModel
@@ -14,13 +15,16 @@ from clip_dfkd.benchmarks import BenchmarkError, scan_benchmark
 from clip_dfkd.models.generator import missing_generator_weights
 from clip_dfkd.models.student import missing_student_weights
 from clip_dfkd.models.teacher import missing_teacher_weights
+from clip_dfkd.models.text_encoders import generator_embedding_dim
+from clip_dfkd.params import ImageSynthesisParams, PromptGenerationParams
+from clip_dfkd.styles import saved_bank_dim
 
 logger = logging.getLogger(__name__)
 
 
 class TypedParamsMlflowHook(MlflowHook):
-    """kedro-mlflow's hook, fed plain dicts: it flattens dict parameters but would log a
-    validated pydantic parameter as one long string."""
+    """kedro-mlflow's hook, fed plain dicts (it flattens dict parameters but would log a
+    validated pydantic parameter as one long string), and closing its run completely."""
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
@@ -29,6 +33,16 @@ class TypedParamsMlflowHook(MlflowHook):
             for name, value in inputs.items()
         }
         super().before_node_run(node=node, catalog=catalog, inputs=plain, is_async=is_async)
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        super().after_pipeline_run(run_params=run_params, pipeline=pipeline, catalog=catalog)
+        # kedro-mlflow reopens the run before every node and closes it once at the end, which
+        # leaves it on MLflow's active-run stack: a second run in the same process (a notebook,
+        # `kedro ipython`, tests) would then log into this one.
+        if self.run_id is not None and not self._already_active_mlflow:
+            while (active := mlflow.active_run()) is not None and active.info.run_id == self.run_id:
+                mlflow.end_run()
 
 
 class DemoAssetsHook:
@@ -44,6 +58,23 @@ class DemoAssetsHook:
         from clip_dfkd.demo import DemoAssetsParams, ensure_demo_assets
 
         ensure_demo_assets(DemoAssetsParams.model_validate(raw), Path(run_params["project_path"]))
+
+
+def _saved_bank_problem(params: PromptGenerationParams, image_synthesis: ImageSynthesisParams) -> str | None:
+    path = params.contrastive.bank_path
+    if params.method != "contrastive" or path is None:
+        return None
+    key = f"prompt_generation.contrastive.bank_path={path!r}"
+    if not Path(path).expanduser().is_file():
+        return f"{key}: no such file; allowed: a style_bank.safetensors saved by an earlier run, or null to train one"
+    expected = generator_embedding_dim(image_synthesis.generator)
+    found = saved_bank_dim(Path(path).expanduser())
+    if expected is not None and found != expected:
+        return (
+            f"{key}: its pseudo-words have {found} dimensions; the text encoder of "
+            f"{image_synthesis.generator.model_id} embeds tokens in {expected}"
+        )
+    return None
 
 
 class PreflightError(ValueError):
@@ -63,6 +94,10 @@ class PreflightHook:
             problems.append(missing_teacher_weights(catalog.load("params:teacher")))
         if "image_synthesis" in used:
             problems.append(missing_generator_weights(catalog.load("params:image_synthesis").generator))
+        if "prompt_generation" in used:
+            problems.append(
+                _saved_bank_problem(catalog.load("params:prompt_generation"), catalog.load("params:image_synthesis"))
+            )
         if "student_distillation" in used:
             problems.append(missing_student_weights(catalog.load("params:student_distillation").student))
         if "ood_evaluation" in used:

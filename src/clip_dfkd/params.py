@@ -205,16 +205,43 @@ class TeacherParams(Params):
 # --- prompt_generation ----------------------------------------------------------------
 
 
+class MixPromptParams(Params):
+    """Mix-Prompt: each pseudo-word is a Dirichlet(alpha)-weighted mix of k style words."""
+
+    k: PositiveInt = 2
+    alpha: PositiveFloat = 1.0
+
+
+class ContrastivePromptParams(Params):
+    """Contrastive-Prompt: a bank of learned pseudo-words, or a saved one to reuse."""
+
+    iterations: PositiveInt = 300
+    learning_rate: PositiveFloat = 0.01
+    style_weight: float = Field(default=1.0, ge=0.0)
+    content_weight: float = Field(default=1.0, ge=0.0)
+    temperature: PositiveFloat = 0.1
+    bank_path: str | None = None
+
+
 class PromptGenerationParams(Params):
-    """Class names × styles → one prompt per image to synthesise."""
+    """Class names × styles → one prompt per image to synthesise.
+
+    ``vanilla`` fills ``templates`` with the hand-written ``styles``; ``mix``, ``random`` and
+    ``contrastive`` make ``num_styles`` pseudo-words in the text encoder's token-embedding
+    space and fill ``pseudo_word_template`` with a placeholder that stands for them.
+    """
 
     section: ClassVar[str] = "prompt_generation"
 
-    method: Literal["vanilla"] = "vanilla"
+    method: Literal["vanilla", "mix", "random", "contrastive"] = "vanilla"
     styles: list[str] = Field(min_length=1)
     templates: list[str] = Field(default=["a {style} of a {class_name}"], min_length=1)
+    pseudo_word_template: str = "a {style} style of a {class_name}"
+    num_styles: PositiveInt = 16
     images_per_class_and_style: PositiveInt = 8
     seed: int = 0
+    mix: MixPromptParams = MixPromptParams()
+    contrastive: ContrastivePromptParams = ContrastivePromptParams()
 
     @field_validator("styles")
     @classmethod
@@ -229,6 +256,21 @@ class PromptGenerationParams(Params):
         for template in templates:
             _check_template(template, {"style", "class_name"}, {"style", "class_name"})
         return templates
+
+    @field_validator("pseudo_word_template")
+    @classmethod
+    def _pseudo_word_template_has_slots(cls, template: str) -> str:
+        return _check_template(template, {"style", "class_name"}, {"style", "class_name"})
+
+    @model_validator(mode="after")
+    def _mix_fits_the_dictionary(self) -> PromptGenerationParams:
+        if self.method == "mix" and self.mix.k > len(self.styles):
+            raise _bad(
+                "mix.k",
+                self.mix.k,
+                f"larger than the style dictionary ({len(self.styles)} styles); allowed: 1..{len(self.styles)}",
+            )
+        return self
 
 
 # --- image_synthesis ------------------------------------------------------------------

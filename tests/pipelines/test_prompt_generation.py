@@ -1,18 +1,37 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
+import torch
 
 from clip_dfkd.params import ClassNames, PromptGenerationParams
-from clip_dfkd.pipelines.prompt_generation.nodes import generate_prompts
+from clip_dfkd.pipelines.prompt_generation.nodes import (
+    build_style_bank,
+    encode_prompts,
+    generate_prompts,
+    measure_prompt_diversity,
+)
+from clip_dfkd.styles import StyleBank, mean_pairwise_cosine
+
+CLASSES = ClassNames.model_validate(["ball", "box", "tent"])
 
 
 def _params(**overrides) -> PromptGenerationParams:
-    raw = {"styles": ["photo", "oil painting"], "templates": ["a {style} of a {class_name}", "{class_name}, {style}"]}
-    return PromptGenerationParams.model_validate({**raw, **overrides, "images_per_class_and_style": 3})
+    raw = {
+        "styles": ["photo", "oil painting"],
+        "templates": ["a {style} of a {class_name}", "{class_name}, {style}"],
+        "images_per_class_and_style": 3,
+        "num_styles": 2,
+    }
+    return PromptGenerationParams.model_validate({**raw, **overrides})
+
+
+def _vanilla_bank() -> StyleBank:
+    return StyleBank("vanilla", "none", torch.zeros(0, 4))
 
 
 def test_one_row_per_image_with_filled_templates() -> None:
-    table = generate_prompts(ClassNames.model_validate(["dog", "hot air balloon"]), _params())
+    table = generate_prompts(ClassNames.model_validate(["dog", "hot air balloon"]), _params(), _vanilla_bank())
 
     assert len(table) == 2 * 2 * 3
     assert table.groupby(["class_name", "style"]).size().eq(3).all()
@@ -27,16 +46,61 @@ def test_one_row_per_image_with_filled_templates() -> None:
 
 
 def test_seeds_are_reproducible_and_do_not_shift_when_classes_are_added() -> None:
-    small = generate_prompts(ClassNames.model_validate(["dog"]), _params())
-    again = generate_prompts(ClassNames.model_validate(["dog"]), _params())
-    larger = generate_prompts(ClassNames.model_validate(["cat", "dog"]), _params())
-    reseeded = generate_prompts(ClassNames.model_validate(["dog"]), _params(seed=1))
+    def table(classes: list[str], **overrides) -> pd.DataFrame:
+        return generate_prompts(ClassNames.model_validate(classes), _params(**overrides), _vanilla_bank())
+
+    small, again, larger, reseeded = table(["dog"]), table(["dog"]), table(["cat", "dog"]), table(["dog"], seed=1)
 
     pd.testing.assert_frame_equal(small, again)
     dog_seeds = larger.loc[larger.class_name == "dog"].set_index("prompt_id")["seed"]
     assert dog_seeds.to_dict() == small.set_index("prompt_id")["seed"].to_dict()
     assert small["seed"].is_unique
     assert not set(small["seed"]) & set(reseeded["seed"])
+
+
+@pytest.mark.parametrize("method", ["mix", "random", "contrastive"])
+def test_pseudo_word_prompts_reference_one_bank_vector_per_style(tiny_text_encoders, method) -> None:
+    params = _params(method=method, contrastive={"iterations": 3})
+    bank, history = build_style_bank(tiny_text_encoders["diffusers"], CLASSES, params)
+
+    table = generate_prompts(CLASSES, params, bank)
+
+    assert len(bank.names) == 2 and bank.method == method
+    assert len(table) == 3 * 2 * 3
+    assert table["prompt"].iloc[0] == "a [S*] style of a ball"
+    assert set(table["style_vector_id"]) == set(bank.names)
+    assert table.groupby("style")["style_vector_id"].nunique().eq(1).all()  # one vector per style, all classes
+    assert set(table["style"]) == {name.rsplit("-", 1)[0] for name in bank.names}
+    assert bool(history) == (method == "contrastive")
+
+
+def test_diversity_is_the_mean_pairwise_cosine_per_class(tiny_text_encoders) -> None:
+    encoder = tiny_text_encoders["diffusers"]
+    params = _params(method="random", num_styles=3)
+    bank, _ = build_style_bank(encoder, CLASSES, params)
+    table = generate_prompts(CLASSES, params, bank)
+
+    metrics, figure = measure_prompt_diversity(table, bank, encoder)
+
+    box = table[table.class_name == "box"].drop_duplicates("style")
+    expected = mean_pairwise_cosine(encode_prompts(box, bank, encoder))
+    assert metrics["prompt_diversity/box"]["value"] == pytest.approx(expected, abs=1e-6)
+    per_class = [metrics[f"prompt_diversity/{c}"]["value"] for c in CLASSES]
+    assert metrics["prompt_diversity/overall"]["value"] == pytest.approx(sum(per_class) / 3)
+    assert len(figure.axes[0].collections) == 3 * 3  # one scatter per style and class
+
+
+def test_a_saved_bank_is_reused_instead_of_trained(tiny_text_encoders, tmp_path) -> None:
+    encoder = tiny_text_encoders["diffusers"]
+    trained, _ = build_style_bank(encoder, CLASSES, _params(method="contrastive", contrastive={"iterations": 3}))
+    trained.save(tmp_path / "bank.safetensors")
+
+    reused, history = build_style_bank(
+        encoder, CLASSES, _params(method="contrastive", contrastive={"bank_path": str(tmp_path / "bank.safetensors")})
+    )
+
+    assert reused.names == trained.names and torch.equal(reused.vectors, trained.vectors)
+    assert history == {}
 
 
 def test_pipeline_writes_the_prompt_table(demo_project) -> None:
@@ -46,3 +110,5 @@ def test_pipeline_writes_the_prompt_table(demo_project) -> None:
     assert len(table) == 3 * 3 * 4  # demo: classes × styles × images_per_class_and_style
     assert list(table.columns[:3]) == ["prompt_id", "class_name", "class_index"]
     assert set(table["class_name"]) == {"ball", "box", "tent"}
+    assert StyleBank.load(demo_project.path / "data/05_model_input/style_bank.safetensors").names == []
+    assert (demo_project.path / "data/08_reporting/prompt_diversity.png").stat().st_size > 0

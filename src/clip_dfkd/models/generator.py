@@ -20,6 +20,11 @@ def is_local_reference(model_id: str) -> bool:
     return Path(model_id).expanduser().exists() or model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
 
 
+def pretrained_source(model_id: str) -> str:
+    """What ``from_pretrained`` takes: the expanded folder path, or the hub id as it is."""
+    return str(Path(model_id).expanduser()) if is_local_reference(model_id) else model_id
+
+
 def missing_generator_weights(params: GeneratorParams) -> str | None:
     """Why the generator cannot be loaded here, or None when it can (or may still be
     downloaded). Cheap: reads the disk and the Hugging Face cache, never the network."""
@@ -56,15 +61,13 @@ def load_text_to_image(params: GeneratorParams, runtime: Runtime):
 
     if problem := missing_generator_weights(params):
         raise ModelNotFoundError(problem)
-    local = is_local_reference(params.model_id)
-    source = str(Path(params.model_id).expanduser()) if local else params.model_id
     logger.info("Loading generator %s", params.model_id)
     try:
         pipeline = diffusers.AutoPipelineForText2Image.from_pretrained(
-            source, dtype=runtime.dtype, revision=params.revision, variant=params.variant
+            pretrained_source(params.model_id), dtype=runtime.dtype, revision=params.revision, variant=params.variant
         )
     except OSError as exc:
-        if local:
+        if is_local_reference(params.model_id):
             raise ModelNotFoundError(
                 f"image_synthesis.generator.model_id={params.model_id!r}: the pipeline folder is "
                 f"incomplete ({str(exc).splitlines()[0]})"

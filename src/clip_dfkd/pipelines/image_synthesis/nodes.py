@@ -15,9 +15,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clip_dfkd.models import load_text_to_image
+from clip_dfkd.models.text_encoders import HFCLIPTextEncoder
 from clip_dfkd.naming import slugify, stable_hash
 from clip_dfkd.params import ImageSynthesisParams, RuntimeParams
 from clip_dfkd.runtime import Runtime
+from clip_dfkd.styles import StyleBank
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +84,15 @@ class DiffusionRenderer:
     generator is only loaded when some image is actually missing.
     """
 
-    def __init__(self, manifest: pd.DataFrame, params: ImageSynthesisParams, runtime_params: RuntimeParams):
+    def __init__(
+        self,
+        manifest: pd.DataFrame,
+        style_bank: StyleBank,
+        params: ImageSynthesisParams,
+        runtime_params: RuntimeParams,
+    ):
         self._rows = manifest.set_index("image_id")
+        self._style_bank = style_bank
         self._params = params
         self._runtime_params = runtime_params
         ids = list(self._rows.index)
@@ -91,6 +100,7 @@ class DiffusionRenderer:
         self._batch_of = {image_id: n for n, batch in enumerate(self._batches) for image_id in batch}
         self._rendered: dict[str, Image.Image] = {}
         self._pipeline = None
+        self._encoder: HFCLIPTextEncoder | None = None
         self._progress: tqdm | None = None
 
     def image(self, image_id: str) -> Image.Image:
@@ -102,13 +112,26 @@ class DiffusionRenderer:
     def _render(self, batch: list[str]) -> None:
         if self._pipeline is None:
             self._pipeline = load_text_to_image(self._params.generator, Runtime.resolve(self._runtime_params))
+            self._encoder = HFCLIPTextEncoder(self._pipeline.text_encoder, self._pipeline.tokenizer, "generator")
             self._progress = tqdm(total=len(self._rows), desc="Rendering missing images", unit="img")
         rows = self._rows.loc[batch]
         generator = self._params.generator
-        use_negative = generator.guidance_scale > 1 and generator.negative_prompt
+        guided = generator.guidance_scale > 1
+        vector_ids = rows["style_vector_id"].dropna()
+        vectors = self._style_bank.lookup(list(vector_ids)) if len(vector_ids) else None
+        # The pipeline's own prompt encoding, with each row's pseudo-word spliced in; the
+        # result goes in as embeddings, so "[S*]" never reaches the pipeline as text.
+        with torch.no_grad(), self._encoder.splice(vectors):
+            prompt_embeds, negative_prompt_embeds = self._pipeline.encode_prompt(
+                prompt=self._encoder.stand_in(list(rows["prompt"])),
+                device=self._pipeline.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guided,
+                negative_prompt=[generator.negative_prompt] * len(rows) if guided else None,
+            )
         result = self._pipeline(
-            prompt=list(rows["prompt"]),
-            negative_prompt=[generator.negative_prompt] * len(rows) if use_negative else None,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
             num_inference_steps=generator.num_inference_steps,
             guidance_scale=generator.guidance_scale,
             height=generator.height,
@@ -124,7 +147,7 @@ _RENDERERS = {"diffusion": DiffusionRenderer}
 
 
 def synthesize_images(
-    prompt_table: pd.DataFrame, params: ImageSynthesisParams, runtime: RuntimeParams
+    prompt_table: pd.DataFrame, style_bank: StyleBank, params: ImageSynthesisParams, runtime: RuntimeParams
 ) -> tuple[dict[str, Callable[[], Image.Image]], pd.DataFrame]:
     """Lazy images keyed by ``image_id`` and the manifest that can regenerate each of them.
 
@@ -132,7 +155,7 @@ def synthesize_images(
     images on disk are never rendered again and a killed run loses at most one batch.
     """
     manifest = build_manifest(prompt_table, params)
-    renderer = _RENDERERS[params.backend](manifest, params, runtime)
+    renderer = _RENDERERS[params.backend](manifest, style_bank, params, runtime)
     images = {image_id: partial(renderer.image, image_id) for image_id in manifest["image_id"]}
     logger.info("%d images to synthesise with %s (%s)", len(images), params.generator.model_id, params.backend)
     return images, manifest

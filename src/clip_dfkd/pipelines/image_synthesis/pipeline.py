@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 synthesize_images,
-                inputs=["prompt_table", "params:image_synthesis", "params:runtime"],
+                inputs=["prompt_table", "style_bank", "params:image_synthesis", "params:runtime"],
                 outputs=["synthetic_images", "synthesis_manifest"],
                 name="synthesize_images",
             ),

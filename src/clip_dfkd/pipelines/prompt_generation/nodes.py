@@ -2,10 +2,26 @@ from __future__ import annotations
 
 import logging
 
-import pandas as pd
+import matplotlib
 
+matplotlib.use("Agg")  # nodes draw off-screen, also on machines with a display
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from clip_dfkd.models.text_encoders import PLACEHOLDER, PseudoWordEncoder, load_generator_text_encoder
 from clip_dfkd.naming import slugify, stable_seed
-from clip_dfkd.params import ClassNames, PromptGenerationParams
+from clip_dfkd.params import ClassNames, ImageSynthesisParams, PromptGenerationParams, RuntimeParams
+from clip_dfkd.runtime import Runtime
+from clip_dfkd.styles import (
+    StyleBank,
+    contrastive_prompt_bank,
+    empty_bank,
+    mean_pairwise_cosine,
+    mix_prompt_bank,
+    random_prompt_bank,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -17,21 +33,67 @@ PROMPT_COLUMNS = {
     "template": "string",
     "prompt": "string",
     "method": "string",
-    # Pseudo-word methods put a learned or sampled style vector in place of the style word;
-    # this names it in the style-vector bank. Hand-written prompts have none.
+    # Pseudo-word prompts hold "[S*]" where this vector of the style bank goes; hand-written
+    # prompts have none.
     "style_vector_id": "string",
     "seed": "int64",
 }
 
 
-def generate_prompts(classes: ClassNames, params: PromptGenerationParams) -> pd.DataFrame:
+def load_prompt_encoder(image_synthesis: ImageSynthesisParams, runtime: RuntimeParams) -> PseudoWordEncoder:
+    """The text encoder that conditions synthesis: pseudo-words live in its embedding space."""
+    return load_generator_text_encoder(image_synthesis.generator, Runtime.resolve(runtime))
+
+
+def build_style_bank(
+    prompt_encoder: PseudoWordEncoder, classes: ClassNames, params: PromptGenerationParams
+) -> tuple[StyleBank, dict[str, list[dict[str, float]]]]:
+    """The method's pseudo-words (none for ``vanilla``) and, for ``contrastive``, its loss curves."""
+    if params.method == "mix":
+        bank = mix_prompt_bank(prompt_encoder, params.styles, params.num_styles, params.mix, params.seed)
+    elif params.method == "random":
+        bank = random_prompt_bank(prompt_encoder, params.num_styles, params.seed)
+    elif params.method == "contrastive" and params.contrastive.bank_path is not None:
+        bank = StyleBank.load(params.contrastive.bank_path)
+        if bank.dim != prompt_encoder.dim:
+            raise ValueError(
+                f"prompt_generation.contrastive.bank_path={params.contrastive.bank_path!r}: its vectors have "
+                f"{bank.dim} dimensions, the text encoder {prompt_encoder.name} needs {prompt_encoder.dim}"
+            )
+        logger.info("Reusing %d contrastive pseudo-words from %s", len(bank.names), params.contrastive.bank_path)
+    elif params.method == "contrastive":
+        bank, history = contrastive_prompt_bank(
+            prompt_encoder,
+            list(classes),
+            params.pseudo_word_template,
+            params.num_styles,
+            params.contrastive,
+            params.seed,
+        )
+        return bank, {f"contrastive.{name}": values for name, values in history.items()}
+    else:
+        bank = empty_bank(params.method, prompt_encoder)
+    return bank, {}
+
+
+def generate_prompts(classes: ClassNames, params: PromptGenerationParams, style_bank: StyleBank) -> pd.DataFrame:
     """One row per image to synthesise: every class in every style, ``images_per_class_and_style``
-    times, cycling through the templates."""
+    times. Hand-written styles cycle through ``templates``; pseudo-word styles fill
+    ``pseudo_word_template`` with ``[S*]`` and reference their vector."""
+    if params.method == "vanilla":
+        styles = [(style, None) for style in params.styles]
+    else:
+        styles = [(name.rsplit("-", 1)[0], name) for name in style_bank.names]
     rows = []
     for class_index, class_name in enumerate(classes):
-        for style in params.styles:
+        for style, vector_id in styles:
             for repeat in range(params.images_per_class_and_style):
-                template = params.templates[repeat % len(params.templates)]
+                if vector_id is None:
+                    template = params.templates[repeat % len(params.templates)]
+                    prompt = template.format(style=style, class_name=class_name)
+                else:
+                    template = params.pseudo_word_template
+                    prompt = template.format(style=PLACEHOLDER, class_name=class_name)
                 rows.append(
                     {
                         "prompt_id": f"{slugify(class_name)}-{slugify(style)}-{repeat:04d}",
@@ -39,10 +101,10 @@ def generate_prompts(classes: ClassNames, params: PromptGenerationParams) -> pd.
                         "class_index": class_index,
                         "style": style,
                         "template": template,
-                        "prompt": template.format(style=style, class_name=class_name),
+                        "prompt": prompt,
                         "method": params.method,
-                        "style_vector_id": None,
-                        "seed": stable_seed(params.seed, class_name, style, repeat),
+                        "style_vector_id": vector_id,
+                        "seed": stable_seed(params.seed, class_name, vector_id or style, repeat),
                     }
                 )
     table = pd.DataFrame(rows, columns=list(PROMPT_COLUMNS)).astype(PROMPT_COLUMNS)
@@ -50,8 +112,68 @@ def generate_prompts(classes: ClassNames, params: PromptGenerationParams) -> pd.
         "%d prompts: %d classes × %d styles × %d images (method %s)",
         len(table),
         len(classes),
-        len(params.styles),
+        len(styles),
         params.images_per_class_and_style,
         params.method,
     )
     return table
+
+
+def encode_prompts(prompts: pd.DataFrame, style_bank: StyleBank, encoder: PseudoWordEncoder) -> torch.Tensor:
+    """Text features of each row's prompt, its pseudo-word spliced in where it has one."""
+    vector_ids = prompts["style_vector_id"].dropna()
+    vectors = style_bank.lookup(list(vector_ids)) if len(vector_ids) else None
+    with torch.no_grad():
+        return encoder.encode(list(prompts["prompt"]), vectors).cpu()
+
+
+def measure_prompt_diversity(
+    prompt_table: pd.DataFrame, style_bank: StyleBank, prompt_encoder: PseudoWordEncoder
+) -> tuple[dict[str, dict[str, float]], Figure]:
+    """Mean pairwise cosine similarity of the style prompts' text features (lower is more
+    diverse), per class and as the mean over classes, and a 2-D PCA of the features coloured
+    by style."""
+    prompts = prompt_table.drop_duplicates(["class_name", "style", "prompt"]).reset_index(drop=True)
+    features = encode_prompts(prompts, style_bank, prompt_encoder)
+    per_class = {
+        class_name: mean_pairwise_cosine(features[torch.from_numpy((prompts["class_name"] == class_name).to_numpy())])
+        for class_name in dict.fromkeys(prompts["class_name"])
+    }
+    overall = float(pd.Series(per_class).mean())
+    logger.info("Prompt diversity (mean pairwise cosine, lower is more diverse): %.4f", overall)
+    metrics = {"prompt_diversity/overall": {"value": overall, "step": 0}}
+    metrics |= {f"prompt_diversity/{slugify(name)}": {"value": value, "step": 0} for name, value in per_class.items()}
+    return metrics, _plot_projection(features, prompts, prompt_table["method"].iloc[0], overall)
+
+
+def _plot_projection(features: torch.Tensor, prompts: pd.DataFrame, method: str, overall: float) -> Figure:
+    centred = features - features.mean(dim=0)
+    _, _, components = torch.linalg.svd(centred, full_matrices=False)
+    points = (centred @ components[:2].T).numpy()
+    figure, axis = plt.subplots(figsize=(6.4, 4.8), constrained_layout=True)
+    styles = list(dict.fromkeys(prompts["style"]))
+    colours = plt.get_cmap("tab20" if len(styles) > 10 else "tab10")
+    markers = "o^sDvP*Xh<>"
+    classes = list(dict.fromkeys(prompts["class_name"]))
+    for s, style in enumerate(styles):
+        for c, class_name in enumerate(classes):
+            mask = ((prompts["style"] == style) & (prompts["class_name"] == class_name)).to_numpy()
+            axis.scatter(
+                points[mask, 0],
+                points[mask, 1],
+                color=colours(s % colours.N),
+                marker=markers[c % len(markers)],
+                label=style if c == 0 else None,
+                s=36,
+            )
+    axis.set_title(f"Prompt features ({method}): mean pairwise cosine {overall:.3f}", fontsize=10)
+    axis.set_xlabel("PC 1")
+    axis.set_ylabel("PC 2")
+    if len(styles) <= 20:
+        axis.add_artist(axis.legend(title="style (colour)", fontsize=7, title_fontsize=8, loc="upper left"))
+    class_handles = [
+        plt.Line2D([], [], color="grey", marker=markers[c % len(markers)], linestyle="", label=name)
+        for c, name in enumerate(classes)
+    ]
+    axis.legend(handles=class_handles, title="class (marker)", fontsize=7, title_fontsize=8, loc="lower right")
+    return figure

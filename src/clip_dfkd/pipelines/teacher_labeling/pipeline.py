@@ -4,6 +4,7 @@ from clip_dfkd.pipelines.teacher_labeling.nodes import (
     build_zero_shot_head,
     label_images,
     load_teacher_model,
+    measure_image_diversity,
     summarise_labels,
 )
 
@@ -50,6 +51,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs="teacher_labels",
                 outputs=["teacher_label_summary", "teacher_labeling_metrics"],
                 name="summarise_labels",
+            ),
+            Node(
+                measure_image_diversity,
+                inputs="teacher_labels",
+                outputs="image_diversity_metrics",
+                name="measure_image_diversity",
             ),
         ]
     )

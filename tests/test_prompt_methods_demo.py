@@ -1,0 +1,61 @@
+"""`kedro run --env=demo --params=prompt_generation.method=<m>` for every prompt method."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import make_project_copy  # noqa: I001  (tests/ is on sys.path via rootdir conftest)
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+from clip_dfkd.styles import StyleBank
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = make_project_copy(tmp_path_factory.mktemp("methods") / "project")
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(previous)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "mix", "random", "contrastive"])
+def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str) -> None:
+    import mlflow
+
+    bootstrap_project(project)
+    with KedroSession.create(
+        project_path=project, env="demo", runtime_params={"prompt_generation": {"method": method}}
+    ) as session:
+        session.run()
+
+    bank = StyleBank.load(project / "data/05_model_input/style_bank.safetensors")
+    manifest = pd.read_parquet(project / "data/03_primary/synthesis_manifest.parquet")
+    assert len(manifest) == 36
+    assert manifest["method"].eq(method).all()
+    if method == "vanilla":
+        assert bank.names == [] and manifest["style_vector_id"].isna().all()
+    else:
+        assert bank.method == method and len(bank.names) == 3
+        assert set(manifest["style_vector_id"]) == set(bank.names)
+        assert manifest["prompt"].str.contains("[S*]", regex=False).all()
+    images = project / "data/03_primary/synthetic_images"
+    assert all((images / f"{image_id}.png").is_file() for image_id in manifest["image_id"])
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("clip-dfkd-demo")
+    runs = mlflow.search_runs([experiment.experiment_id], order_by=["start_time DESC"], output_format="list")
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert mlflow.active_run() is None  # the next session starts a run of its own
+    assert run.data.params["prompt_generation.method"] == method
+    diversity = ("prompt_diversity/overall", "prompt_diversity/ball", "image_diversity/overall", "image_diversity/tent")
+    for metric in diversity:
+        assert -1 <= run.data.metrics[metric] <= 1
+    assert ("prompt_generation.contrastive.style_loss" in run.data.metrics) == (method == "contrastive")
