@@ -150,7 +150,7 @@ def _plot_projection(features: torch.Tensor, prompts: pd.DataFrame, method: str,
     centred = features - features.mean(dim=0)
     _, _, components = torch.linalg.svd(centred, full_matrices=False)
     points = (centred @ components[:2].T).numpy()
-    figure, axis = plt.subplots(figsize=(6.4, 4.8), constrained_layout=True)
+    figure, axis = plt.subplots(figsize=(7.6, 4.8), layout="constrained")
     styles = list(dict.fromkeys(prompts["style"]))
     colours = plt.get_cmap("tab20" if len(styles) > 10 else "tab10")
     markers = "o^sDvP*Xh<>"
@@ -163,17 +163,21 @@ def _plot_projection(features: torch.Tensor, prompts: pd.DataFrame, method: str,
                 points[mask, 1],
                 color=colours(s % colours.N),
                 marker=markers[c % len(markers)],
-                label=style if c == 0 else None,
                 s=36,
             )
     axis.set_title(f"Prompt features ({method}): mean pairwise cosine {overall:.3f}", fontsize=10)
     axis.set_xlabel("PC 1")
     axis.set_ylabel("PC 2")
-    if len(styles) <= 20:
-        axis.add_artist(axis.legend(title="style (colour)", fontsize=7, title_fontsize=8, loc="upper left"))
-    class_handles = [
+    # One legend outside the axes, where constrained layout makes room for it.
+    handles = [plt.Line2D([], [], linestyle="", label="style (colour)")]
+    handles += [
+        plt.Line2D([], [], color=colours(s % colours.N), marker="o", linestyle="", label=style)
+        for s, style in enumerate(styles[:20])
+    ]
+    handles += [plt.Line2D([], [], linestyle="", label="class (marker)")]
+    handles += [
         plt.Line2D([], [], color="grey", marker=markers[c % len(markers)], linestyle="", label=name)
         for c, name in enumerate(classes)
     ]
-    axis.legend(handles=class_handles, title="class (marker)", fontsize=7, title_fontsize=8, loc="lower right")
+    figure.legend(handles=handles, loc="outside right upper", fontsize=7)
     return figure
