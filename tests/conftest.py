@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -71,13 +72,9 @@ class StagedDemoProject:
 @pytest.fixture(scope="session")
 def demo_project(tmp_path_factory: pytest.TempPathFactory) -> StagedDemoProject:
     path = make_project_copy(tmp_path_factory.mktemp("staged") / "project")
-    previous = Path.cwd()
     # Kedro resolves catalog paths and the tracking URI from the working directory.
-    os.chdir(path)
-    try:
+    with contextlib.chdir(path):
         yield StagedDemoProject(path)
-    finally:
-        os.chdir(previous)
 
 
 @pytest.fixture(scope="session")
@@ -109,6 +106,12 @@ def tiny_text_encoders(demo_assets):
         cpu,
     )
     return {"diffusers": generator, "open_clip": OpenClipTextEncoder(teacher.model, teacher.tokenizer, "teacher")}
+
+
+@pytest.fixture(scope="session")
+def new_project(tmp_path_factory: pytest.TempPathFactory):
+    """A factory of unused project copies, for fixtures wider than one test."""
+    return lambda name: make_project_copy(tmp_path_factory.mktemp(name) / "project")
 
 
 @pytest.fixture

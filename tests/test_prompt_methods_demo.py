@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import make_project_copy  # noqa: I001  (tests/ is on sys.path via rootdir conftest)
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
@@ -15,14 +14,10 @@ from clip_dfkd.styles import StyleBank
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = make_project_copy(tmp_path_factory.mktemp("methods") / "project")
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
+def project(new_project) -> Path:
+    path = new_project("methods")
+    with contextlib.chdir(path):
         yield path
-    finally:
-        os.chdir(previous)
 
 
 @pytest.mark.parametrize("method", ["vanilla", "mix", "random", "contrastive"])

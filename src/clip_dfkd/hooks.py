@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,6 @@ from clip_dfkd.models.teacher import missing_teacher_weights
 from clip_dfkd.models.text_encoders import generator_embedding_dim
 from clip_dfkd.params import ImageSynthesisParams, PromptGenerationParams
 from clip_dfkd.styles import saved_bank_dim
-
-logger = logging.getLogger(__name__)
 
 
 class TypedParamsMlflowHook(MlflowHook):
