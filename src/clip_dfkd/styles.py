@@ -20,7 +20,7 @@ from tqdm.auto import trange
 
 from clip_dfkd.atomic import atomic_file
 from clip_dfkd.models.text_encoders import PLACEHOLDER, PseudoWordEncoder
-from clip_dfkd.naming import stable_seed
+from clip_dfkd.naming import slugify, stable_seed
 from clip_dfkd.params import ContrastivePromptParams, MixPromptParams
 
 logger = logging.getLogger(__name__)
@@ -201,3 +201,19 @@ def mean_pairwise_cosine(features: torch.Tensor) -> float:
     similarity = normalised @ normalised.T
     n = len(features)
     return float((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)))
+
+
+def diversity_metrics(name: str, features: torch.Tensor, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``<name>/<class>``: mean pairwise cosine of the rows of ``features`` that belong to each
+    class (``class_names`` gives each row's class), and ``<name>/overall``: their mean over
+    classes; in the shape kedro-mlflow's metrics datasets log."""
+    labels = np.asarray(class_names)
+    per_class = {
+        class_name: mean_pairwise_cosine(features[torch.from_numpy(labels == class_name)])
+        for class_name in dict.fromkeys(class_names)
+    }
+    overall = float(np.mean(list(per_class.values())))
+    logger.info("%s (mean pairwise cosine, lower is more diverse): %.4f", name, overall)
+    metrics = {f"{name}/overall": {"value": overall, "step": 0}}
+    metrics |= {f"{name}/{slugify(cls)}": {"value": value, "step": 0} for cls, value in per_class.items()}
+    return metrics

@@ -17,8 +17,8 @@ from clip_dfkd.runtime import Runtime
 from clip_dfkd.styles import (
     StyleBank,
     contrastive_prompt_bank,
+    diversity_metrics,
     empty_bank,
-    mean_pairwise_cosine,
     mix_prompt_bank,
     random_prompt_bank,
 )
@@ -135,14 +135,8 @@ def measure_prompt_diversity(
     by style."""
     prompts = prompt_table.drop_duplicates(["class_name", "style", "prompt"]).reset_index(drop=True)
     features = encode_prompts(prompts, style_bank, prompt_encoder)
-    per_class = {
-        class_name: mean_pairwise_cosine(features[torch.from_numpy((prompts["class_name"] == class_name).to_numpy())])
-        for class_name in dict.fromkeys(prompts["class_name"])
-    }
-    overall = float(pd.Series(per_class).mean())
-    logger.info("Prompt diversity (mean pairwise cosine, lower is more diverse): %.4f", overall)
-    metrics = {"prompt_diversity/overall": {"value": overall, "step": 0}}
-    metrics |= {f"prompt_diversity/{slugify(name)}": {"value": value, "step": 0} for name, value in per_class.items()}
+    metrics = diversity_metrics("prompt_diversity", features, list(prompts["class_name"]))
+    overall = metrics["prompt_diversity/overall"]["value"]
     return metrics, _plot_projection(features, prompts, prompt_table["method"].iloc[0], overall)
 
 

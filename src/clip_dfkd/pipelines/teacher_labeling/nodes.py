@@ -11,10 +11,9 @@ from tqdm.auto import tqdm
 
 from clip_dfkd.imaging import iterate_batches
 from clip_dfkd.models import ClipTeacher, load_teacher
-from clip_dfkd.naming import slugify
 from clip_dfkd.params import ClassNames, RuntimeParams, TeacherLabelingParams, TeacherParams
 from clip_dfkd.runtime import Runtime
-from clip_dfkd.styles import mean_pairwise_cosine
+from clip_dfkd.styles import diversity_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +121,5 @@ def summarise_labels(labels: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, floa
 def measure_image_diversity(labels: pd.DataFrame) -> dict[str, dict[str, float]]:
     """The prompt-diversity metric on the images: mean pairwise cosine similarity of the
     teacher's embeddings of each class's synthetic images, and its mean over classes."""
-    per_class = {
-        class_name: mean_pairwise_cosine(torch.from_numpy(np.stack(rows["teacher_embedding"].to_numpy())))
-        for class_name, rows in labels.groupby("class_name", sort=False)
-    }
-    overall = float(pd.Series(per_class).mean())
-    logger.info("Image diversity (mean pairwise cosine of teacher embeddings): %.4f", overall)
-    metrics = {"image_diversity/overall": {"value": overall, "step": 0}}
-    metrics |= {f"image_diversity/{slugify(name)}": {"value": value, "step": 0} for name, value in per_class.items()}
-    return metrics
+    embeddings = torch.from_numpy(np.stack(labels["teacher_embedding"].to_numpy()))
+    return diversity_metrics("image_diversity", embeddings, list(labels["class_name"]))
