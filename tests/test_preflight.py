@@ -9,10 +9,10 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from kedro.validation import ParameterValidationError
 
-from clip_dfkd.hooks import PreflightError
 from clip_dfkd.models import ModelNotFoundError, load_teacher, load_text_to_image
 from clip_dfkd.models.student import create_student
 from clip_dfkd.params import GeneratorParams, RuntimeParams, StudentParams, TeacherParams
+from clip_dfkd.preflight import PreflightError
 from clip_dfkd.runtime import Runtime
 
 CPU = Runtime.resolve(RuntimeParams(device="cpu"))

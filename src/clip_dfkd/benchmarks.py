@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clip_dfkd.errors import UserError
 from clip_dfkd.params import BenchmarkParams
 
 LAYOUT = "<root>/<domain>/<class>/<image files>"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """A benchmark folder that does not match the expected layout or class list."""
 
 

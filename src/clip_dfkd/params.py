@@ -6,7 +6,7 @@ reported on one line that names the full key, the bad value and what is allowed.
 
 Only static checks live here (types, ranges, names known to open_clip/timm/diffusers).
 Checks that read the disk (weights paths, benchmark folders) run in
-:class:`clip_dfkd.hooks.PreflightHook`, so that ``kedro viz`` works on machines without
+:class:`clip_dfkd.preflight.PreflightHook`, so that ``kedro viz`` works on machines without
 the data.
 """
 
@@ -29,8 +29,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from clip_dfkd.errors import UserError
 
-class InvalidParameterError(ValueError):
+
+class InvalidParameterError(UserError, ValueError):
     """A parameter value that is not allowed; the message is one line."""
 
 

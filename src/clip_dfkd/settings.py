@@ -3,7 +3,8 @@
 from kedro.config import OmegaConfigLoader
 
 from clip_dfkd.config_resolvers import tracking_uri
-from clip_dfkd.hooks import DemoAssetsHook, PreflightHook, TypedParamsMlflowHook
+from clip_dfkd.hooks import DemoAssetsHook, TypedParamsMlflowHook
+from clip_dfkd.preflight import PreflightHook
 
 # Pluggy calls the last registered hook first: demo assets exist before the preflight
 # checks look for them.
