@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kedro.io import AbstractDataset
+import fsspec.core
+from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets.partitions import PartitionedDataset
 
 from clip_dfkd.atomic import atomic_directory
@@ -15,32 +17,74 @@ from clip_dfkd.styles import StyleBank
 _PARTIAL = ".partial"
 
 
-class ResumablePartitionedDataset(PartitionedDataset):
-    """A ``PartitionedDataset`` that resumes an interrupted save.
+class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Callable[[], Any]]]):
+    """A folder of one file per partition, like ``PartitionedDataset``, whose save resumes.
 
-    Each partition is written to a ``.partial`` sibling and renamed into place, so a file
-    under its final name is always complete, even after SIGKILL. On save, partitions whose
-    file already exists are skipped without calling their lazy loader, so an expensive
-    producer (the image generator) only runs for what is missing.
+    Each partition is written to a ``<id>.partial<suffix>`` sibling and renamed into place,
+    so a file under its final name is always complete, even after SIGKILL; ``.partial``
+    files are never loaded and are overwritten by the next save of their partition. On save,
+    partitions whose file already exists are skipped without calling their lazy loader, so
+    an expensive producer (the image generator) only runs for what is missing.
+
+    Built on public APIs only (a composed ``PartitionedDataset`` for listing and loading,
+    fsspec and ``AbstractDataset.from_config`` for saving): subclassing ``PartitionedDataset``
+    would tie it to that class's private members.
     """
 
-    def _list_partitions(self) -> list[str]:
-        return [p for p in super()._list_partitions() if not p.endswith(_PARTIAL + self._filename_suffix)]
+    def __init__(
+        self,
+        *,
+        path: str,
+        dataset: str | type[AbstractDataset] | dict[str, Any],
+        filename_suffix: str = "",
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self._path = path
+        self._dataset = dataset if isinstance(dataset, dict) else {"type": dataset}
+        self._filename_suffix = filename_suffix
+        self._filesystem, self._root = fsspec.core.url_to_fs(path)
+        self._partitions = PartitionedDataset(path=path, dataset=self._dataset, filename_suffix=filename_suffix)
+        self.metadata = metadata
+
+    def load(self) -> dict[str, Callable[[], Any]]:
+        partitions = self._complete_partitions()
+        if not partitions:
+            raise DatasetError(f"No complete partitions found in '{self._path}'")
+        return partitions
 
     def save(self, data: dict[str, Any]) -> None:
-        filesystem = self._filesystem
         for partition_id, partition_data in sorted(data.items()):
-            final_path = self._partition_to_path(partition_id)
-            if filesystem.exists(final_path):
+            final_path = self._partition_path(partition_id)
+            if self._filesystem.exists(final_path):
                 continue
             staging_path = final_path.removesuffix(self._filename_suffix) + _PARTIAL + self._filename_suffix
-            kwargs = dict(self._dataset_config)
-            kwargs[self._filepath_arg] = self._join_protocol(staging_path)
-            if callable(partition_data) and self._save_lazily:
-                partition_data = partition_data()  # noqa: PLW2901
-            self._dataset_type(**kwargs).save(partition_data)
-            filesystem.mv(staging_path, final_path)
-        self._invalidate_caches()
+            config = {**self._dataset, "filepath": self._filesystem.unstrip_protocol(staging_path)}
+            writer = AbstractDataset.from_config(f"{partition_id}{_PARTIAL}", config)
+            writer.save(partition_data() if callable(partition_data) else partition_data)
+            self._filesystem.mv(staging_path, final_path)
+
+    def _complete_partitions(self) -> dict[str, Callable[[], Any]]:
+        # Listed afresh each time: saves write next to the composed dataset, not through it.
+        self._partitions.release()
+        if not self._partitions.exists():
+            return {}
+        return {
+            partition_id: load
+            for partition_id, load in self._partitions.load().items()
+            if not partition_id.endswith(_PARTIAL)
+        }
+
+    def _partition_path(self, partition_id: str) -> str:
+        parts = PurePosixPath(partition_id).parts
+        if not parts or parts[0] == "/" or ".." in parts or partition_id.endswith(_PARTIAL):
+            raise DatasetError(f"Partition id {partition_id!r} must be a relative path inside '{self._path}'")
+        return f"{self._root.rstrip('/')}/{partition_id}{self._filename_suffix}"
+
+    def _exists(self) -> bool:
+        return bool(self._complete_partitions())
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": self._path, "dataset": self._dataset, "filename_suffix": self._filename_suffix}
 
 
 class StudentModelDataset(AbstractDataset[StudentClassifier, StudentClassifier]):

@@ -6,15 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from kedro.framework.hooks import hook_impl
-from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
+from kedro_mlflow.framework.hooks import MlflowHook
 from pydantic import BaseModel
 
 
 class TypedParamsMlflowHook(MlflowHook):
-    """kedro-mlflow's hook, fed plain dicts (it flattens dict parameters but would log a
-    validated pydantic parameter as one long string), and closing its run completely."""
+    """kedro-mlflow's hook, fed plain dicts: it flattens dict parameters but would log a
+    validated pydantic parameter as one long string.
+
+    Its run is closed completely at the end of a pipeline only with ``tracking.run.nested:
+    false`` in ``mlflow.yml`` (see the comment there and tests/test_mlflow_hook.py)."""
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
@@ -23,16 +25,6 @@ class TypedParamsMlflowHook(MlflowHook):
             for name, value in inputs.items()
         }
         super().before_node_run(node=node, catalog=catalog, inputs=plain, is_async=is_async)
-
-    @hook_impl
-    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        super().after_pipeline_run(run_params=run_params, pipeline=pipeline, catalog=catalog)
-        # kedro-mlflow reopens the run before every node and closes it once at the end, which
-        # leaves it on MLflow's active-run stack: a second run in the same process (a notebook,
-        # `kedro ipython`, tests) would then log into this one.
-        if self.run_id is not None and not self._already_active_mlflow:
-            while (active := mlflow.active_run()) is not None and active.info.run_id == self.run_id:
-                mlflow.end_run()
 
 
 class DemoAssetsHook:

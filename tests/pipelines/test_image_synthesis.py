@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clip_dfkd.datasets import ResumablePartitionedDataset
 from clip_dfkd.params import ImageSynthesisParams
 from clip_dfkd.pipelines.image_synthesis.nodes import build_manifest
 
@@ -46,28 +45,6 @@ def test_manifest_ids_change_exactly_when_the_recipe_changes() -> None:
     assert not set(base["image_id"]) & set(more_steps["image_id"])
     row = base.iloc[0]
     assert (row.generator_model_id, row.num_inference_steps, row.height, row.seed) == ("some/model", 4, 512, 11)
-
-
-def test_resumable_dataset_skips_existing_partitions_and_never_lists_partial_files(tmp_path) -> None:
-    dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset="pillow.ImageDataset", filename_suffix=".png")
-    calls: list[str] = []
-
-    def image(name: str, value: int):
-        def render():
-            calls.append(name)
-            return Image.new("RGB", (4, 4), (value, 0, 0))
-
-        return render
-
-    dataset.save({"a/1": image("a/1", 10)})
-    (tmp_path / "a" / "2.partial.png").write_bytes(b"\x89PNG truncated")
-    dataset.save({"a/1": image("a/1", 99), "a/2": image("a/2", 20)})
-
-    assert calls == ["a/1", "a/2"]
-    loaded = dataset.load()
-    assert sorted(loaded) == ["a/1", "a/2"]
-    assert np.asarray(loaded["a/1"]())[0, 0, 0] == 10  # kept, not re-rendered
-    assert not (tmp_path / "a" / "2.partial.png").exists()
 
 
 def test_pipeline_renders_every_manifest_image(demo_project) -> None:

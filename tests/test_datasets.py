@@ -1,0 +1,130 @@
+"""ResumablePartitionedDataset: a file under its final name is complete, and a save resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from kedro.io import AbstractDataset, DatasetError
+from PIL import Image
+
+from clip_dfkd.datasets import ResumablePartitionedDataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _DiesMidWrite(AbstractDataset[str, str]):
+    """Writes half of its text, then fails: a crash (or SIGKILL) during a partition's write."""
+
+    def __init__(self, filepath: str) -> None:
+        self._filepath = filepath
+
+    def load(self) -> str:
+        raise AssertionError("never loaded")
+
+    def save(self, data: str) -> None:
+        Path(self._filepath.removeprefix("file://")).write_text(data[: len(data) // 2])
+        raise OSError("disk died")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath}
+
+
+def _text(path: Path, dataset: Any = "text.TextDataset") -> ResumablePartitionedDataset:
+    return ResumablePartitionedDataset(path=str(path), dataset=dataset, filename_suffix=".txt")
+
+
+def _lazy(calls: list[str], name: str, text: str):
+    def render() -> str:
+        calls.append(name)
+        return text
+
+    return render
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_save_skips_existing_partitions_without_calling_their_loader(tmp_path: Path) -> None:
+    dataset = _text(tmp_path)
+    calls: list[str] = []
+    dataset.save({"a/1": _lazy(calls, "a/1", "first")})
+
+    dataset.save({"a/1": _lazy(calls, "a/1 again", "second"), "a/2": _lazy(calls, "a/2", "two")})
+
+    assert calls == ["a/1", "a/2"]
+    assert _files(tmp_path) == {"a/1.txt": "first", "a/2.txt": "two"}
+
+
+def test_a_leftover_partial_file_is_not_loaded_and_does_not_block_a_resave(tmp_path: Path) -> None:
+    dataset = _text(tmp_path)
+    dataset.save({"a/1": "one"})
+    (tmp_path / "a" / "2.partial.txt").write_text("tru")  # a write killed before its rename
+
+    assert sorted(dataset.load()) == ["a/1"]
+    dataset.save({"a/1": "one", "a/2": "two"})
+
+    assert _files(tmp_path) == {"a/1.txt": "one", "a/2.txt": "two"}
+
+
+@pytest.mark.parametrize("failure", ["producer raises", "write dies midway"])
+def test_a_failed_partition_leaves_no_final_file_and_is_done_by_the_next_save(tmp_path: Path, failure: str) -> None:
+    def broken() -> str:
+        raise RuntimeError("generator out of memory")
+
+    if failure == "producer raises":
+        failing, data = _text(tmp_path), {"a/1": "one", "a/2": broken}
+    else:
+        failing, data = _text(tmp_path, _DiesMidWrite), {"a/2": "two"}
+        _text(tmp_path).save({"a/1": "one"})
+
+    with pytest.raises(DatasetError):
+        failing.save(data)
+
+    assert not (tmp_path / "a" / "2.txt").exists()
+    assert sorted(_text(tmp_path).load()) == ["a/1"]
+    _text(tmp_path).save({"a/1": "one", "a/2": "two"})
+    assert {k: v for k, v in _files(tmp_path).items() if ".partial" not in k} == {"a/1.txt": "one", "a/2.txt": "two"}
+
+
+def test_load_returns_exactly_the_complete_partitions(tmp_path: Path) -> None:
+    dataset = _text(tmp_path)
+    assert not dataset.exists()
+    with pytest.raises(DatasetError, match="No complete partitions"):
+        dataset.load()
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "9.partial.txt").write_text("tru")
+    (tmp_path / "b" / "notes.md").write_text("not a partition")
+    assert not dataset.exists()  # staging files alone are not data
+
+    dataset.save({"a/1": "one", "b/2": "two"})
+
+    loaded = dataset.load()
+    assert dataset.exists()
+    assert {partition_id: load() for partition_id, load in loaded.items()} == {"a/1": "one", "b/2": "two"}
+
+
+@pytest.mark.parametrize("partition_id", ["../escape", "/abs", "a/1.partial"])
+def test_partition_ids_stay_inside_the_folder_and_never_look_like_staging_files(
+    tmp_path: Path, partition_id: str
+) -> None:
+    with pytest.raises(DatasetError, match="must be a relative path"):
+        _text(tmp_path / "root").save({partition_id: "x"})
+    assert not any(tmp_path.rglob("*.txt"))
+
+
+def test_the_catalog_entry_builds_a_dataset_that_kedro_viz_can_describe(tmp_path: Path) -> None:
+    entry = yaml.safe_load((REPO_ROOT / "conf/base/catalog.yml").read_text())["synthetic_images"]
+    dataset = AbstractDataset.from_config("synthetic_images", {**entry, "path": str(tmp_path)})
+
+    dataset.save({"ball/0": Image.new("RGB", (4, 4), (10, 0, 0))})
+
+    assert dataset._describe()["path"] == str(tmp_path)  # kedro-viz shows it as the file path
+    assert dataset.exists()
+    assert (tmp_path / "ball" / "0.png").is_file()
+    assert np.asarray(dataset.load()["ball/0"]())[0, 0, 0] == 10
