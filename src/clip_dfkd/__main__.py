@@ -1,4 +1,5 @@
-"""``python -m clip_dfkd`` runs the project like ``kedro run``."""
+"""``python -m clip_dfkd`` runs the project like ``kedro run``: ``find_run_command`` returns the
+project's run command (:mod:`clip_dfkd.cli`), so user errors, Ctrl-C and exit codes are the same."""
 
 import sys
 from pathlib import Path

@@ -1,10 +1,18 @@
 """Kedro project settings."""
 
-from kedro.config import OmegaConfigLoader
+from clip_dfkd.library_warnings import quiet_library_warnings
 
-from clip_dfkd.config_resolvers import tracking_uri
-from clip_dfkd.hooks import DemoAssetsHook, TypedParamsMlflowHook
-from clip_dfkd.preflight import PreflightHook
+# Kedro imports this module first of the project's (bootstrap_project, before plugins'
+# commands and the session), so the filters precede the warnings that the imports below
+# (kedro-mlflow through the hooks) and the run itself trigger. Kedro sends warnings to its
+# logs (logging.captureWarnings); a filtered warning is neither printed nor logged.
+quiet_library_warnings()
+
+from kedro.config import OmegaConfigLoader  # noqa: E402
+
+from clip_dfkd.config_resolvers import tracking_uri  # noqa: E402
+from clip_dfkd.hooks import DemoAssetsHook, TypedParamsMlflowHook  # noqa: E402
+from clip_dfkd.preflight import PreflightHook  # noqa: E402
 
 # Pluggy calls the last registered hook first: demo assets exist before the preflight
 # checks look for them.

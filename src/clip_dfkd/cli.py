@@ -1,0 +1,118 @@
+"""The project's ``kedro run``: Kedro's own command, with two changes to how a run ends.
+
+Kedro loads this module's ``cli`` group ahead of its built-in commands and of plugins',
+so its ``run`` replaces Kedro's for ``kedro run`` (and for ``python -m clip_dfkd``, through
+``find_run_command``). It is Kedro's ``run`` command object itself, every option included,
+with only its callback wrapped by :func:`guarded`:
+
+- a user error (:class:`clip_dfkd.errors.UserError`, or Kedro's parameter validation error
+  that reports ours) prints ``Error: <message>`` on stderr and exits 1, without a traceback;
+  any other exception is a bug and keeps its traceback;
+- Ctrl-C ends the active MLflow run as KILLED and exits 130. A KeyboardInterrupt is not an
+  ``Exception``, so Kedro calls no ``on_pipeline_error`` hook, and MLflow's exit handler
+  would otherwise mark the half-done run FINISHED.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import click
+import mlflow
+from kedro.framework.cli.project import run as kedro_run
+from kedro.validation import ParameterValidationError
+
+from clip_dfkd.errors import UserError
+
+# How Kedro's ParameterValidator reports each bad parameter (kedro/validation/
+# parameter_validator.py). Its exception keeps only the text of the underlying errors.
+_KEDRO_HEADER = "Parameter validation failed:"
+_KEDRO_MODEL_ERROR = re.compile(
+    r"- Parameter '(?P<key>[^']+)': Failed to instantiate \w+ for parameter '(?P=key)': (?P<detail>.+)"
+)
+_KEDRO_NULL_ERROR = re.compile(r"- Parameter '(?P<key>[^']+)': value is None but type is not Optional")
+
+
+def _parameter_problems(exc: ParameterValidationError) -> str | None:
+    """One line per bad parameter when every problem Kedro lists is a user's: a message of
+    :class:`clip_dfkd.params.InvalidParameterError` (it starts with the key it names, e.g.
+    ``image_synthesis.generator.width=100: ...``) or a parameter set to null. Anything else,
+    e.g. a validator that crashed, is a bug: None, and the traceback shows."""
+    lines = str(exc).splitlines()
+    if len(lines) < 2 or lines[0] != _KEDRO_HEADER:
+        return None
+    problems = []
+    for line in lines[1:]:
+        if (match := _KEDRO_MODEL_ERROR.fullmatch(line)) and match["detail"].startswith(
+            (f"{match['key']}=", f"{match['key']}.")
+        ):
+            problems.append(match["detail"])
+        elif match := _KEDRO_NULL_ERROR.fullmatch(line):
+            problems.append(f"{match['key']}=None: must be set, not null")
+        else:
+            return None
+    return "\n".join(problems)
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The message of the user error that ``exc`` is or wraps (``raise ... from``, as Kedro
+    wraps a dataset's error), or None for a bug. An exception raised while handling a user
+    error (``__context__`` only) is a bug and keeps its traceback."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return str(current)
+        if isinstance(current, ParameterValidationError):
+            return _parameter_problems(current)
+        current = current.__cause__
+    return None
+
+
+def _kill_active_mlflow_runs() -> list[str]:
+    """Ends every active MLflow run (nested ones first) as KILLED; returns their ids."""
+    killed = []
+    while (active := mlflow.active_run()) is not None:
+        killed.append(active.info.run_id)
+        mlflow.end_run(status="KILLED")
+    return killed
+
+
+def guarded(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """``callback`` with user errors turned into one-line click errors (exit 1) and Ctrl-C
+    into KILLED MLflow runs (exit 130); bugs propagate unchanged."""
+
+    @functools.wraps(callback)
+    def run_guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt:
+            killed = _kill_active_mlflow_runs()
+            runs = f"MLflow run {', '.join(killed)} ended as KILLED" if killed else "no MLflow run was active"
+            # The leading newline ends the terminal's ``^C`` echo or a progress bar's line.
+            click.echo(f"\nInterrupted: {runs}.", err=True)
+            raise click.exceptions.Exit(130) from None
+        except Exception as exc:
+            if (message := user_error_message(exc)) is None:
+                raise
+            # click prints it as "Error: <message>" on stderr and exits 1.
+            raise click.ClickException(message) from exc
+
+    return run_guarded
+
+
+@click.group(name="clip_dfkd")
+def cli() -> None:
+    """Commands of the clip-dfkd project."""
+
+
+# A copy, so that Kedro's own command object (still registered in its built-in group) is
+# left as it is.
+run = copy.copy(kedro_run)
+run.callback = guarded(kedro_run.callback)
+cli.add_command(run)
