@@ -74,7 +74,7 @@ def test_demo_runs_end_to_end_and_registers_a_loadable_student(fresh_project: Pa
     assert version.tags["generator"] == "diffusion:data/06_models/demo/tiny-stable-diffusion"
     model = mlflow.pyfunc.load_model("models:/clip-dfkd-demo-student@candidate")
     images = sorted((fresh_project / "data/01_raw/demo_shapes/photo").rglob("*.png"))[:4]
-    by_path = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
+    by_path = model.predict(pd.DataFrame({"path": [str(p) for p in images]}))
     by_bytes = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
     assert list(by_path.columns) == ["class_name", "probability"]
     assert set(by_path["class_name"]) <= {"ball", "box", "tent"}

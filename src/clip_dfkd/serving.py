@@ -1,45 +1,86 @@
-"""The student as an MLflow pyfunc model: image files or bytes in, class name and probability out."""
+"""The student as an MLflow pyfunc model: encoded images or image files in, class name and
+probability out.
+
+Input: a DataFrame with two optional columns, and exactly one of them set in each row:
+
+- ``image`` (MLflow ``binary``): the bytes of an encoded image file (PNG, JPEG, …). In JSON,
+  e.g. a request to ``mlflow models serve``, they are base64 text, which MLflow decodes
+  before the model sees them.
+- ``path`` (MLflow ``string``): an image file on the machine that runs the model, read with
+  its permissions; so expose a scoring server only to clients trusted with those files.
+
+A JSON request sends one of the two columns (MLflow's base64 decoding does not accept nulls),
+e.g. ``{"dataframe_split": {"columns": ["image"], "data": [["iVBORw0…"], …]}}``; in-process
+callers may mix them row by row. Output: ``class_name`` (string) and ``probability`` (double,
+the softmax probability of that class) per row, in input order.
+
+A bad row (a missing or unreadable file, bytes that are no image, both or neither column
+set) fails the whole batch with an ``MlflowException`` (``INVALID_PARAMETER_VALUE``, HTTP 400
+from the scoring server) whose one-line message names the row's 0-based position, e.g.
+``row 2: path '/x.png': no such file``: the output has no place for an error, and a
+placeholder answer could be mistaken for a prediction.
+"""
 
 from __future__ import annotations
 
-import base64
-import binascii
+import io
 import logging
+import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import AnyType, ColSpec, Schema
-from PIL import Image
+from mlflow.types import DataType
+from mlflow.types.schema import ColSpec, Schema
+from PIL import Image, UnidentifiedImageError
 
 import clip_dfkd
-from clip_dfkd.imaging import open_rgb
+from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, open_rgb
 from clip_dfkd.models.student import StudentClassifier
 
 logger = logging.getLogger(__name__)
 
 _STUDENT_ARTIFACT = "student"
+INPUT_COLUMNS = ("image", "path")
 
-# ``image`` holds a file path (str) or encoded image bytes, hence ``Any``.
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec(AnyType(), "image")]),
-    outputs=Schema([ColSpec("string", "class_name"), ColSpec("double", "probability")]),
+    inputs=Schema(
+        [
+            ColSpec(DataType.binary, "image", required=False),
+            ColSpec(DataType.string, "path", required=False),
+        ]
+    ),
+    outputs=Schema([ColSpec(DataType.string, "class_name"), ColSpec(DataType.double, "probability")]),
 )
 
 
 class StudentPyfunc(mlflow.pyfunc.PythonModel):
-    """Classifies images with a saved student; preprocessing comes from the student's config."""
+    """Classifies images with a saved student; preprocessing comes from the student's config.
+    The input and error contract is in this module's docstring."""
 
     def load_context(self, context) -> None:
         self.student = StudentClassifier.from_pretrained(context.artifacts[_STUDENT_ARTIFACT])
         self.transform = self.student.eval_transform()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        pixels = torch.stack([self.transform(open_rgb(_image_source(value))) for value in model_input["image"]])
+        # MLflow drops columns outside the signature before calling us, so a frame with only
+        # misnamed columns arrives here empty; say so instead of answering with no rows.
+        if not set(INPUT_COLUMNS) & set(model_input.columns):
+            raise MlflowException.invalid_parameter_value(
+                "no image or path column in the input; allowed: image (encoded image bytes) and/or "
+                "path (image file path), one of them per row"
+            )
+        if model_input.empty:
+            return pd.DataFrame({"class_name": pd.Series(dtype=str), "probability": pd.Series(dtype=float)})
+        unset = pd.Series(None, index=model_input.index, dtype=object)
+        rows = zip(model_input.get("image", unset), model_input.get("path", unset), strict=True)
+        pixels = torch.stack([self.transform(_read_row(row, image, path)) for row, (image, path) in enumerate(rows)])
         with torch.inference_mode():
             probabilities = self.student(pixels).softmax(dim=-1)
         confidence, index = probabilities.max(dim=-1)
@@ -51,15 +92,40 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
         )
 
 
-def _image_source(value: str | bytes) -> str | bytes:
-    """A file path or encoded bytes; JSON (the REST scoring server, logged input examples)
-    carries bytes as base64 text, so text that is no existing file is decoded as base64."""
-    if isinstance(value, bytes | bytearray) or Path(value).is_file():
-        return value
+def _read_row(row: int, image: Any, path: Any) -> Image.Image:
+    """The RGB image of one input row, or an error naming the row and what is wrong with it."""
+    has_image, has_path = not _is_null(image), not _is_null(path)
+    if has_image == has_path:
+        which = "both image and path are set" if has_image else "neither image nor path is set"
+        raise _row_error(row, f"{which}; allowed: exactly one of them per row")
+    if has_path:
+        if not isinstance(path, str | os.PathLike):
+            raise _row_error(row, f"path is a {type(path).__name__}; allowed: an image file path")
+        if not Path(path).is_file():
+            raise _row_error(row, f"path {str(path)!r}: no such file")
+        source, described = path, f"path {str(path)!r}"
+    else:
+        if not isinstance(image, bytes | bytearray):
+            raise _row_error(
+                row,
+                f"image is a {type(image).__name__}; allowed: encoded image bytes (file paths go in the path column)",
+            )
+        source, described = bytes(image), f"image ({len(image)} bytes)"
     try:
-        return base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise FileNotFoundError(f"image={value[:80]!r}: no such file, and not base64-encoded image bytes") from None
+        return open_rgb(source)
+    except CORRUPT_IMAGE_ERRORS as exc:
+        # PIL names the unknown format's source, which for bytes is an object address.
+        reason = "unknown format" if isinstance(exc, UnidentifiedImageError) else " ".join(str(exc).split())
+        raise _row_error(row, f"{described}: not a readable image ({reason})") from None
+
+
+def _is_null(value: Any) -> bool:
+    # pandas fills the unset cells of a column with None, NaN or pd.NA.
+    return pd.api.types.is_scalar(value) and pd.isna(value)
+
+
+def _row_error(row: int, problem: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(f"row {row}: {problem}")
 
 
 def register_student_model(
@@ -71,8 +137,8 @@ def register_student_model(
         student_dir = Path(scratch) / _STUDENT_ARTIFACT
         student.save_pretrained(student_dir)
         size = student.config["image_size"]
-        example_path = Path(scratch) / "example.png"
-        Image.new("RGB", (size, size), (127, 127, 127)).save(example_path)
+        example = io.BytesIO()
+        Image.new("RGB", (size, size), (127, 127, 127)).save(example, format="PNG")
         info = mlflow.pyfunc.log_model(
             name="student",
             # Models from code: MLflow stores the script, not a pickle of the object.
@@ -82,7 +148,7 @@ def register_student_model(
             # keeps the registered model loadable where clip-dfkd is not installed.
             code_paths=[str(Path(clip_dfkd.__file__).parent)],
             signature=SIGNATURE,
-            input_example=pd.DataFrame({"image": [example_path.read_bytes()]}),
+            input_example=pd.DataFrame({"image": [example.getvalue()]}),
             pip_requirements=_requirements(),
             registered_model_name=registered_name,
             tags=tags,

@@ -11,6 +11,7 @@ from PIL import Image
 
 from clip_dfkd.datasets import StudentModelDataset
 from clip_dfkd.models import StudentClassifier, create_student
+from clip_dfkd.models.student import student_fingerprint
 from clip_dfkd.params import ClassNames, DistillationLossParams, RuntimeParams, StudentDistillationParams, StudentParams
 from clip_dfkd.pipelines.student_distillation.nodes import distillation_loss, train_student
 
@@ -110,7 +111,10 @@ def test_student_round_trips_through_its_dataset(tmp_path) -> None:
         assert torch.allclose(loaded(pixels), student(pixels))
     config = json.loads((tmp_path / "student" / "config.json").read_text())
     assert config["class_names"] == CLASSES and config["image_size"] == 32
-    assert config["mean"] == [0.5, 0.5, 0.5]  # test_resnet's pretraining normalisation
+    # test_resnet's pretrained preprocessing, at our input size
+    assert config["data_config"]["input_size"] == [3, 32, 32]
+    assert config["data_config"]["mean"] == [0.5, 0.5, 0.5]
+    assert config["data_config"]["interpolation"] == "bilinear"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
 
 
@@ -137,6 +141,8 @@ def test_pipeline_trains_saves_and_registers_the_student(demo_project) -> None:
     assert version.tags["prompt_method"] == "vanilla"
     assert version.tags["classes"] == "ball,box,tent"
     assert version.tags["teacher"].startswith("open_clip:clip-dfkd-tiny/")
+    # The saved student is the registered one, by the weights' fingerprint.
+    assert registration["fingerprint"] == version.tags["fingerprint"] == student_fingerprint(student)
     assert math.isfinite(mlflow.get_run(registration["run_id"]).data.metrics["student_distillation.total_loss"])
 
 

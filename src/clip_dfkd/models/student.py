@@ -1,22 +1,26 @@
 """The student: a timm classifier that carries its class names and preprocessing.
 
 ``save_pretrained``/``from_pretrained`` mirror diffusers: a folder with ``config.json`` and
-``model.safetensors`` is all that is needed to rebuild and run the student.
+``model.safetensors`` is all that is needed to rebuild and run the student. The
+preprocessing is timm's data config (input size, interpolation, crop, mean, std), resolved
+once from the backbone's pretrained config when the student is created and then stored, so
+a saved student is evaluated and served exactly as it was trained.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision.transforms import v2 as T
 
+from clip_dfkd.imaging import Transform
 from clip_dfkd.models.errors import ModelNotFoundError
 from clip_dfkd.params import AugmentationParams, StudentParams
 
@@ -35,22 +39,16 @@ class StudentClassifier(nn.Module):
         model_name: str,
         class_names: Sequence[str],
         image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
         embedding_dim: int | None = None,
         checkpoint_path: str | None = None,
+        data_config: Mapping[str, Any] | None = None,
     ) -> None:
+        """``data_config`` is timm's preprocessing for the backbone; None resolves it from the
+        backbone's pretrained config at ``image_size`` (a new student), a saved student passes
+        its own (``from_pretrained``)."""
         super().__init__()
         import timm
 
-        self.config: dict[str, Any] = {
-            "model_name": model_name,
-            "class_names": list(class_names),
-            "image_size": image_size,
-            "mean": list(mean),
-            "std": list(std),
-            "embedding_dim": embedding_dim,
-        }
         overlay = {"file": checkpoint_path} if checkpoint_path else None
         self.backbone = timm.create_model(
             model_name,
@@ -59,6 +57,26 @@ class StudentClassifier(nn.Module):
             num_classes=len(class_names),
         )
         self.projection = nn.Linear(self.backbone.num_features, embedding_dim) if embedding_dim else None
+        if data_config is None:
+            # Interpolation, crop and normalisation as the backbone's pretrained weights expect;
+            # only the input size is ours.
+            resolved = timm.data.resolve_model_data_config(
+                self.backbone, args={"input_size": (3, image_size, image_size)}
+            )
+            # JSON has no tuples: store lists, so a loaded config equals the saved one.
+            data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+        elif list(data_config["input_size"][-2:]) != [image_size, image_size]:
+            raise ValueError(
+                f"data_config.input_size={list(data_config['input_size'])}: disagrees with "
+                f"image_size={image_size}; allowed: [3, {image_size}, {image_size}]"
+            )
+        self.config: dict[str, Any] = {
+            "model_name": model_name,
+            "class_names": list(class_names),
+            "image_size": image_size,
+            "embedding_dim": embedding_dim,
+            "data_config": dict(data_config),
+        }
 
     @property
     def class_names(self) -> list[str]:
@@ -74,28 +92,24 @@ class StudentClassifier(nn.Module):
         projected = self.projection(pooled) if self.projection is not None else None
         return logits, projected
 
-    def eval_transform(self) -> T.Compose:
-        size = self.config["image_size"]
-        return T.Compose(
-            [
-                T.ToImage(),
-                T.Resize(size, antialias=True),
-                T.CenterCrop(size),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize(self.config["mean"], self.config["std"]),
-            ]
-        )
+    def eval_transform(self) -> Transform:
+        """timm's evaluation preprocessing for this student: resize, centre crop, normalise."""
+        import timm
 
-    def train_transform(self, augmentation: AugmentationParams) -> T.Compose:
-        size = self.config["image_size"]
-        steps: list[Any] = [T.ToImage(), T.RandomResizedCrop(size, scale=augmentation.crop_scale, antialias=True)]
-        if augmentation.horizontal_flip:
-            steps.append(T.RandomHorizontalFlip())
-        if augmentation.color_jitter > 0:
-            jitter = augmentation.color_jitter
-            steps.append(T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
-        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(self.config["mean"], self.config["std"])]
-        return T.Compose(steps)
+        return timm.data.create_transform(**self.config["data_config"], is_training=False)
+
+    def train_transform(self, augmentation: AugmentationParams) -> Transform:
+        """timm's training preprocessing: random resized crop, optional flip and colour jitter."""
+        import timm
+
+        return timm.data.create_transform(
+            **self.config["data_config"],
+            is_training=True,
+            scale=augmentation.crop_scale,
+            hflip=0.5 if augmentation.horizontal_flip else 0.0,
+            # None leaves ColorJitter out; a zero-strength one would still draw random numbers.
+            color_jitter=augmentation.color_jitter if augmentation.color_jitter > 0 else None,
+        )
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -109,7 +123,14 @@ class StudentClassifier(nn.Module):
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             raise ModelNotFoundError(f"{directory}: no {CONFIG_NAME}; not a saved clip-dfkd student")
-        student = cls(**json.loads((directory / CONFIG_NAME).read_text()))
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        if "data_config" not in config:
+            raise ModelNotFoundError(
+                f"{directory / CONFIG_NAME}: no data_config (saved before preprocessing came from timm); "
+                "allowed: a student saved by this version, e.g. retrain with "
+                "`kedro run --pipelines=student_distillation`"
+            )
+        student = cls(**config)
         student.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)))
         return student.to(device).eval()
 
@@ -129,21 +150,13 @@ def create_student(
     params: StudentParams, class_names: Sequence[str], embedding_dim: int | None = None
 ) -> StudentClassifier:
     """A fresh student; ImageNet-initialised when ``params.checkpoint_path`` is set."""
-    import timm
-
     if problem := missing_student_weights(params):
         raise ModelNotFoundError(problem)
     checkpoint = str(Path(params.checkpoint_path).expanduser()) if params.checkpoint_path else None
-    # Normalise as the backbone's pretraining did, so ImageNet initialisation stays meaningful.
-    pretrained_cfg = timm.models.get_pretrained_cfg(params.model_name)
-    mean = pretrained_cfg.mean if pretrained_cfg else timm.data.IMAGENET_DEFAULT_MEAN
-    std = pretrained_cfg.std if pretrained_cfg else timm.data.IMAGENET_DEFAULT_STD
     student = StudentClassifier(
         params.model_name,
         class_names,
         image_size=params.image_size,
-        mean=mean,
-        std=std,
         embedding_dim=embedding_dim,
         checkpoint_path=checkpoint,
     )
@@ -154,3 +167,20 @@ def create_student(
         len(class_names),
     )
     return student
+
+
+def student_fingerprint(student: torch.nn.Module) -> str:
+    """A fingerprint of a model's weights: sha256 over its ``state_dict`` in sorted key order
+    (each entry's name, dtype, shape and raw bytes), hex, first 16 characters.
+
+    Equal weights give an equal fingerprint whatever the device or the order the modules were
+    built in; any changed value, name or shape gives another.
+    """
+    digest = hashlib.sha256()
+    state = student.state_dict()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        # Viewed as bytes, so dtypes numpy lacks (bfloat16) hash too.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

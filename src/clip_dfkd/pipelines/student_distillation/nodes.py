@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from clip_dfkd.imaging import open_rgb
 from clip_dfkd.models import StudentClassifier, create_student
+from clip_dfkd.models.student import student_fingerprint
 from clip_dfkd.params import (
     ClassNames,
     DistillationLossParams,
@@ -183,8 +184,13 @@ def register_student(
     prompt_generation: PromptGenerationParams,
     params: StudentDistillationParams,
 ) -> dict[str, str]:
-    """Log the student as an MLflow pyfunc model, register it and point the alias at it."""
-    return register_student_model(
+    """Log the student as an MLflow pyfunc model, register it and point the alias at it.
+
+    The returned registration carries the weights' ``fingerprint`` (also a version tag), by
+    which ood_evaluation matches the student it scores to this registered version.
+    """
+    fingerprint = student_fingerprint(student)
+    registration = register_student_model(
         student,
         registered_name=params.registry.model_name,
         alias=params.registry.alias,
@@ -194,5 +200,7 @@ def register_student(
             "prompt_method": prompt_generation.method,
             "classes": ",".join(classes),
             "student": params.student.model_name,
+            "fingerprint": fingerprint,
         },
     )
+    return {**registration, "fingerprint": fingerprint}

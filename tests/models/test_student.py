@@ -1,0 +1,87 @@
+"""The student preprocesses exactly as timm does for its backbone, also after a save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clip_dfkd.models import ModelNotFoundError, StudentClassifier, create_student
+from clip_dfkd.params import AugmentationParams, StudentParams
+
+CLASSES = ["ball", "box", "tent"]
+
+
+def _photo() -> Image.Image:
+    """Non-square, so that resize-then-crop differs from a plain resize."""
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 411, 3), dtype=np.uint8))
+
+
+def _timm_eval_transform(image_size: int):
+    import timm
+
+    reference = timm.create_model("resnet18", num_classes=len(CLASSES))
+    config = timm.data.resolve_model_data_config(reference)
+    return timm.data.create_transform(**{**config, "input_size": (3, image_size, image_size)})
+
+
+@pytest.mark.parametrize("image_size", [224, 96])
+def test_eval_transform_is_timms_and_survives_save_and_load(tmp_path, image_size: int) -> None:
+    student = create_student(StudentParams(model_name="resnet18", image_size=image_size), CLASSES)
+    photo = _photo()
+    expected = _timm_eval_transform(image_size)(photo)
+
+    assert expected.shape == (3, image_size, image_size)
+    assert torch.equal(student.eval_transform()(photo), expected)
+
+    student.save_pretrained(tmp_path / "student")
+    loaded = StudentClassifier.from_pretrained(tmp_path / "student")
+    assert torch.equal(loaded.eval_transform()(photo), expected)
+    assert loaded.config == student.config
+
+    data_config = json.loads((tmp_path / "student" / "config.json").read_text())["data_config"]
+    assert data_config["input_size"] == [3, image_size, image_size]
+    # resnet18's pretrained config, not torchvision's defaults (bilinear, no crop margin).
+    assert data_config["interpolation"] == "bicubic"
+    assert data_config["crop_pct"] == 0.95
+    assert data_config["mean"] == [0.485, 0.456, 0.406]
+    assert data_config["std"] == [0.229, 0.224, 0.225]
+
+
+def test_train_transform_follows_the_augmentation_params() -> None:
+    student = create_student(StudentParams(model_name="resnet18", image_size=64), CLASSES)
+
+    plain = student.train_transform(AugmentationParams(crop_scale=(1.0, 1.0), horizontal_flip=False, color_jitter=0))
+    steps = [type(step).__name__ for step in plain.transforms]
+    assert "RandomHorizontalFlip" not in steps and "ColorJitter" not in steps
+    assert plain.transforms[0].scale == (1.0, 1.0)
+
+    augmented = student.train_transform(AugmentationParams(crop_scale=(0.5, 1.0), color_jitter=0.3))
+    steps = [type(step).__name__ for step in augmented.transforms]
+    assert "RandomHorizontalFlip" in steps and "ColorJitter" in steps
+    assert augmented(_photo()).shape == (3, 64, 64)
+
+
+def test_a_student_saved_before_timm_data_configs_is_refused(tmp_path) -> None:
+    student = create_student(StudentParams(model_name="test_resnet", image_size=32), CLASSES)
+    student.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["data_config"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "mean": [0.5] * 3, "std": [0.5] * 3}))
+
+    with pytest.raises(ModelNotFoundError, match="no data_config") as caught:
+        StudentClassifier.from_pretrained(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_image_size_that_disagrees_with_the_saved_data_config_is_refused(tmp_path) -> None:
+    student = create_student(StudentParams(model_name="test_resnet", image_size=32), CLASSES)
+    student.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "image_size": 48}))
+
+    with pytest.raises(ValueError, match=r"data_config.input_size=\[3, 32, 32\]: disagrees with image_size=48"):
+        StudentClassifier.from_pretrained(tmp_path)
