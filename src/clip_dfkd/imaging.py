@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 logger = logging.getLogger(__name__)
@@ -17,12 +18,46 @@ logger = logging.getLogger(__name__)
 ImageSource = Callable[[], Image.Image] | str | Path | bytes
 Transform = Callable[[Image.Image], torch.Tensor]
 
-# What PIL raises for unreadable, truncated or non-image files.
+
+class UnsupportedImageModeError(ValueError):
+    """A decoded image whose pixel mode has no conversion to RGB."""
+
+
+# What PIL raises for unreadable, truncated or non-image files; UnsupportedImageModeError is a
+# ValueError, so an image in a mode that cannot become RGB is counted as unreadable too.
 CORRUPT_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+# 16-bit grayscale as Pillow opens it (PNG, TIFF, PGM). Mode I is 32-bit, but Pillow has also
+# opened 16-bit PNGs as I, so it is read on the same 0..65535 scale (larger values saturate).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa")
+SUPPORTED_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "F", *_SIXTEEN_BIT_MODES, *_ALPHA_MODES)
+WHITE = (255, 255, 255)
+
+
+def one_line_error(exc: BaseException) -> str:
+    """``Type: message`` on one line, for logs and the skipped-files report."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def open_rgb(source: ImageSource) -> Image.Image:
-    """An RGB image from a lazy loader (Kedro partition), a file path or encoded bytes."""
+    """An 8-bit RGB image from a lazy loader (Kedro partition), a file path or encoded bytes,
+    as an image viewer shows it.
+
+    - EXIF orientation is applied, so a phone photo stored sideways comes out upright.
+    - 16-bit grayscale (modes I;16, I;16B, I;16L, I;16N and I) is scaled from 0..65535 to
+      0..255; a plain conversion would clip it, turning most of the image white.
+    - Float images (mode F) are read as 0..1 when every value lies in [0, 1] (how float image
+      writers such as scikit-image store them) and as 0..255 otherwise (Pillow's convention);
+      values outside the range saturate, NaN is black.
+    - Transparent pixels (an alpha channel, or a transparent palette index or colour in
+      ``info["transparency"]``) are composited over white, as viewers draw them on a white
+      page; the colour stored under alpha 0 is arbitrary and never shown.
+    - 1, L, P, CMYK, YCbCr, LAB, HSV and RGBX go through Pillow's own conversion.
+
+    Raises one of :data:`CORRUPT_IMAGE_ERRORS`: the decoder's error for an unreadable file, or
+    :class:`UnsupportedImageModeError` naming a mode that has no conversion to RGB.
+    """
     if callable(source):
         image = source()
     elif isinstance(source, bytes | bytearray):
@@ -30,14 +65,44 @@ def open_rgb(source: ImageSource) -> Image.Image:
     else:
         image = Image.open(source)
     image.load()  # decode now, so a corrupt file fails here and not deep in a transform
+    if image.mode not in SUPPORTED_MODES:
+        raise UnsupportedImageModeError(
+            f"image mode {image.mode!r} cannot be converted to RGB; allowed: {', '.join(SUPPORTED_MODES)}"
+        )
+    # A copy, not in place: a loader may hand out an image it keeps.
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = _sixteen_bit_to_8bit(image)
+    elif image.mode == "F":
+        image = Image.fromarray(_float_to_8bit(np.asarray(image)))
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        page = Image.new("RGBA", image.size, (*WHITE, 255))
+        return Image.alpha_composite(page, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def _sixteen_bit_to_8bit(image: Image.Image) -> Image.Image:
+    """Grayscale ``L`` (``LA`` with a transparent grey level) scaled by 255/65535, rounded."""
+    raw = np.asarray(image).astype(np.int64)
+    gray = Image.fromarray(((raw.clip(0, 65535) + 128) // 257).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        gray.putalpha(Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8)))
+    return gray
+
+
+def _float_to_8bit(values: np.ndarray) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    scale = 255.0 if finite.size and finite.min() >= 0 and finite.max() <= 1 else 1.0
+    return np.nan_to_num(values * scale, nan=0.0, posinf=255.0, neginf=0.0).round().clip(0, 255).astype(np.uint8)
 
 
 class TransformedImages(Dataset):
     """Images decoded on demand and run through one or more transforms.
 
-    Item ``i`` is ``(index, ok, *tensors)``; an unreadable image yields ``ok=False`` and zero
-    tensors, so a caller counts it as corrupt instead of losing it silently.
+    Item ``i`` is ``(index, ok, error, *tensors)``; an unreadable image yields ``ok=False``, the
+    decoder's one-line error and zero tensors, so a caller reports it as corrupt instead of
+    losing it silently.
     """
 
     def __init__(
@@ -54,9 +119,9 @@ class TransformedImages(Dataset):
         try:
             image = open_rgb(self._sources[index])
         except CORRUPT_IMAGE_ERRORS as exc:
-            logger.warning("Skipping unreadable image %s: %s", self._sources[index], exc)
-            return (index, False, *(torch.zeros(shape) for shape in self._shapes))
-        return (index, True, *(transform(image) for transform in self._transforms))
+            logger.warning("Skipping unreadable image %s: %s", self._sources[index], one_line_error(exc))
+            return (index, False, one_line_error(exc), *(torch.zeros(shape) for shape in self._shapes))
+        return (index, True, "", *(transform(image) for transform in self._transforms))
 
 
 def iterate_batches(
@@ -64,8 +129,13 @@ def iterate_batches(
     transforms: Sequence[Transform],
     batch_size: int,
     num_workers: int = 0,
+    errors: dict[int, str] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
-    """Yield ``(indices, ok_mask, [batch per transform])`` over ``sources`` in order."""
+    """Yield ``(indices, ok_mask, [batch per transform])`` over ``sources`` in order.
+
+    ``errors``, when given, receives ``{index: one-line decoder error}`` for each unreadable
+    source; the errors travel inside the batches, so this also works with worker processes.
+    """
     if not sources:
         return
     # Zero stand-ins for corrupt images must match real outputs so that batches collate;
@@ -78,5 +148,7 @@ def iterate_batches(
         shuffle=False,
         num_workers=num_workers,
     )
-    for indices, ok, *tensors in loader:
+    for indices, ok, messages, *tensors in loader:
+        if errors is not None:
+            errors.update((int(i), m) for i, good, m in zip(indices, ok, messages, strict=True) if not good)
         yield indices, ok, tensors

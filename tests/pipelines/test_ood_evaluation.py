@@ -1,13 +1,33 @@
 from __future__ import annotations
 
+import json
+import logging
+import math
+
 import pandas as pd
 import pytest
 import torch
+from kedro.validation import ParameterValidationError
 from PIL import Image
 
 from clip_dfkd.benchmarks import BenchmarkError, scan_benchmark
-from clip_dfkd.params import BenchmarkParams, ClassNames, OodEvaluationParams, RuntimeParams
-from clip_dfkd.pipelines.ood_evaluation.nodes import evaluate_domains, plot_domain_accuracy, summarise_evaluation
+from clip_dfkd.models import StudentClassifier
+from clip_dfkd.models.student import create_student, student_fingerprint
+from clip_dfkd.params import (
+    BenchmarkParams,
+    ClassNames,
+    InvalidParameterError,
+    OodEvaluationParams,
+    RuntimeParams,
+    StudentParams,
+)
+from clip_dfkd.pipelines.ood_evaluation.nodes import (
+    describe_evaluated_student,
+    evaluate_domains,
+    plot_domain_accuracy,
+    summarise_evaluation,
+)
+from clip_dfkd.preflight import PreflightError, PreflightHook
 
 CLASSES = ["ball", "box", "tent"]
 
@@ -61,6 +81,67 @@ def test_bad_benchmarks_fail_on_one_line(tmp_path, layout, params, message) -> N
     assert "\n" not in str(caught.value)
 
 
+def test_scan_reads_class_folders_recursively(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 1, "tent": 1}})
+    (root / "photo" / "ball" / "outdoor" / "sunny").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "photo" / "ball" / "outdoor" / "sunny" / "deep.jpg")
+    Image.new("RGB", (8, 8)).save(root / "photo" / "ball" / "outdoor" / "near.PNG")
+
+    (photo,) = scan_benchmark("toy", BenchmarkParams(root=str(root)), CLASSES)
+
+    relative = [str(p.relative_to(root / "photo")) for p in photo.paths]
+    assert relative == ["ball/0.png", "ball/outdoor/near.PNG", "ball/outdoor/sunny/deep.jpg", "tent/0.png"]
+    assert photo.labels == [0, 0, 0, 2]
+    assert photo.skipped == []
+
+
+def test_scan_ignores_hidden_files_and_folders(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 1}})
+    ball = root / "photo" / "ball"
+    (ball / ".DS_Store").write_bytes(b"finder")
+    Image.new("RGB", (8, 8)).save(ball / ".hidden.png")
+    (ball / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(ball / ".ipynb_checkpoints" / "copy.png")
+    (root / "photo" / ".thumbnails").mkdir()  # not a class, yet no error: hidden
+    (root / "photo" / "._photo").write_bytes(b"AppleDouble")
+    (root / ".cache").mkdir()  # not a domain
+
+    (photo,) = scan_benchmark("toy", BenchmarkParams(root=str(root)), CLASSES)
+
+    assert [p.name for p in photo.paths] == ["0.png"]
+    assert photo.skipped == []
+
+
+def test_scan_lists_stray_files_as_skipped_with_a_reason(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 1}})
+    (root / "photo" / "ball" / "labels.txt").write_text("ball")
+    (root / "photo" / "ball" / "raw").mkdir()
+    (root / "photo" / "ball" / "raw" / "scan.pdf").write_bytes(b"%PDF")
+    Image.new("RGB", (8, 8)).save(root / "photo" / "unsorted.png")
+
+    (photo,) = scan_benchmark("toy", BenchmarkParams(root=str(root)), CLASSES)
+
+    assert [p.name for p in photo.paths] == ["0.png"]
+    assert [(str(p.relative_to(root)), reason) for p, reason in photo.skipped] == [
+        ("photo/unsorted.png", "not inside a class folder"),
+        ("photo/ball/labels.txt", "not an image file"),
+        ("photo/ball/raw/scan.pdf", "not an image file"),
+    ]
+
+
+def test_scan_follows_folder_links_once_and_never_loops(tmp_path) -> None:
+    root = _benchmark(tmp_path / "bench", {"photo": {"ball": 1}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "linked.png")
+    (root / "photo" / "ball" / "more").symlink_to(elsewhere, target_is_directory=True)
+    (root / "photo" / "ball" / "loop").symlink_to(root / "photo" / "ball", target_is_directory=True)
+
+    (photo,) = scan_benchmark("toy", BenchmarkParams(root=str(root)), CLASSES)
+
+    assert [str(p.relative_to(root / "photo" / "ball")) for p in photo.paths] == ["0.png", "more/linked.png"]
+
+
 class _ConstantStudent(torch.nn.Module):
     """Always predicts ``index``; enough to check the bookkeeping."""
 
@@ -90,12 +171,8 @@ class _ConstantTeacher:
         return logits, None
 
 
-def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -> None:
-    root = _benchmark(tmp_path, {"photo": {"ball": 3, "box": 1}, "sketch": {"ball": 1, "tent": 3}})
-    (root / "sketch" / "tent" / "broken.png").write_bytes(b"not an image")
-    params = OodEvaluationParams.model_validate({"benchmarks": {"toy": {"root": str(root)}}, "batch_size": 2})
-
-    results = evaluate_domains(
+def _evaluate(params: OodEvaluationParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return evaluate_domains(
         _ConstantStudent(0),
         _ConstantTeacher(2),
         None,
@@ -103,6 +180,17 @@ def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -
         params,
         RuntimeParams(device="cpu"),
     )
+
+
+def _params(benchmarks: dict) -> OodEvaluationParams:
+    return OodEvaluationParams.model_validate({"benchmarks": benchmarks, "batch_size": 2})
+
+
+def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 3, "box": 1}, "sketch": {"ball": 1, "tent": 3}})
+    (root / "sketch" / "tent" / "broken.png").write_bytes(b"not an image")
+
+    results, _ = _evaluate(_params({"toy": {"root": str(root)}}))
 
     photo, sketch = results.iloc[0], results.iloc[1]
     assert (photo.images, photo.corrupt_images, photo.student_top1, photo.teacher_top1, photo.agreement) == (
@@ -119,6 +207,7 @@ def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -
     assert average.student_top1 == pytest.approx(0.5)
     assert average.teacher_top1 == pytest.approx(0.375)
     assert average.corrupt_images == 1
+    assert (average.domains, average.note) == (2, "mean over 2 of 2 domains")
     assert "| toy" in markdown and "average" in markdown
     assert metrics["toy.sketch.corrupt_images"] == {"value": 1.0, "step": 0}
     assert metrics["toy.average.student_top1"]["value"] == pytest.approx(0.5)
@@ -126,12 +215,173 @@ def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -
     assert len(figure.axes[0].patches) == 4  # student and teacher bars for two domains
 
 
+def test_unreadable_and_stray_files_are_reported_one_row_each(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 2}})
+    ball = root / "photo" / "ball"
+    Image.effect_noise((64, 64), 40).save(ball / "whole.png")
+    (ball / "truncated.png").write_bytes((ball / "whole.png").read_bytes()[:2000])
+    (ball / "whole.png").unlink()
+    (ball / "empty.jpg").touch()
+    (ball / "fake.png").write_text("<html>not found</html>")
+    (ball / "notes.txt").write_text("ball")
+
+    results, skipped = _evaluate(_params({"toy": {"root": str(root)}}))
+
+    assert list(skipped.columns) == ["benchmark", "domain", "path", "reason"]
+    reasons = {row.path.removeprefix(f"{ball}/"): row.reason for row in skipped.itertuples()}
+    assert set(skipped["benchmark"]) == {"toy"} and set(skipped["domain"]) == {"photo"}
+    assert reasons["notes.txt"] == "not an image file"
+    assert reasons["truncated.png"].startswith("OSError: image file is truncated")
+    assert reasons["empty.jpg"].startswith("UnidentifiedImageError: cannot identify image file")
+    assert reasons["fake.png"].startswith("UnidentifiedImageError: cannot identify image file")
+    assert len(reasons) == 4 and all("\n" not in reason for reason in reasons.values())
+    assert (results.iloc[0].images, results.iloc[0].corrupt_images) == (2, 3)
+
+
+def test_nothing_skipped_is_an_empty_table_with_its_header(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 1}})
+
+    _, skipped = _evaluate(_params({"toy": {"root": str(root)}}))
+
+    skipped.to_csv(tmp_path / "skipped.csv", index=False)
+    assert (tmp_path / "skipped.csv").read_text().strip() == "benchmark,domain,path,reason"
+
+
+def test_a_domain_without_readable_images_is_warned_and_left_out_of_the_average(tmp_path, caplog) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 2}, "sketch": {"tent": 2}, "clipart": {"box": 0}})
+    (root / "clipart" / "box" / "broken.png").write_bytes(b"")
+
+    with caplog.at_level(logging.WARNING, logger="clip_dfkd.pipelines.ood_evaluation.nodes"):
+        results, _ = _evaluate(_params({"toy": {"root": str(root)}}))
+
+    assert "toy/clipart: no readable image (1 image files, 0 other files)" in caplog.text
+    clipart = results[results.domain == "clipart"].iloc[0]
+    assert (clipart.images, clipart.note) == (0, "no readable image")
+    assert math.isnan(clipart.student_top1) and math.isnan(clipart.agreement)
+
+    table, markdown, metrics = summarise_evaluation(results)
+    average = table[table.domain == "average"].iloc[0]
+    assert (average.domains, average.note) == (2, "mean over 2 of 3 domains")
+    assert average.student_top1 == pytest.approx(0.5)  # (1.0 + 0.0) / 2, not / 3
+    assert table[table.domain == "clipart"].iloc[0].domains == 0
+    assert "mean over 2 of 3 domains" in markdown and "no readable image" in markdown
+    assert "toy.clipart.student_top1" not in metrics
+    assert metrics["toy.clipart.corrupt_images"]["value"] == 1.0
+    figure = plot_domain_accuracy(results)
+    assert "clipart\n(no readable image)" in [t.get_text() for t in figure.axes[0].get_xticklabels()]
+
+
+def test_a_disabled_benchmark_is_neither_checked_nor_evaluated(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 1}})
+    params = _params({"toy": {"root": str(root)}, "gone": {"root": str(tmp_path / "missing"), "enabled": False}})
+
+    results, _ = _evaluate(params)
+    assert set(results["benchmark"]) == {"toy"}
+
+    class Catalog:
+        def __init__(self, benchmarks: OodEvaluationParams):
+            self.params = {"params:classes": ClassNames.model_validate(CLASSES), "params:ood_evaluation": benchmarks}
+
+        def load(self, name):
+            return self.params[name]
+
+    class OodPipeline:
+        def inputs(self):
+            return {"params:classes", "params:ood_evaluation"}
+
+    PreflightHook().before_pipeline_run({}, OodPipeline(), Catalog(params))  # no error: "gone" is off
+    enabled = _params({"toy": {"root": str(root)}, "gone": {"root": str(tmp_path / "missing")}})
+    with pytest.raises(PreflightError, match=r"ood_evaluation\.benchmarks\.gone\.root=.*: no such folder"):
+        PreflightHook().before_pipeline_run({}, OodPipeline(), Catalog(enabled))
+
+
+def test_at_least_one_benchmark_stays_enabled() -> None:
+    with pytest.raises(InvalidParameterError) as caught:
+        _params({"pacs": {"root": "a", "enabled": False}, "vlcs": {"root": "b", "enabled": False}})
+
+    assert str(caught.value) == (
+        "ood_evaluation.benchmarks={'pacs': {'enabled': False}, 'vlcs': {'enabled': False}}: every benchmark is "
+        "disabled; allowed: at least one benchmark with enabled: true"
+    )
+
+
+def _student() -> StudentClassifier:
+    torch.manual_seed(0)
+    return create_student(StudentParams(model_name="test_resnet", image_size=32), CLASSES)
+
+
+def test_the_fingerprint_follows_the_weights_not_the_object(tmp_path) -> None:
+    student = _student()
+    student.save_pretrained(tmp_path / "student")
+    reloaded = StudentClassifier.from_pretrained(tmp_path / "student")
+
+    fingerprint = student_fingerprint(student)
+    assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
+    assert student_fingerprint(reloaded) == fingerprint
+    with torch.no_grad():
+        next(reloaded.parameters()).view(-1)[0] += 1e-3
+    assert student_fingerprint(reloaded) != fingerprint
+
+
+def test_the_evaluated_student_names_its_registration_only_when_the_fingerprint_matches() -> None:
+    student = _student()
+    registration = {
+        "name": "clip-dfkd-student",
+        "version": "3",
+        "alias": "candidate",
+        "uri": "models:/clip-dfkd-student@candidate",
+        "run_id": "abc123",
+    }
+
+    matched = describe_evaluated_student(student, {**registration, "fingerprint": student_fingerprint(student)})
+    assert matched == {
+        "config": student.config,
+        "fingerprint": student_fingerprint(student),
+        "registered_model": "clip-dfkd-student",
+        "version": "3",
+        "run_id": "abc123",
+        "reason": None,
+    }
+    json.dumps(matched)  # saved by json.JSONDataset
+
+    other = describe_evaluated_student(student, {**registration, "fingerprint": "0123456789abcdef"})
+    assert (other["registered_model"], other["version"], other["run_id"]) == (None, None, None)
+    assert "is for a student with fingerprint 0123456789abcdef, not the evaluated" in other["reason"]
+
+    unmarked = describe_evaluated_student(student, registration)
+    assert unmarked["registered_model"] is None
+    assert "records no fingerprint" in unmarked["reason"]
+
+
 def test_pipeline_reports_every_demo_domain(demo_project) -> None:
+    import mlflow
+
     demo_project.run("ood_evaluation")
 
-    table = pd.read_csv(demo_project.path / "data/08_reporting/ood_evaluation.csv")
+    reports = demo_project.path / "data/08_reporting"
+    table = pd.read_csv(reports / "ood_evaluation.csv")
     assert table["domain"].tolist() == ["cartoon", "night", "photo", "sketch", "average"]
     assert (table["images"][:-1] == 12).all()
     assert table[["student_top1", "teacher_top1", "agreement"]].apply(lambda c: c.between(0, 1)).all().all()
-    assert (demo_project.path / "data/08_reporting/ood_evaluation.md").read_text().startswith("# Out-of-distribution")
-    assert (demo_project.path / "data/08_reporting/ood_accuracy.png").stat().st_size > 0
+    assert table["note"].iloc[-1] == "mean over 4 of 4 domains"
+    assert (reports / "ood_evaluation.md").read_text().startswith("# Out-of-distribution")
+    assert (reports / "ood_accuracy.png").stat().st_size > 0
+    assert (reports / "ood_skipped_files.csv").read_text().strip() == "benchmark,domain,path,reason"
+    evaluated = json.loads((reports / "ood_evaluated_student.json").read_text())
+    saved = json.loads((demo_project.path / "data/06_models/student/config.json").read_text())
+    assert evaluated["config"] == saved
+    assert len(evaluated["fingerprint"]) == 16
+    mlflow.set_tracking_uri(f"sqlite:///{demo_project.path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("clip-dfkd-demo").experiment_id])
+    logged = {a.path for run in runs for a in client.list_artifacts(run.info.run_id, "ood_evaluation")}
+    assert {"ood_evaluation/ood_skipped_files.csv", "ood_evaluation/ood_evaluated_student.json"} <= logged
+
+
+def test_switching_off_every_benchmark_fails_before_any_node(demo_project) -> None:
+    off = {"ood_evaluation": {"benchmarks": {"demo_shapes": {"enabled": False}}}}
+    with pytest.raises(
+        ParameterValidationError, match=r"ood_evaluation\.benchmarks=\{'demo_shapes': \{'enabled': False"
+    ):
+        with demo_project.session(runtime_params=off) as session:
+            session.run(pipeline_names=["ood_evaluation"])

@@ -1,6 +1,11 @@
 from kedro.pipeline import Node, Pipeline
 
-from clip_dfkd.pipelines.ood_evaluation.nodes import evaluate_domains, plot_domain_accuracy, summarise_evaluation
+from clip_dfkd.pipelines.ood_evaluation.nodes import (
+    describe_evaluated_student,
+    evaluate_domains,
+    plot_domain_accuracy,
+    summarise_evaluation,
+)
 from clip_dfkd.pipelines.teacher_labeling.pipeline import create_teacher_pipeline
 
 
@@ -17,8 +22,16 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:ood_evaluation",
                     "params:runtime",
                 ],
-                outputs="ood_domain_results",
+                outputs=["ood_domain_results", "ood_skipped_files"],
                 name="evaluate_domains",
+            ),
+            Node(
+                # student_registration is made by student_distillation; run alone, this stage
+                # reads the one on disk.
+                describe_evaluated_student,
+                inputs=["student_model", "student_registration"],
+                outputs="ood_evaluated_student",
+                name="describe_evaluated_student",
             ),
             Node(
                 summarise_evaluation,
