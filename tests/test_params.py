@@ -32,6 +32,12 @@ def _error(model, raw) -> str:
     [
         (ClassNames, [], "classes=[]: must list at least one class name"),
         (ClassNames, ["dog", "cat", "Dog"], "classes=['dog', 'cat', 'Dog']: has duplicate names ['Dog']"),
+        (ClassNames, "imagenet", "classes='imagenet': names no known list; allowed: a list of names or one of"),
+        (
+            PromptGenerationParams,
+            {"styles": "arty"},
+            "prompt_generation.styles='arty': names no known list; allowed: a list of names or one of",
+        ),
         (
             PromptGenerationParams,
             {"method": "fancy", "styles": ["photo"]},

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from kedro.validation import ParameterValidationError
@@ -103,6 +105,77 @@ def test_a_saved_bank_of_the_wrong_size_fails_before_any_work(fresh_project, mon
         "the text encoder of data/06_models/demo/tiny-stable-diffusion embeds tokens in 32"
     )
     assert _outputs(fresh_project) == []
+
+
+def _runs(project: Path) -> list:
+    """The MLflow runs a project's runs left behind."""
+    import mlflow
+
+    database = project / "mlflow.db"
+    if not database.exists():
+        return []
+    client = mlflow.MlflowClient(f"sqlite:///{database}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _write_sdxl_like_folder(folder: Path) -> None:
+    folder.mkdir()
+    index = {"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def _write_other_checkpoint(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"visual.conv1.weight": torch.zeros(8, 3, 4, 4), "text_projection": torch.zeros(16, 8)}, path)
+
+
+@pytest.mark.parametrize(
+    ("runtime_params", "prepare", "expected"),
+    [
+        (
+            {"prompt_generation": {"method": "contrastive", "contrastive": {"bank_path": "notabank.safetensors"}}},
+            lambda project: (project / "notabank.safetensors").write_bytes(b"PNG, not tensors" * 8),
+            "prompt_generation.contrastive.bank_path='notabank.safetensors': not a safetensors file",
+        ),
+        (
+            {"prompt_generation": {"method": "contrastive", "contrastive": {"bank_path": "other.safetensors"}}},
+            lambda project: _write_other_checkpoint(project / "other.safetensors"),
+            "prompt_generation.contrastive.bank_path='other.safetensors': a safetensors file without a style bank's",
+        ),
+        (
+            {"teacher": {"pretrained": "other.safetensors"}},
+            lambda project: _write_other_checkpoint(project / "other.safetensors"),
+            "teacher.pretrained='other.safetensors': the checkpoint does not fit open_clip model 'clip-dfkd-tiny' "
+            "(text_projection is [64, 32] in the model, [16, 8] in the file)",
+        ),
+        (
+            {"runtime": {"device": "cuda:3"}},
+            lambda project: None,
+            "runtime.device='cuda:3': no such device on this machine; allowed here: auto, cpu",
+        ),
+        (
+            {"image_synthesis": {"generator": {"model_id": "./sdxl"}}},
+            lambda project: _write_sdxl_like_folder(project / "sdxl"),
+            "image_synthesis.generator.model_id='./sdxl': a StableDiffusionXLPipeline (text encoders: text_encoder, "
+            "text_encoder_2); allowed: a Stable Diffusion 1.x/2.x pipeline with one CLIP text encoder",
+        ),
+    ],
+    ids=["bank-not-safetensors", "bank-not-a-bank", "teacher-other-architecture", "device-absent", "sdxl"],
+)
+def test_unusable_inputs_stop_before_the_mlflow_run_starts(
+    fresh_project, monkeypatch, runtime_params, prepare, expected
+) -> None:
+    prepare(fresh_project)
+    monkeypatch.chdir(fresh_project)
+    with pytest.raises(PreflightError) as caught:
+        _run(fresh_project, "demo", runtime_params)
+
+    assert expected in str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1
+    assert _outputs(fresh_project) == []
+    assert _runs(fresh_project) == []
 
 
 def test_loaders_fail_with_the_same_clear_messages() -> None:

@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from clip_dfkd.errors import UserError
+from clip_dfkd.vocabularies import CLASS_LISTS, STYLE_LISTS, resolve_named_list
 
 
 class InvalidParameterError(UserError, ValueError):
@@ -101,9 +102,18 @@ def looks_like_path(value: str) -> bool:
 
 
 class ClassNames(_OneLineErrors, RootModel[list[str]]):
-    """The category names the student learns; their order fixes the class indices."""
+    """The category names the student learns; their order fixes the class indices.
+
+    A list, or the name of a benchmark's class list (``pacs``, ``vlcs``: see
+    :data:`clip_dfkd.vocabularies.CLASS_LISTS`), which ``--params`` can set.
+    """
 
     section: ClassVar[str] = "classes"
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _named_list(cls, value: Any) -> Any:
+        return resolve_named_list(value, CLASS_LISTS)
 
     @field_validator("root")
     @classmethod
@@ -235,8 +245,8 @@ class PromptGenerationParams(Params):
 
     section: ClassVar[str] = "prompt_generation"
 
-    method: Literal["vanilla", "mix", "random", "contrastive"] = "vanilla"
-    styles: list[str] = Field(min_length=1)
+    method: Literal["vanilla", "mix", "random", "contrastive"] = "contrastive"
+    styles: list[str] = Field(default=STYLE_LISTS["neutral"], min_length=1)
     templates: list[str] = Field(default=["a {style} of a {class_name}"], min_length=1)
     pseudo_word_template: str = "a {style} style of a {class_name}"
     num_styles: PositiveInt = 16
@@ -244,6 +254,11 @@ class PromptGenerationParams(Params):
     seed: int = 0
     mix: MixPromptParams = MixPromptParams()
     contrastive: ContrastivePromptParams = ContrastivePromptParams()
+
+    @field_validator("styles", mode="before")
+    @classmethod
+    def _named_styles(cls, value: Any) -> Any:
+        return resolve_named_list(value, STYLE_LISTS)
 
     @field_validator("styles")
     @classmethod
@@ -417,10 +432,12 @@ class StudentDistillationParams(Params):
 
 
 class BenchmarkParams(Params):
-    """A folder laid out as ``<root>/<domain>/<class>/<image files>``."""
+    """A folder laid out as ``<root>/<domain>/<class>/<image files>``; ``enabled: false``
+    keeps its entry in the configuration but neither checks nor evaluates it."""
 
     root: str
     domains: list[str] | None = None
+    enabled: bool = True
 
 
 class OodEvaluationParams(Params):
@@ -428,3 +445,16 @@ class OodEvaluationParams(Params):
 
     benchmarks: dict[str, BenchmarkParams] = Field(min_length=1)
     batch_size: PositiveInt = 64
+
+    @model_validator(mode="after")
+    def _one_enabled(self) -> OodEvaluationParams:
+        if not any(benchmark.enabled for benchmark in self.benchmarks.values()):
+            raise _bad(
+                "benchmarks",
+                {name: {"enabled": False} for name in self.benchmarks},
+                "every benchmark is disabled; allowed: at least one benchmark with enabled: true",
+            )
+        return self
+
+    def enabled_benchmarks(self) -> dict[str, BenchmarkParams]:
+        return {name: benchmark for name, benchmark in self.benchmarks.items() if benchmark.enabled}

@@ -9,18 +9,29 @@ and nothing has been written or logged yet.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
+from pydantic import BaseModel
 
 from clip_dfkd.benchmarks import BenchmarkError, scan_benchmark
 from clip_dfkd.errors import UserError
-from clip_dfkd.models.generator import missing_generator_weights
-from clip_dfkd.models.student import missing_student_weights
-from clip_dfkd.models.teacher import missing_teacher_weights
+from clip_dfkd.models.generator import missing_generator_weights, unsupported_generator
+from clip_dfkd.models.student import StudentClassifier, missing_student_weights
+from clip_dfkd.models.teacher import checkpoint_architecture_problem, missing_teacher_weights
 from clip_dfkd.models.text_encoders import generator_embedding_dim
-from clip_dfkd.params import ImageSynthesisParams, PromptGenerationParams
+from clip_dfkd.params import (
+    ClassNames,
+    GeneratorParams,
+    ImageSynthesisParams,
+    PromptGenerationParams,
+    TeacherParams,
+    looks_like_path,
+)
+from clip_dfkd.pipeline_registry import STAGES
+from clip_dfkd.runtime import unavailable_device
 from clip_dfkd.styles import saved_bank_dim
 
 
@@ -31,14 +42,69 @@ def _saved_bank_problem(params: PromptGenerationParams, image_synthesis: ImageSy
     key = f"prompt_generation.contrastive.bank_path={path!r}"
     if not Path(path).expanduser().is_file():
         return f"{key}: no such file; allowed: a style_bank.safetensors saved by an earlier run, or null to train one"
+    try:
+        found = saved_bank_dim(Path(path).expanduser())
+    except ValueError as exc:
+        return f"{key}: {exc}; allowed: a style_bank.safetensors saved by an earlier run, or null to train one"
     expected = generator_embedding_dim(image_synthesis.generator)
-    found = saved_bank_dim(Path(path).expanduser())
     if expected is not None and found != expected:
         return (
             f"{key}: its pseudo-words have {found} dimensions; the text encoder of "
             f"{image_synthesis.generator.model_id} embeds tokens in {expected}"
         )
     return None
+
+
+def _teacher_problem(params: TeacherParams) -> str | None:
+    if problem := missing_teacher_weights(params):
+        return problem
+    return checkpoint_architecture_problem(params) if looks_like_path(params.pretrained) else None
+
+
+def _generator_problem(params: GeneratorParams) -> str | None:
+    return missing_generator_weights(params) or unsupported_generator(params)
+
+
+# Saved artefacts that carry the class list they were made for.
+CLASS_CARRIERS = ("prompt_table", "synthesis_manifest", "teacher_labels", "student_model")
+
+
+def _stage_making(dataset: str) -> str:
+    """The stage whose pipeline writes ``dataset``."""
+    return next(
+        stage
+        for stage in STAGES
+        if dataset in importlib.import_module(f"clip_dfkd.pipelines.{stage}.pipeline").create_pipeline().all_outputs()
+    )
+
+
+def _missing_input(name: str, catalog) -> str | None:
+    if catalog.exists(name):
+        return None
+    return f"{name}: not on disk yet; run `kedro run --pipelines={_stage_making(name)}` first"
+
+
+def _class_list_problem(name: str, catalog, classes: list[str]) -> str | None:
+    """Why the saved artefact ``name`` cannot be used with ``classes``, or None.
+
+    Classes enter at prompt generation, so the fix is to rerun every stage from there up to
+    the one that makes the artefact.
+    """
+    artefact = catalog.load(name)
+    found = list(artefact.class_names) if isinstance(artefact, StudentClassifier) else artefact.attrs.get("classes")
+    if found == classes:
+        return None
+    stages = STAGES[: STAGES.index(_stage_making(name)) + 1]
+    made_for = f"was made for classes {found}" if found else "records no class list (made by an older version)"
+    return (
+        f"{name} {made_for}, but classes={classes}; rerun `kedro run --pipelines={','.join(stages)}` "
+        "to remake it for these classes"
+    )
+
+
+def _raw(value: Any) -> Any:
+    """A parameter as written: a stage that does not type-hint it gets it unvalidated."""
+    return value.model_dump() if isinstance(value, BaseModel) else value
 
 
 class PreflightError(UserError, ValueError):
@@ -54,19 +120,29 @@ class PreflightHook:
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         used = {name.removeprefix("params:") for name in pipeline.inputs() if name.startswith("params:")}
         problems = []
+        if "runtime" in used:
+            problems.append(unavailable_device(catalog.load("params:runtime")))
         if "teacher" in used:
-            problems.append(missing_teacher_weights(catalog.load("params:teacher")))
+            problems.append(_teacher_problem(catalog.load("params:teacher")))
         if "image_synthesis" in used:
-            problems.append(missing_generator_weights(catalog.load("params:image_synthesis").generator))
+            problems.append(_generator_problem(catalog.load("params:image_synthesis").generator))
         if "prompt_generation" in used:
             problems.append(
                 _saved_bank_problem(catalog.load("params:prompt_generation"), catalog.load("params:image_synthesis"))
             )
         if "student_distillation" in used:
             problems.append(missing_student_weights(catalog.load("params:student_distillation").student))
+        saved = sorted(name for name in pipeline.inputs() if not name.startswith("params:") and name != "parameters")
+        missing = {name: problem for name in saved if (problem := _missing_input(name, catalog))}
+        problems += missing.values()
+        classes = list(ClassNames.model_validate(_raw(catalog.load("params:classes"))))
+        problems += [
+            _class_list_problem(name, catalog, classes)
+            for name in CLASS_CARRIERS
+            if name in saved and name not in missing
+        ]
         if "ood_evaluation" in used:
-            classes = list(catalog.load("params:classes"))
-            for name, benchmark in catalog.load("params:ood_evaluation").benchmarks.items():
+            for name, benchmark in catalog.load("params:ood_evaluation").enabled_benchmarks().items():
                 try:
                     scan_benchmark(name, benchmark, classes)
                 except BenchmarkError as exc:

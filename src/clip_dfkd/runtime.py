@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clip_dfkd.errors import UserError
 from clip_dfkd.params import RuntimeParams
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,9 @@ class Runtime:
             else:
                 device = torch.device("cpu")
         else:
+            if problem := unavailable_device(params):
+                raise UserError(problem)
             device = torch.device(params.device)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise RuntimeError(
-                    f"runtime.device={params.device!r}: CUDA is not available on this machine; allowed here: auto, cpu"
-                )
         if params.precision == "auto":
             # Half precision only pays on accelerators; bf16 needs no loss scaling.
             if device.type == "cuda":
@@ -58,6 +57,22 @@ class Runtime:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def unavailable_device(params: RuntimeParams) -> str | None:
+    """Why ``runtime.device`` cannot be used on this machine, or None."""
+    if params.device == "auto" or params.device == "cpu":
+        return None
+    if params.device == "mps":
+        available, allowed = torch.backends.mps.is_available(), "auto, cpu"
+    else:
+        count = torch.cuda.device_count()
+        index = int(params.device.partition(":")[2] or 0)
+        available = index < count
+        allowed = "auto, cpu" + "".join(f", cuda:{n}" for n in range(count)) + (", cuda" if count else "")
+    if available:
+        return None
+    return f"runtime.device={params.device!r}: no such device on this machine; allowed here: {allowed}"
 
 
 def seed_everything(seed: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import trange
 
@@ -74,9 +74,18 @@ class StyleBank:
 
 
 def saved_bank_dim(path: str | Path) -> int:
-    """The vector size of a saved bank, read from the file header only."""
-    with safe_open(str(path), "pt") as handle:
-        return handle.get_slice("vectors").get_shape()[1]
+    """The vector size of a saved bank, read from the file header only.
+
+    Raises:
+        ValueError: the file is not a style bank saved by :meth:`StyleBank.save`.
+    """
+    try:
+        with safe_open(str(path), "pt") as handle:
+            if _METADATA_KEY not in (handle.metadata() or {}) or "vectors" not in handle.keys():  # noqa: SIM118
+                raise ValueError("a safetensors file without a style bank's vectors and metadata")
+            return handle.get_slice("vectors").get_shape()[1]
+    except SafetensorError as exc:
+        raise ValueError(f"not a safetensors file ({exc})") from None
 
 
 def empty_bank(method: str, encoder: PseudoWordEncoder) -> StyleBank:

@@ -18,6 +18,7 @@ CLASSES = ClassNames.model_validate(["ball", "box", "tent"])
 
 def _params(**overrides) -> PromptGenerationParams:
     raw = {
+        "method": "vanilla",
         "styles": ["photo", "oil painting"],
         "templates": ["a {style} of a {class_name}", "{class_name}, {style}"],
         "images_per_class_and_style": 3,

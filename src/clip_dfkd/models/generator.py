@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -44,6 +45,38 @@ def missing_generator_weights(params: GeneratorParams) -> str | None:
     except Exception:  # noqa: BLE001 - any failure means "not in the cache"
         return _download_hint(params)
     return None
+
+
+# Pseudo-words are spliced into one CLIP text encoder through the pipeline's own
+# ``encode_prompt``: Stable Diffusion 1.x/2.x (and their Turbo/LCM distillations) have that.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+
+
+def unsupported_generator(params: GeneratorParams) -> str | None:
+    """Why the generator is not a pipeline this project can condition, or None (also when
+    its ``model_index.json`` cannot be read here; loading it then tells)."""
+    import huggingface_hub
+
+    if is_local_reference(params.model_id):
+        index_file = Path(params.model_id, "model_index.json").expanduser()
+    else:
+        try:
+            index_file = huggingface_hub.hf_hub_download(params.model_id, "model_index.json", revision=params.revision)
+        except Exception:  # noqa: BLE001 - not reachable or not cached: the weights check reports it
+            return None
+    try:
+        index = json.loads(Path(index_file).read_text())
+    except (OSError, ValueError):
+        return None
+    pipeline_class = index.get("_class_name")
+    if pipeline_class in SUPPORTED_PIPELINES and "text_encoder" in index and "text_encoder_2" not in index:
+        return None
+    return (
+        f"image_synthesis.generator.model_id={params.model_id!r}: a {pipeline_class} "
+        f"(text encoders: {', '.join(sorted(k for k in index if k.startswith('text_encoder'))) or 'none'}); "
+        "allowed: a Stable Diffusion 1.x/2.x pipeline with one CLIP text encoder "
+        f"({', '.join(SUPPORTED_PIPELINES)}, e.g. stabilityai/sd-turbo, stable-diffusion-v1-5/stable-diffusion-v1-5)"
+    )
 
 
 def _download_hint(params: GeneratorParams) -> str:

@@ -86,6 +86,61 @@ def missing_teacher_weights(params: TeacherParams) -> str | None:
     return None
 
 
+def checkpoint_architecture_problem(params: TeacherParams) -> str | None:
+    """Why the checkpoint file ``params.pretrained`` does not fit ``params.model_name``, or None.
+
+    Compares parameter names and shapes of the file (read without loading its tensors) with
+    the model built on the meta device, so that a wrong file is caught before any run starts.
+    A file whose layout this cannot read is left to open_clip's loader.
+    """
+    import open_clip
+
+    register_project_model_configs()
+    path = Path(params.pretrained).expanduser()
+    found = _checkpoint_shapes(path)
+    if found is None:
+        return None
+    with torch.device("meta"):
+        model = open_clip.create_model(params.model_name, device="meta", **pretrained_tag_settings(params))
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    missing = sorted(set(expected) - set(found))
+    # open_clip resizes position embeddings to the model's grid when it loads a checkpoint.
+    resized = {"positional_embedding", "visual.positional_embedding"}
+    wrong = [name for name in expected if name in found and name not in resized and found[name] != expected[name]]
+    if not missing and not wrong:
+        return None
+    example = (
+        f"{wrong[0]} is {list(expected[wrong[0]])} in the model, {list(found[wrong[0]])} in the file"
+        if wrong
+        else f"{len(missing)} of its {len(expected)} tensors are missing, e.g. {missing[0]}"
+    )
+    return (
+        f"teacher.pretrained={params.pretrained!r}: the checkpoint does not fit open_clip model "
+        f"{params.model_name!r} ({example}); allowed: a checkpoint of {params.model_name}, or set "
+        "teacher.model_name to the checkpoint's architecture"
+    )
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Parameter name → shape of an open_clip checkpoint, as open_clip unwraps it."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            state = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    else:
+        try:
+            # The meta device reads names and shapes, not the tensors' bytes.
+            loaded = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - TorchScript archives and other layouts: open_clip decides
+            return None
+        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+        if not isinstance(state, dict):
+            return None
+        state = {name: tuple(tensor.shape) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
+    return {name.removeprefix("module."): shape for name, shape in state.items()}
+
+
 def _download_hint(params: TeacherParams) -> str:
     return (
         f"teacher: open_clip weights {params.model_name}/{params.pretrained} are not in the local "
@@ -93,6 +148,22 @@ def _download_hint(params: TeacherParams) -> str:
         f"(open_clip.create_model_and_transforms({params.model_name!r}, pretrained={params.pretrained!r}) "
         "fills ~/.cache/huggingface) or set teacher.pretrained to a local checkpoint file"
     )
+
+
+def pretrained_tag_settings(params: TeacherParams) -> dict[str, bool]:
+    """The model settings that ``params.pretrained``'s own pretrained config records.
+
+    open_clip builds ``ViT-B-32`` with GELU, but OpenAI's (and several LAION and MetaCLIP)
+    weights were trained with QuickGELU; loading them into a GELU model only warns and gives
+    a subtly different teacher. A checkpoint path records nothing: its model name must say it
+    (``ViT-B-32-quickgelu`` for a local copy of OpenAI's weights).
+    """
+    import open_clip
+
+    if looks_like_path(params.pretrained):
+        return {}
+    tag_config = open_clip.get_pretrained_cfg(params.model_name, params.pretrained)
+    return {"force_quick_gelu": True} if tag_config.get("quick_gelu", False) else {}
 
 
 def load_teacher(params: TeacherParams, runtime: Runtime) -> ClipTeacher:
@@ -108,7 +179,7 @@ def load_teacher(params: TeacherParams, runtime: Runtime) -> ClipTeacher:
     logger.info("Loading teacher %s (%s)", params.model_name, params.pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            params.model_name, pretrained=pretrained, device=runtime.device
+            params.model_name, pretrained=pretrained, device=runtime.device, **pretrained_tag_settings(params)
         )
     except RuntimeError as exc:
         if looks_like_path(params.pretrained):

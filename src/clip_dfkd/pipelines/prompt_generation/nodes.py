@@ -108,6 +108,9 @@ def generate_prompts(classes: ClassNames, params: PromptGenerationParams, style_
                     }
                 )
     table = pd.DataFrame(rows, columns=list(PROMPT_COLUMNS)).astype(PROMPT_COLUMNS)
+    # The class list travels with the table (parquet keeps ``attrs``) and with every table
+    # derived from it, so a later stage can tell that it was made for other classes.
+    table.attrs["classes"] = list(classes)
     logger.info(
         "%d prompts: %d classes × %d styles × %d images (method %s)",
         len(table),
