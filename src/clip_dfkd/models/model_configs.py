@@ -6,6 +6,9 @@ can register the configs without importing diffusers or transformers.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -34,3 +37,22 @@ def register_project_model_configs() -> None:
             f"open_clip did not register {unregistered} from {CONFIG_DIR}: "
             "a config needs the keys embed_dim, vision_cfg and text_cfg"
         )
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def building_without_weights() -> Iterator[None]:
+    """Silences open_clip's "No pretrained weights loaded ... initialized randomly" warning
+    (it logs it on the root logger for every model built without weights) while the project
+    builds one on purpose: an architecture on the meta device, or a demo model it then saves.
+    A teacher loaded for a run still warns, as it should, if its weights were not loaded."""
+    quiet = _DropRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)

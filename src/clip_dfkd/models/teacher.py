@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_dfkd.models.errors import ModelNotFoundError
-from clip_dfkd.models.model_configs import register_project_model_configs
+from clip_dfkd.models.model_configs import building_without_weights, register_project_model_configs
 from clip_dfkd.params import TeacherParams, looks_like_path
 from clip_dfkd.runtime import Runtime
 
@@ -100,7 +100,7 @@ def checkpoint_architecture_problem(params: TeacherParams) -> str | None:
     found = _checkpoint_shapes(path)
     if found is None:
         return None
-    with torch.device("meta"):
+    with building_without_weights():
         model = open_clip.create_model(params.model_name, device="meta", **pretrained_tag_settings(params))
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     missing = sorted(set(expected) - set(found))

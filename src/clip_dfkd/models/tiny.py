@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from clip_dfkd.atomic import atomic_directory, atomic_file
-from clip_dfkd.models.model_configs import register_project_model_configs
+from clip_dfkd.models.model_configs import building_without_weights, register_project_model_configs
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -78,7 +78,7 @@ def build_tiny_clip(checkpoint_path: Path, seed: int = 0) -> Path:
             "(open_clip reads any other suffix with torch.load)"
         )
     register_project_model_configs()
-    with _seeded(seed):
+    with _seeded(seed), building_without_weights():
         model = open_clip.create_model(TINY_CLIP_MODEL_NAME)
     tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     with atomic_file(checkpoint_path) as staging:
