@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,18 @@ def test_the_base_recipe_builds_openais_quickgelu_vit_b_32(weights_stubbed) -> N
 
     assert teacher.name == "ViT-B-32/openai"
     assert _activations(teacher.model) == {"QuickGELU"}
+
+
+@pytest.mark.parametrize(("recorded", "activation"), [({"quick_gelu": True}, "QuickGELU"), (None, "GELU")])
+def test_a_checkpoint_file_builds_what_the_hubs_config_beside_it_records(
+    weights_stubbed, tmp_path: Path, recorded: dict | None, activation: str
+) -> None:
+    checkpoint = tmp_path / "hub-download" / "open_clip_model.safetensors"
+    checkpoint.parent.mkdir()
+    checkpoint.touch()
+    if recorded is not None:
+        (checkpoint.parent / "open_clip_config.json").write_text(json.dumps({"model_cfg": recorded}))
+    params = TeacherParams(model_name="ViT-B-32", pretrained=str(checkpoint), templates=["{class_name}"])
+    teacher = load_teacher(params, Runtime.resolve(RuntimeParams(device="cpu")))
+
+    assert _activations(teacher.model) == {activation}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -155,15 +156,22 @@ def pretrained_tag_settings(params: TeacherParams) -> dict[str, bool]:
 
     open_clip builds ``ViT-B-32`` with GELU, but OpenAI's (and several LAION and MetaCLIP)
     weights were trained with QuickGELU; loading them into a GELU model only warns and gives
-    a subtly different teacher. A checkpoint path records nothing: its model name must say it
+    a subtly different teacher. A tag's config is open_clip's; a checkpoint file's is the
+    ``model_cfg`` of an ``open_clip_config.json`` beside it (the file open_clip's Hugging Face
+    hub repositories carry). A bare file records nothing: its model name must say it
     (``ViT-B-32-quickgelu`` for a local copy of OpenAI's weights).
     """
     import open_clip
 
     if looks_like_path(params.pretrained):
-        return {}
-    tag_config = open_clip.get_pretrained_cfg(params.model_name, params.pretrained)
-    return {"force_quick_gelu": True} if tag_config.get("quick_gelu", False) else {}
+        beside = Path(params.pretrained).expanduser().with_name("open_clip_config.json")
+        try:
+            recorded = json.loads(beside.read_text()).get("model_cfg", {})
+        except (OSError, ValueError):
+            recorded = {}
+    else:
+        recorded = open_clip.get_pretrained_cfg(params.model_name, params.pretrained)
+    return {"force_quick_gelu": True} if recorded.get("quick_gelu", False) else {}
 
 
 def load_teacher(params: TeacherParams, runtime: Runtime) -> ClipTeacher:
