@@ -151,6 +151,12 @@ def _write_other_checkpoint(path: Path) -> None:
             "(text_projection is [64, 32] in the model, [16, 8] in the file)",
         ),
         (
+            {"student_distillation": {"student": {"checkpoint_path": "other.safetensors"}}},
+            lambda project: _write_other_checkpoint(project / "other.safetensors"),
+            "student_distillation.student.checkpoint_path='other.safetensors': the checkpoint does not fit timm "
+            "model 'test_resnet' (",
+        ),
+        (
             {"runtime": {"device": "cuda:3"}},
             lambda project: None,
             "runtime.device='cuda:3': no such device on this machine; allowed here: auto, cpu",
@@ -162,7 +168,14 @@ def _write_other_checkpoint(path: Path) -> None:
             "text_encoder_2); allowed: a Stable Diffusion 1.x/2.x pipeline with one CLIP text encoder",
         ),
     ],
-    ids=["bank-not-safetensors", "bank-not-a-bank", "teacher-other-architecture", "device-absent", "sdxl"],
+    ids=[
+        "bank-not-safetensors",
+        "bank-not-a-bank",
+        "teacher-other-architecture",
+        "student-other-architecture",
+        "device-absent",
+        "sdxl",
+    ],
 )
 def test_unusable_inputs_stop_before_the_mlflow_run_starts(
     fresh_project, monkeypatch, runtime_params, prepare, expected

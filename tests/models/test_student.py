@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +86,29 @@ def test_an_image_size_that_disagrees_with_the_saved_data_config_is_refused(tmp_
 
     with pytest.raises(ValueError, match=r"data_config.input_size=\[3, 32, 32\]: disagrees with image_size=48"):
         StudentClassifier.from_pretrained(tmp_path)
+
+
+def test_a_student_checkpoint_must_hold_its_architecture_but_the_classifier(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from clip_dfkd.models.student import missing_student_weights
+
+    def saved(model_name: str, **kwargs) -> str:
+        model = timm.create_model(model_name, **kwargs)
+        path = tmp_path / f"{model_name}-{len(kwargs)}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+        return str(path)
+
+    # Another class count only changes the classifier, which a new student replaces.
+    assert missing_student_weights(StudentParams(model_name="resnet18", checkpoint_path=saved("resnet18"))) is None
+    assert (
+        missing_student_weights(StudentParams(model_name="resnet18", checkpoint_path=saved("resnet18", num_classes=7)))
+        is None
+    )
+    problem = missing_student_weights(StudentParams(model_name="resnet50", checkpoint_path=saved("resnet18")))
+    assert problem.startswith("student_distillation.student.checkpoint_path=")
+    assert "does not fit timm model 'resnet50' (layer1.0.conv1.weight is [64, 64, 1, 1] in the model" in problem
+    # Disjoint names: timm would load nothing, non-strictly, and train from random weights.
+    problem = missing_student_weights(StudentParams(model_name="test_resnet", checkpoint_path=saved("test_vit")))
+    assert "tensors are missing, e.g." in problem

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clip_dfkd.imaging import Transform
+from clip_dfkd.models.checkpoints import architecture_mismatch, checkpoint_shapes
 from clip_dfkd.models.errors import ModelNotFoundError
 from clip_dfkd.params import AugmentationParams, StudentParams
 
@@ -136,13 +137,37 @@ class StudentClassifier(nn.Module):
 
 
 def missing_student_weights(params: StudentParams) -> str | None:
-    """Why the student's initial weights cannot be loaded, or None (also when it trains from scratch)."""
-    if params.checkpoint_path is None or Path(params.checkpoint_path).expanduser().is_file():
+    """Why the student's initial weights cannot be loaded, or None (also when it trains from
+    scratch). A checkpoint must hold every parameter of ``params.model_name`` but its
+    classifier, with the same shapes: timm loads it non-strictly when the classifier is
+    replaced, so a checkpoint of another architecture would otherwise be half-loaded silently."""
+    import timm
+
+    if params.checkpoint_path is None:
+        return None
+    key = f"student_distillation.student.checkpoint_path={params.checkpoint_path!r}"
+    path = Path(params.checkpoint_path).expanduser()
+    if not path.is_file():
+        return (
+            f"{key}: no such file; allowed: local timm/ImageNet weights for {params.model_name} "
+            "(.safetensors/.pth) or null to train from scratch"
+        )
+    try:
+        found = checkpoint_shapes(path)
+    except ValueError as exc:
+        return f"{key}: {exc}; allowed: timm weights for {params.model_name}"
+    if found is None:
+        return None
+    with torch.device("meta"):
+        model = timm.create_model(params.model_name)
+    # timm names the classifier module(s) that a new class count replaces.
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    mismatch = architecture_mismatch(model, found, ignored=(classifier,) if isinstance(classifier, str) else classifier)
+    if mismatch is None:
         return None
     return (
-        f"student_distillation.student.checkpoint_path={params.checkpoint_path!r}: no such file; "
-        f"allowed: local timm/ImageNet weights for {params.model_name} (.safetensors/.pth) or null "
-        "to train from scratch"
+        f"{key}: the checkpoint does not fit timm model {params.model_name!r} ({mismatch}); allowed: weights "
+        f"of {params.model_name}, or set student_distillation.student.model_name to the checkpoint's architecture"
     )
 
 

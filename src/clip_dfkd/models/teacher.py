@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clip_dfkd.models.checkpoints import architecture_mismatch, checkpoint_shapes
 from clip_dfkd.models.errors import ModelNotFoundError
 from clip_dfkd.models.model_configs import building_without_weights, register_project_model_configs
 from clip_dfkd.params import TeacherParams, looks_like_path
@@ -88,58 +89,28 @@ def missing_teacher_weights(params: TeacherParams) -> str | None:
 
 
 def checkpoint_architecture_problem(params: TeacherParams) -> str | None:
-    """Why the checkpoint file ``params.pretrained`` does not fit ``params.model_name``, or None.
-
-    Compares parameter names and shapes of the file (read without loading its tensors) with
-    the model built on the meta device, so that a wrong file is caught before any run starts.
-    A file whose layout this cannot read is left to open_clip's loader.
-    """
+    """Why the checkpoint file ``params.pretrained`` does not fit ``params.model_name``, or
+    None (also for a layout open_clip's loader is left to judge)."""
     import open_clip
 
     register_project_model_configs()
-    path = Path(params.pretrained).expanduser()
-    found = _checkpoint_shapes(path)
+    key = f"teacher.pretrained={params.pretrained!r}"
+    try:
+        found = checkpoint_shapes(Path(params.pretrained).expanduser())
+    except ValueError as exc:
+        return f"{key}: {exc}; allowed: an open_clip checkpoint of {params.model_name}"
     if found is None:
         return None
     with building_without_weights():
         model = open_clip.create_model(params.model_name, device="meta", **pretrained_tag_settings(params))
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    missing = sorted(set(expected) - set(found))
     # open_clip resizes position embeddings to the model's grid when it loads a checkpoint.
-    resized = {"positional_embedding", "visual.positional_embedding"}
-    wrong = [name for name in expected if name in found and name not in resized and found[name] != expected[name]]
-    if not missing and not wrong:
+    mismatch = architecture_mismatch(model, found, ignored=("positional_embedding", "visual.positional_embedding"))
+    if mismatch is None:
         return None
-    example = (
-        f"{wrong[0]} is {list(expected[wrong[0]])} in the model, {list(found[wrong[0]])} in the file"
-        if wrong
-        else f"{len(missing)} of its {len(expected)} tensors are missing, e.g. {missing[0]}"
-    )
     return (
-        f"teacher.pretrained={params.pretrained!r}: the checkpoint does not fit open_clip model "
-        f"{params.model_name!r} ({example}); allowed: a checkpoint of {params.model_name}, or set "
-        "teacher.model_name to the checkpoint's architecture"
+        f"{key}: the checkpoint does not fit open_clip model {params.model_name!r} ({mismatch}); allowed: a "
+        f"checkpoint of {params.model_name}, or set teacher.model_name to the checkpoint's architecture"
     )
-
-
-def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
-    """Parameter name → shape of an open_clip checkpoint, as open_clip unwraps it."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            state = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
-    else:
-        try:
-            # The meta device reads names and shapes, not the tensors' bytes.
-            loaded = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - TorchScript archives and other layouts: open_clip decides
-            return None
-        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-        if not isinstance(state, dict):
-            return None
-        state = {name: tuple(tensor.shape) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
-    return {name.removeprefix("module."): shape for name, shape in state.items()}
 
 
 def _download_hint(params: TeacherParams) -> str:
