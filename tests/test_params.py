@@ -81,7 +81,32 @@ def _error(model, raw) -> str:
         (
             ImageSynthesisParams,
             {"backend": "gan", "generator": GENERATOR},
-            "image_synthesis.backend='gan': Input should be 'diffusion'",
+            "image_synthesis.backend='gan': Input should be 'diffusion' or 'inversion'",
+        ),
+        (
+            ImageSynthesisParams,
+            {"backend": "diffusion"},
+            "image_synthesis.generator=None: backend diffusion needs a generator",
+        ),
+        (
+            ImageSynthesisParams,
+            {"backend": "inversion", "inversion": {"parameterization": "voxels"}},
+            "image_synthesis.inversion.parameterization='voxels': Input should be 'pixels', 'fourier' or 'latent'",
+        ),
+        (
+            ImageSynthesisParams,
+            {"backend": "inversion", "inversion": {"iterations": 0}},
+            "image_synthesis.inversion.iterations=0: Input should be greater than 0",
+        ),
+        (
+            ImageSynthesisParams,
+            {"backend": "inversion", "inversion": {"cutouts": -1}},
+            "image_synthesis.inversion.cutouts=-1: Input should be greater than 0",
+        ),
+        (
+            ImageSynthesisParams,
+            {"backend": "inversion", "inversion": {"parameterization": "latent"}},
+            "image_synthesis.inversion.decoder=None: parameterization latent needs a decoder",
         ),
         (
             ImageSynthesisParams,

@@ -102,7 +102,7 @@ def test_a_saved_bank_of_the_wrong_size_fails_before_any_work(fresh_project, mon
 
     assert str(caught.value) == (
         "prompt_generation.contrastive.bank_path='bank768.safetensors': its pseudo-words have 768 dimensions; "
-        "the text encoder of data/06_models/demo/tiny-stable-diffusion embeds tokens in 32"
+        "the text encoder of data/06_models/demo/tiny-stable-diffusion (backend diffusion) embeds tokens in 32"
     )
     assert _outputs(fresh_project) == []
 
@@ -123,6 +123,12 @@ def _write_sdxl_like_folder(folder: Path) -> None:
     index = {"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def _write_bank(path: Path, dim: int) -> None:
+    from clip_dfkd.styles import StyleBank
+
+    StyleBank.create("contrastive", "generator", torch.zeros(3, dim), {}).save(path)
 
 
 def _write_other_checkpoint(path: Path) -> None:
@@ -157,6 +163,29 @@ def _write_other_checkpoint(path: Path) -> None:
             "model 'test_resnet' (",
         ),
         (
+            {
+                "image_synthesis": {
+                    "backend": "inversion",
+                    "inversion": {"parameterization": "latent", "decoder": {"model_id": "./no-vae"}},
+                }
+            },
+            lambda project: None,
+            "image_synthesis.inversion.decoder.model_id='./no-vae': no config.json there; allowed: a diffusers "
+            "AutoencoderKL or VQModel folder",
+        ),
+        (
+            {
+                "image_synthesis": {"backend": "inversion"},
+                "prompt_generation": {
+                    "method": "contrastive",
+                    "contrastive": {"bank_path": "gen_bank.safetensors"},
+                },
+            },
+            lambda project: _write_bank(project / "gen_bank.safetensors", dim=32),
+            "prompt_generation.contrastive.bank_path='gen_bank.safetensors': its pseudo-words have 32 dimensions; "
+            "the teacher clip-dfkd-tiny (backend inversion) embeds tokens in 64",
+        ),
+        (
             {"runtime": {"device": "cuda:3"}},
             lambda project: None,
             "runtime.device='cuda:3': no such device on this machine; allowed here: auto, cpu",
@@ -173,6 +202,8 @@ def _write_other_checkpoint(path: Path) -> None:
         "bank-not-a-bank",
         "teacher-other-architecture",
         "student-other-architecture",
+        "latent-decoder-missing",
+        "bank-of-the-other-backend",
         "device-absent",
         "sdxl",
     ],

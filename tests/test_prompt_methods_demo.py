@@ -1,4 +1,5 @@
-"""`kedro run --env=demo --params=prompt_generation.method=<m>` for every prompt method."""
+"""`kedro run --env=demo --params=prompt_generation.method=<m>,image_synthesis.backend=<b>` for
+every prompt method and both synthesis backends."""
 
 from __future__ import annotations
 
@@ -20,24 +21,27 @@ def project(new_project) -> Path:
         yield path
 
 
+@pytest.mark.parametrize("backend", ["diffusion", "inversion"])
 @pytest.mark.parametrize("method", ["vanilla", "mix", "random", "contrastive"])
-def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str) -> None:
+def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, backend: str) -> None:
     import mlflow
 
     bootstrap_project(project)
-    with KedroSession.create(
-        project_path=project, env="demo", runtime_params={"prompt_generation": {"method": method}}
-    ) as session:
+    runtime_params = {"prompt_generation": {"method": method}, "image_synthesis": {"backend": backend}}
+    with KedroSession.create(project_path=project, env="demo", runtime_params=runtime_params) as session:
         session.run()
 
     bank = StyleBank.load(project / "data/05_model_input/style_bank.safetensors")
     manifest = pd.read_parquet(project / "data/03_primary/synthesis_manifest.parquet")
     assert len(manifest) == 36
     assert manifest["method"].eq(method).all()
+    assert manifest["backend"].eq(backend).all()
     if method == "vanilla":
         assert bank.names == [] and manifest["style_vector_id"].isna().all()
     else:
         assert bank.method == method and len(bank.names) == 3
+        # Pseudo-words live in the encoder that conditions synthesis: 64-d teacher, 32-d generator.
+        assert bank.dim == (64 if backend == "inversion" else 32)
         assert set(manifest["style_vector_id"]) == set(bank.names)
         assert manifest["prompt"].str.contains("[S*]", regex=False).all()
     images = project / "data/03_primary/synthetic_images"

@@ -329,13 +329,76 @@ class GeneratorParams(Params):
         return size
 
 
+class InversionDecoderParams(Params):
+    """A diffusers decoder whose latent the inversion optimises: an ``AutoencoderKL`` (Stable
+    Diffusion's VAE: ``subfolder: vae`` of a pipeline) or a ``VQModel`` (a VQGAN converted to
+    diffusers), from a hub id or a local folder."""
+
+    model_id: str
+    subfolder: str | None = None
+    revision: str | None = None
+
+
+class InversionParams(Params):
+    """Teacher-guided inversion (the paper's synthesis, after VQGAN-CLIP): each image is
+    optimised until the teacher's embeddings of random augmented cut-outs of it match the
+    prompt's text embedding. See docs/inversion.md for the formulation and sources."""
+
+    section: ClassVar[str] = "image_synthesis.inversion"
+
+    parameterization: Literal["pixels", "fourier", "latent"] = "fourier"
+    image_size: PositiveInt = 224
+    # pixels only: optimise a grid_size × grid_size image, upsampled (null: full resolution).
+    grid_size: PositiveInt | None = 16
+    iterations: PositiveInt = 400
+    learning_rate: PositiveFloat = 0.1
+    cutouts: PositiveInt = 32
+    cutout_scale: tuple[float, float] = (0.25, 1.0)
+    noise: float = Field(default=0.1, ge=0.0)
+    color_jitter: float = Field(default=0.1, ge=0.0)
+    tv_weight: float = Field(default=0.0, ge=0.0)
+    log_every: PositiveInt = 10
+    decoder: InversionDecoderParams | None = None
+
+    @field_validator("cutout_scale")
+    @classmethod
+    def _scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        low, high = scale
+        if not 0 < low <= high <= 1:
+            raise ValueError("allowed: [low, high] with 0 < low <= high <= 1 (fractions of the image's area)")
+        return scale
+
+    @model_validator(mode="after")
+    def _latent_needs_a_decoder(self) -> InversionParams:
+        if self.parameterization == "latent" and self.decoder is None:
+            raise _bad(
+                "decoder",
+                None,
+                "parameterization latent needs a decoder; allowed: {model_id, subfolder, revision} of a diffusers "
+                "AutoencoderKL or VQModel",
+            )
+        return self
+
+
 class ImageSynthesisParams(Params):
+    """``diffusion`` samples a diffusers text-to-image ``generator``; ``inversion`` optimises
+    each image against the teacher and needs no generator."""
+
     section: ClassVar[str] = "image_synthesis"
 
-    backend: Literal["diffusion"] = "diffusion"
-    generator: GeneratorParams
+    backend: Literal["diffusion", "inversion"] = "diffusion"
+    generator: GeneratorParams | None = None
+    inversion: InversionParams = InversionParams()
     batch_size: PositiveInt = 4
     sample_grid_columns: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _diffusion_needs_a_generator(self) -> ImageSynthesisParams:
+        if self.backend == "diffusion" and self.generator is None:
+            raise _bad(
+                "generator", None, "backend diffusion needs a generator; allowed: {model_id, ...} or backend inversion"
+            )
+        return self
 
 
 # --- teacher_labeling -----------------------------------------------------------------

@@ -18,13 +18,16 @@ from pydantic import BaseModel
 
 from clip_dfkd.benchmarks import BenchmarkError, scan_benchmark
 from clip_dfkd.errors import UserError
-from clip_dfkd.models.generator import missing_generator_weights, unsupported_generator
+from clip_dfkd.models.generator import missing_decoder_weights, missing_generator_weights, unsupported_generator
 from clip_dfkd.models.student import StudentClassifier, missing_student_weights
-from clip_dfkd.models.teacher import checkpoint_architecture_problem, missing_teacher_weights
+from clip_dfkd.models.teacher import (
+    checkpoint_architecture_problem,
+    missing_teacher_weights,
+    teacher_token_embedding_dim,
+)
 from clip_dfkd.models.text_encoders import generator_embedding_dim
 from clip_dfkd.params import (
     ClassNames,
-    GeneratorParams,
     ImageSynthesisParams,
     PromptGenerationParams,
     TeacherParams,
@@ -35,7 +38,9 @@ from clip_dfkd.runtime import unavailable_device
 from clip_dfkd.styles import saved_bank_dim
 
 
-def _saved_bank_problem(params: PromptGenerationParams, image_synthesis: ImageSynthesisParams) -> str | None:
+def _saved_bank_problem(
+    params: PromptGenerationParams, image_synthesis: ImageSynthesisParams, teacher: TeacherParams
+) -> str | None:
     path = params.contrastive.bank_path
     if params.method != "contrastive" or path is None:
         return None
@@ -46,11 +51,17 @@ def _saved_bank_problem(params: PromptGenerationParams, image_synthesis: ImageSy
         found = saved_bank_dim(Path(path).expanduser())
     except ValueError as exc:
         return f"{key}: {exc}; allowed: a style_bank.safetensors saved by an earlier run, or null to train one"
-    expected = generator_embedding_dim(image_synthesis.generator)
+    # Pseudo-words live in the encoder that conditions synthesis: the teacher's text tower
+    # for inversion, the generator's text encoder for diffusion.
+    if image_synthesis.backend == "inversion":
+        encoder, expected = f"the teacher {teacher.model_name}", teacher_token_embedding_dim(teacher)
+    else:
+        encoder = f"the text encoder of {image_synthesis.generator.model_id}"
+        expected = generator_embedding_dim(image_synthesis.generator)
     if expected is not None and found != expected:
         return (
-            f"{key}: its pseudo-words have {found} dimensions; the text encoder of "
-            f"{image_synthesis.generator.model_id} embeds tokens in {expected}"
+            f"{key}: its pseudo-words have {found} dimensions; {encoder} (backend {image_synthesis.backend}) "
+            f"embeds tokens in {expected}"
         )
     return None
 
@@ -61,8 +72,12 @@ def _teacher_problem(params: TeacherParams) -> str | None:
     return checkpoint_architecture_problem(params) if looks_like_path(params.pretrained) else None
 
 
-def _generator_problem(params: GeneratorParams) -> str | None:
-    return missing_generator_weights(params) or unsupported_generator(params)
+def _synthesis_problem(params: ImageSynthesisParams) -> str | None:
+    if params.backend == "diffusion":
+        return missing_generator_weights(params.generator) or unsupported_generator(params.generator)
+    if params.inversion.parameterization == "latent":
+        return missing_decoder_weights(params.inversion.decoder)
+    return None
 
 
 # Saved artefacts that carry the class list they were made for.
@@ -125,10 +140,14 @@ class PreflightHook:
         if "teacher" in used:
             problems.append(_teacher_problem(catalog.load("params:teacher")))
         if "image_synthesis" in used:
-            problems.append(_generator_problem(catalog.load("params:image_synthesis").generator))
+            problems.append(_synthesis_problem(catalog.load("params:image_synthesis")))
         if "prompt_generation" in used:
             problems.append(
-                _saved_bank_problem(catalog.load("params:prompt_generation"), catalog.load("params:image_synthesis"))
+                _saved_bank_problem(
+                    catalog.load("params:prompt_generation"),
+                    catalog.load("params:image_synthesis"),
+                    catalog.load("params:teacher"),
+                )
             )
         if "student_distillation" in used:
             problems.append(missing_student_weights(catalog.load("params:student_distillation").student))

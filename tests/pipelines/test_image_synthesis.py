@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clip_dfkd.params import ImageSynthesisParams
+from clip_dfkd.params import ImageSynthesisParams, TeacherParams
 from clip_dfkd.pipelines.image_synthesis.nodes import build_manifest
 
 
@@ -31,20 +31,53 @@ def _prompt_table() -> pd.DataFrame:
     )
 
 
+TEACHER = TeacherParams(model_name="ViT-B-32", pretrained="openai", templates=["a photo of a {class_name}."])
+
+
 def _params(**generator) -> ImageSynthesisParams:
     return ImageSynthesisParams.model_validate({"generator": {"model_id": "some/model", **generator}})
 
 
+def _inversion(**inversion) -> ImageSynthesisParams:
+    return ImageSynthesisParams.model_validate({"backend": "inversion", "inversion": inversion})
+
+
 def test_manifest_ids_change_exactly_when_the_recipe_changes() -> None:
-    base = build_manifest(_prompt_table(), _params())
-    same = build_manifest(_prompt_table(), _params())
-    more_steps = build_manifest(_prompt_table(), _params(num_inference_steps=8))
+    base = build_manifest(_prompt_table(), _params(), TEACHER)
+    same = build_manifest(_prompt_table(), _params(), TEACHER)
+    more_steps = build_manifest(_prompt_table(), _params(num_inference_steps=8), TEACHER)
 
     assert base["image_id"].tolist() == same["image_id"].tolist()
     assert base["image_id"].str.startswith("dog/dog-photo-000").all()
     assert not set(base["image_id"]) & set(more_steps["image_id"])
     row = base.iloc[0]
     assert (row.generator_model_id, row.num_inference_steps, row.height, row.seed) == ("some/model", 4, 512, 11)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"parameterization": "pixels"},
+        {"grid_size": 8},
+        {"iterations": 401},
+        {"learning_rate": 0.05},
+        {"cutouts": 16},
+        {"cutout_scale": [0.5, 1.0]},
+        {"noise": 0.0},
+        {"color_jitter": 0.0},
+        {"tv_weight": 0.1},
+        {"image_size": 256},
+        {"parameterization": "latent", "decoder": {"model_id": "some/vae", "subfolder": "vae"}},
+    ],
+)
+def test_every_inversion_setting_is_part_of_the_image_id(change) -> None:
+    base = build_manifest(_prompt_table(), _inversion(), TEACHER)
+    changed = build_manifest(_prompt_table(), _inversion(**change), TEACHER)
+    other_teacher = build_manifest(_prompt_table(), _inversion(), TEACHER.model_copy(update={"pretrained": "x.pt"}))
+
+    assert not set(base["image_id"]) & set(changed["image_id"])
+    assert not set(base["image_id"]) & set(other_teacher["image_id"])
+    assert base["backend"].eq("inversion").all() and base["inversion_iterations"].eq(400).all()
 
 
 def test_pipeline_renders_every_manifest_image(demo_project) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from clip_dfkd.models.errors import ModelNotFoundError
-from clip_dfkd.params import GeneratorParams
+from clip_dfkd.params import GeneratorParams, InversionDecoderParams
 from clip_dfkd.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -29,21 +29,45 @@ def pretrained_source(model_id: str) -> str:
 def missing_generator_weights(params: GeneratorParams) -> str | None:
     """Why the generator cannot be loaded here, or None when it can (or may still be
     downloaded). Cheap: reads the disk and the Hugging Face cache, never the network."""
+    return _missing_diffusers_weights(
+        params.model_id,
+        params.revision,
+        "model_index.json",
+        f"image_synthesis.generator.model_id={params.model_id!r}: no diffusers pipeline there; "
+        "allowed: a folder saved with save_pretrained (it holds model_index.json) or a hub id",
+        _download_hint("image_synthesis.generator.model_id", params.model_id),
+    )
+
+
+def missing_decoder_weights(params: InversionDecoderParams) -> str | None:
+    """Why the inversion's latent decoder cannot be loaded here, or None (as above)."""
+    key = "image_synthesis.inversion.decoder.model_id"
+    config = str(Path(params.subfolder or "", "config.json"))
+    return _missing_diffusers_weights(
+        params.model_id,
+        params.revision,
+        config,
+        f"{key}={params.model_id!r}: no {config} there; allowed: a diffusers AutoencoderKL or VQModel folder "
+        "(e.g. a Stable Diffusion pipeline folder with subfolder: vae) or a hub id",
+        _download_hint(key, params.model_id),
+    )
+
+
+def _missing_diffusers_weights(
+    model_id: str, revision: str | None, marker: str, not_a_folder: str, not_cached: str
+) -> str | None:
+    """``not_a_folder`` for a local folder without ``marker``; ``not_cached`` for a hub id
+    that is not in the cache while HF_HUB_OFFLINE is set; otherwise None."""
     import huggingface_hub
 
-    if is_local_reference(params.model_id):
-        if Path(params.model_id, "model_index.json").expanduser().is_file():
-            return None
-        return (
-            f"image_synthesis.generator.model_id={params.model_id!r}: no diffusers pipeline there; "
-            "allowed: a folder saved with save_pretrained (it holds model_index.json) or a hub id"
-        )
+    if is_local_reference(model_id):
+        return None if Path(model_id, marker).expanduser().is_file() else not_a_folder
     if not huggingface_hub.is_offline_mode():
         return None  # diffusers downloads it on first use
     try:
-        huggingface_hub.snapshot_download(params.model_id, revision=params.revision, local_files_only=True)
+        huggingface_hub.snapshot_download(model_id, revision=revision, local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure means "not in the cache"
-        return _download_hint(params)
+        return not_cached
     return None
 
 
@@ -79,12 +103,10 @@ def unsupported_generator(params: GeneratorParams) -> str | None:
     )
 
 
-def _download_hint(params: GeneratorParams) -> str:
+def _download_hint(key: str, model_id: str) -> str:
     return (
-        f"image_synthesis.generator.model_id={params.model_id!r}: not in the local Hugging Face "
-        "cache and cannot be downloaded here; download it where there is network "
-        f"(`hf download {params.model_id} --local-dir <dir>`) and set "
-        "image_synthesis.generator.model_id to that folder"
+        f"{key}={model_id!r}: not in the local Hugging Face cache and cannot be downloaded here; download it "
+        f"where there is network (`hf download {model_id} --local-dir <dir>`) and set {key} to that folder"
     )
 
 
@@ -105,7 +127,7 @@ def load_text_to_image(params: GeneratorParams, runtime: Runtime):
                 f"image_synthesis.generator.model_id={params.model_id!r}: the pipeline folder is "
                 f"incomplete ({str(exc).splitlines()[0]})"
             ) from exc
-        raise ModelNotFoundError(_download_hint(params)) from exc
+        raise ModelNotFoundError(_download_hint("image_synthesis.generator.model_id", params.model_id)) from exc
     if params.scheduler is not None:
         scheduler_class = getattr(diffusers, params.scheduler)
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
@@ -115,3 +137,27 @@ def load_text_to_image(params: GeneratorParams, runtime: Runtime):
     if runtime.compile:
         pipeline.unet = torch.compile(pipeline.unet)
     return pipeline
+
+
+DECODER_CLASSES = ("AutoencoderKL", "VQModel")
+
+
+def load_latent_decoder(params: InversionDecoderParams, runtime: Runtime):
+    """A diffusers ``AutoencoderKL`` or ``VQModel`` (``from_pretrained`` on a hub id or a
+    folder), frozen, for the inversion's ``latent`` parameterisation."""
+    import diffusers
+
+    if problem := missing_decoder_weights(params):
+        raise ModelNotFoundError(problem)
+    source = pretrained_source(params.model_id)
+    options = {"subfolder": params.subfolder, "revision": params.revision}
+    # Any ConfigMixin reads the config file; its _class_name says which decoder it is.
+    class_name = diffusers.AutoencoderKL.load_config(source, **options).get("_class_name")
+    if class_name not in DECODER_CLASSES:
+        raise ModelNotFoundError(
+            f"image_synthesis.inversion.decoder.model_id={params.model_id!r}: a {class_name}; "
+            f"allowed: one of {', '.join(DECODER_CLASSES)}"
+        )
+    logger.info("Loading latent decoder %s (%s)", params.model_id, class_name)
+    decoder = getattr(diffusers, class_name).from_pretrained(source, **options)
+    return decoder.to(runtime.device).eval().requires_grad_(False)

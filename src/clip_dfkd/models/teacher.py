@@ -145,6 +145,15 @@ def pretrained_tag_settings(params: TeacherParams) -> dict[str, bool]:
     return {"force_quick_gelu": True} if recorded.get("quick_gelu", False) else {}
 
 
+def teacher_token_embedding_dim(params: TeacherParams) -> int | None:
+    """The size of the teacher's token embeddings (where inversion's pseudo-words live), from
+    its open_clip config alone; None for a config this cannot read (e.g. an HF text tower)."""
+    import open_clip
+
+    register_project_model_configs()
+    return (open_clip.get_model_config(params.model_name) or {}).get("text_cfg", {}).get("width")
+
+
 def load_teacher(params: TeacherParams, runtime: Runtime) -> ClipTeacher:
     """Load an open_clip model from a pretrained tag or a local checkpoint file."""
     import open_clip

@@ -1,14 +1,24 @@
 from kedro.pipeline import Node, Pipeline
 
 from clip_dfkd.pipelines.image_synthesis.nodes import plot_sample_grid, synthesize_images
+from clip_dfkd.pipelines.teacher_labeling.pipeline import create_teacher_pipeline
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline(
+    # The inversion backend optimises images against the teacher; a run loads it once and
+    # shares it with teacher labeling.
+    return create_teacher_pipeline().only_nodes("load_teacher_model") + Pipeline(
         [
             Node(
                 synthesize_images,
-                inputs=["prompt_table", "style_bank", "params:image_synthesis", "params:runtime"],
+                inputs=[
+                    "prompt_table",
+                    "style_bank",
+                    "teacher_model",
+                    "params:image_synthesis",
+                    "params:teacher",
+                    "params:runtime",
+                ],
                 outputs=["synthetic_images", "synthesis_manifest"],
                 name="synthesize_images",
             ),

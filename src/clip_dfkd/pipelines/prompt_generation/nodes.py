@@ -10,7 +10,13 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from clip_dfkd.models.text_encoders import PLACEHOLDER, PseudoWordEncoder, load_generator_text_encoder
+from clip_dfkd.models import ClipTeacher
+from clip_dfkd.models.text_encoders import (
+    PLACEHOLDER,
+    OpenClipTextEncoder,
+    PseudoWordEncoder,
+    load_generator_text_encoder,
+)
 from clip_dfkd.naming import slugify, stable_seed
 from clip_dfkd.params import ClassNames, ImageSynthesisParams, PromptGenerationParams, RuntimeParams
 from clip_dfkd.runtime import Runtime
@@ -40,8 +46,13 @@ PROMPT_COLUMNS = {
 }
 
 
-def load_prompt_encoder(image_synthesis: ImageSynthesisParams, runtime: RuntimeParams) -> PseudoWordEncoder:
-    """The text encoder that conditions synthesis: pseudo-words live in its embedding space."""
+def load_prompt_encoder(
+    teacher_model: ClipTeacher, image_synthesis: ImageSynthesisParams, runtime: RuntimeParams
+) -> PseudoWordEncoder:
+    """The text encoder that conditions synthesis, in whose embedding space pseudo-words live:
+    the generator's for ``diffusion``, the teacher's own text tower for ``inversion``."""
+    if image_synthesis.backend == "inversion":
+        return OpenClipTextEncoder(teacher_model.model, teacher_model.tokenizer, teacher_model.name)
     return load_generator_text_encoder(image_synthesis.generator, Runtime.resolve(runtime))
 
 

@@ -6,14 +6,17 @@ from clip_dfkd.pipelines.prompt_generation.nodes import (
     load_prompt_encoder,
     measure_prompt_diversity,
 )
+from clip_dfkd.pipelines.teacher_labeling.pipeline import create_teacher_pipeline
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline(
+    # Pseudo-words live in the text encoder that conditions synthesis: the generator's for
+    # diffusion, the teacher's (loaded once per run, shared by reference) for inversion.
+    return create_teacher_pipeline().only_nodes("load_teacher_model") + Pipeline(
         [
             Node(
                 load_prompt_encoder,
-                inputs=["params:image_synthesis", "params:runtime"],
+                inputs=["teacher_model", "params:image_synthesis", "params:runtime"],
                 outputs="prompt_encoder_model",
                 name="load_prompt_encoder",
             ),

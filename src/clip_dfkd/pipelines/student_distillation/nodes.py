@@ -196,7 +196,11 @@ def register_student(
         alias=params.registry.alias,
         tags={
             "teacher": f"open_clip:{teacher.model_name}/{teacher.pretrained}",
-            "generator": f"{image_synthesis.backend}:{image_synthesis.generator.model_id}",
+            "generator": (
+                f"diffusion:{image_synthesis.generator.model_id}"
+                if image_synthesis.backend == "diffusion"
+                else f"inversion:{image_synthesis.inversion.parameterization}"
+            ),
             "prompt_method": prompt_generation.method,
             "classes": ",".join(classes),
             "student": params.student.model_name,
