@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -99,6 +100,17 @@ def looks_like_path(value: str) -> bool:
 
 
 # --- shared ---------------------------------------------------------------------------
+
+
+def _scale_range(scale: tuple[float, float]) -> tuple[float, float]:
+    low, high = scale
+    if not 0 < low <= high <= 1:
+        raise ValueError("allowed: [low, high] with 0 < low <= high <= 1")
+    return scale
+
+
+# The range of the fraction of an image's area that a random crop covers.
+ScaleRange = Annotated[tuple[float, float], AfterValidator(_scale_range)]
 
 
 class ClassNames(_OneLineErrors, RootModel[list[str]]):
@@ -353,20 +365,12 @@ class InversionParams(Params):
     iterations: PositiveInt = 400
     learning_rate: PositiveFloat = 0.1
     cutouts: PositiveInt = 32
-    cutout_scale: tuple[float, float] = (0.25, 1.0)
+    cutout_scale: ScaleRange = (0.25, 1.0)
     noise: float = Field(default=0.1, ge=0.0)
     color_jitter: float = Field(default=0.1, ge=0.0)
     tv_weight: float = Field(default=0.0, ge=0.0)
     log_every: PositiveInt = 10
     decoder: InversionDecoderParams | None = None
-
-    @field_validator("cutout_scale")
-    @classmethod
-    def _scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
-        low, high = scale
-        if not 0 < low <= high <= 1:
-            raise ValueError("allowed: [low, high] with 0 < low <= high <= 1 (fractions of the image's area)")
-        return scale
 
     @model_validator(mode="after")
     def _latent_needs_a_decoder(self) -> InversionParams:
@@ -455,17 +459,9 @@ class DistillationLossParams(Params):
 
 
 class AugmentationParams(Params):
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: ScaleRange = (0.5, 1.0)
     horizontal_flip: bool = True
     color_jitter: float = Field(default=0.3, ge=0.0)
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
-        low, high = scale
-        if not 0 < low <= high <= 1:
-            raise ValueError("allowed: [low, high] with 0 < low <= high <= 1")
-        return scale
 
 
 class TrainingParams(Params):
