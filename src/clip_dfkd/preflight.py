@@ -20,18 +20,13 @@ from clip_dfkd.benchmarks import BenchmarkError, scan_benchmark
 from clip_dfkd.errors import UserError
 from clip_dfkd.models.generator import missing_decoder_weights, missing_generator_weights, unsupported_generator
 from clip_dfkd.models.student import StudentClassifier, missing_student_weights
-from clip_dfkd.models.teacher import (
-    checkpoint_architecture_problem,
-    missing_teacher_weights,
-    teacher_token_embedding_dim,
-)
+from clip_dfkd.models.teacher import missing_teacher_weights, teacher_token_embedding_dim
 from clip_dfkd.models.text_encoders import generator_embedding_dim
 from clip_dfkd.params import (
     ClassNames,
     ImageSynthesisParams,
     PromptGenerationParams,
     TeacherParams,
-    looks_like_path,
 )
 from clip_dfkd.pipeline_registry import STAGES
 from clip_dfkd.runtime import unavailable_device
@@ -64,12 +59,6 @@ def _saved_bank_problem(
             f"embeds tokens in {expected}"
         )
     return None
-
-
-def _teacher_problem(params: TeacherParams) -> str | None:
-    if problem := missing_teacher_weights(params):
-        return problem
-    return checkpoint_architecture_problem(params) if looks_like_path(params.pretrained) else None
 
 
 def _synthesis_problem(params: ImageSynthesisParams) -> str | None:
@@ -138,7 +127,7 @@ class PreflightHook:
         if "runtime" in used:
             problems.append(unavailable_device(catalog.load("params:runtime")))
         if "teacher" in used:
-            problems.append(_teacher_problem(catalog.load("params:teacher")))
+            problems.append(missing_teacher_weights(catalog.load("params:teacher")))
         if "image_synthesis" in used:
             problems.append(_synthesis_problem(catalog.load("params:image_synthesis")))
         if "prompt_generation" in used:

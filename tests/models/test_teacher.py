@@ -58,7 +58,8 @@ def test_the_base_recipe_builds_openais_quickgelu_vit_b_32(weights_stubbed) -> N
 def test_a_checkpoint_file_builds_what_the_hubs_config_beside_it_records(
     weights_stubbed, tmp_path: Path, recorded: dict | None, activation: str
 ) -> None:
-    checkpoint = tmp_path / "hub-download" / "open_clip_model.safetensors"
+    # An unreadable stand-in: the architecture check leaves it to the (stubbed) loader.
+    checkpoint = tmp_path / "hub-download" / "open_clip_pytorch_model.bin"
     checkpoint.parent.mkdir()
     checkpoint.touch()
     if recorded is not None:

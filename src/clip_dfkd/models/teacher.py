@@ -66,13 +66,14 @@ class ClipTeacher:
 
 def missing_teacher_weights(params: TeacherParams) -> str | None:
     """Why the teacher's weights cannot be loaded here, or None when they can (or may still
-    be downloaded). Cheap: reads the disk and the Hugging Face cache, never the network."""
+    be downloaded). Cheap: reads the disk and the Hugging Face cache, never the network; a
+    checkpoint file must also fit ``params.model_name``."""
     import huggingface_hub
     import open_clip
 
     if looks_like_path(params.pretrained):
         if Path(params.pretrained).expanduser().is_file():
-            return None
+            return checkpoint_architecture_problem(params)
         return (
             f"teacher.pretrained={params.pretrained!r}: no such checkpoint file; allowed: a local "
             "open_clip checkpoint (.pt/.bin/.safetensors) or a tag of "
