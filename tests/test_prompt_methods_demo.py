@@ -25,6 +25,7 @@ def project(new_project) -> Path:
 @pytest.mark.parametrize("method", ["vanilla", "mix", "random", "contrastive"])
 def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, backend: str) -> None:
     import mlflow
+    from mlflow import MlflowClient
 
     bootstrap_project(project)
     runtime_params = {"prompt_generation": {"method": method}, "image_synthesis": {"backend": backend}}
@@ -58,3 +59,12 @@ def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, bac
     for metric in diversity:
         assert -1 <= run.data.metrics[metric] <= 1
     assert ("prompt_generation.contrastive.style_loss" in run.data.metrics) == (method == "contrastive")
+    assert run.data.metrics["image_synthesis.seconds_per_image"] > 0
+    if backend == "inversion":
+        # Each image's final loss in the manifest; the mean loss curve, per logged iteration, in MLflow.
+        assert manifest["inversion_loss"].between(0, 10).all()
+        curve = MlflowClient().get_metric_history(run.info.run_id, "image_synthesis.inversion_loss")
+        assert [m.step for m in curve] == [0, 10, 20, 30, 40, 49]
+        assert curve[-1].value < curve[0].value
+        final_loss = run.data.metrics["image_synthesis.inversion_final_loss"]
+        assert final_loss == pytest.approx(manifest["inversion_loss"].mean())

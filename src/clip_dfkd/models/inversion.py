@@ -92,7 +92,9 @@ class LatentImage(nn.Module):
 class InversionResult:
     images: torch.Tensor  # (batch, height, width, 3) uint8 on the CPU
     losses: torch.Tensor  # (batch,) each row's loss at the last iteration
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, mean loss over rows)
+    # Each row's loss every ``log_every`` iterations and at the last: (logged, batch).
+    logged_iterations: list[int] = field(default_factory=list)
+    loss_history: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))
 
 
 def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -153,7 +155,8 @@ def invert(
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     trainable = [p for p in parameterization.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=params.learning_rate)
-    curve: list[tuple[int, float]] = []
+    logged_iterations: list[int] = []
+    history: list[torch.Tensor] = []
     per_row = torch.zeros(rows)
     for iteration in range(params.iterations):
         images = parameterization()
@@ -177,13 +180,14 @@ def invert(
         optimizer.step()
         per_row = losses.detach().float().cpu()
         if iteration % params.log_every == 0 or iteration == params.iterations - 1:
-            curve.append((iteration, float(per_row.mean())))
+            logged_iterations.append(iteration)
+            history.append(per_row)
         if progress is not None:
             progress(iteration + 1)
     with torch.no_grad():
         final = parameterization().float().clamp(0, 1)
     pixels = (final * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    return InversionResult(pixels, per_row, curve)
+    return InversionResult(pixels, per_row, logged_iterations, torch.stack(history))
 
 
 def start_images(

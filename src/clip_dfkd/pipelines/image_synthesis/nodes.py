@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -12,8 +13,10 @@ matplotlib.use("Agg")  # nodes draw off-screen, also on machines with a display
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+from kedro.io import DatasetError
 from matplotlib.figure import Figure
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from clip_dfkd.models import ClipTeacher, load_text_to_image
@@ -110,7 +113,22 @@ class _BatchRenderer:
                 self._load()
                 self._progress = tqdm(total=len(self._rows), desc="Rendering missing images", unit="img")
             batch = self._batches[self._batch_of[image_id]]
-            self._rendered = dict(zip(batch, self._render(self._rows.loc[batch]), strict=True))
+            rows = self._rows.loc[batch]
+            started = time.perf_counter()
+            images, records = self._render(rows)
+            seconds = (time.perf_counter() - started) / len(batch)
+            for image, record, row in zip(images, records, rows.itertuples(), strict=True):
+                _attach_record(
+                    image,
+                    {
+                        "image_id": row.Index,
+                        "prompt": row.prompt,
+                        "seed": int(row.seed),
+                        "render_seconds": seconds,
+                        **record,
+                    },
+                )
+            self._rendered = dict(zip(batch, images, strict=True))
             self._progress.update(len(batch))
         return self._rendered.pop(image_id)
 
@@ -121,7 +139,8 @@ class _BatchRenderer:
     def _load(self) -> None:
         raise NotImplementedError
 
-    def _render(self, rows: pd.DataFrame) -> list[Image.Image]:
+    def _render(self, rows: pd.DataFrame) -> tuple[list[Image.Image], list[dict[str, Any]]]:
+        """The rows' images and, per image, what its synthesis measured."""
         raise NotImplementedError
 
 
@@ -136,7 +155,7 @@ class DiffusionRenderer(_BatchRenderer):
         self._pipeline = load_text_to_image(self._params.generator, Runtime.resolve(self._runtime_params))
         self._encoder = HFCLIPTextEncoder(self._pipeline.text_encoder, self._pipeline.tokenizer, "generator")
 
-    def _render(self, rows: pd.DataFrame) -> list[Image.Image]:
+    def _render(self, rows: pd.DataFrame) -> tuple[list[Image.Image], list[dict[str, Any]]]:
         generator = self._params.generator
         guided = generator.guidance_scale > 1
         # The pipeline's own prompt encoding, with each row's pseudo-word spliced in; the
@@ -149,7 +168,7 @@ class DiffusionRenderer(_BatchRenderer):
                 do_classifier_free_guidance=guided,
                 negative_prompt=[generator.negative_prompt] * len(rows) if guided else None,
             )
-        return self._pipeline(
+        images = self._pipeline(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             num_inference_steps=generator.num_inference_steps,
@@ -159,6 +178,7 @@ class DiffusionRenderer(_BatchRenderer):
             # CPU generators give the same starting noise on every device.
             generator=[torch.Generator("cpu").manual_seed(int(seed)) for seed in rows["seed"]],
         ).images
+        return images, [{} for _ in images]
 
 
 class InversionRenderer(_BatchRenderer):
@@ -177,7 +197,7 @@ class InversionRenderer(_BatchRenderer):
         )
         self._encoder = OpenClipTextEncoder(self._teacher.model, self._teacher.tokenizer, self._teacher.name)
 
-    def _render(self, rows: pd.DataFrame) -> list[Image.Image]:
+    def _render(self, rows: pd.DataFrame) -> tuple[list[Image.Image], list[dict[str, Any]]]:
         teacher = self._teacher
         with torch.no_grad():
             text = self._encoder.encode(list(rows["prompt"]), self._style_vectors(rows))
@@ -198,9 +218,20 @@ class InversionRenderer(_BatchRenderer):
             mean=visual.preprocess_cfg["mean"],
             std=visual.preprocess_cfg["std"],
         )
-        return [Image.fromarray(pixels.numpy()) for pixels in result.images]
+        images = [Image.fromarray(pixels.numpy()) for pixels in result.images]
+        records = [
+            {
+                "inversion_loss": float(result.losses[row]),
+                "inversion_loss_curve": dict(
+                    zip(result.logged_iterations, result.loss_history[:, row].tolist(), strict=True)
+                ),
+            }
+            for row in range(len(images))
+        ]
+        return images, records
 
 
+_RECORD_KEY = "clip-dfkd"
 _RENDERERS = {"diffusion": DiffusionRenderer, "inversion": InversionRenderer}
 
 
@@ -212,17 +243,58 @@ def synthesize_images(
     teacher: TeacherParams,
     runtime: RuntimeParams,
 ) -> tuple[dict[str, Callable[[], Image.Image]], pd.DataFrame]:
-    """Lazy images keyed by ``image_id`` and the manifest that can regenerate each of them.
+    """Lazy images keyed by ``image_id`` and the plan (manifest rows) that can regenerate each.
 
     Rendering happens while the resumable partitioned dataset saves, one batch at a time, so
-    images on disk are never rendered again and a killed run loses at most one batch.
+    images on disk are never rendered again and a killed run loses at most one batch. Each
+    PNG carries its synthesis record (see ``record_synthesis``).
     """
-    manifest = build_manifest(prompt_table, params, teacher)
-    renderer = _RENDERERS[params.backend](manifest, style_bank, params, runtime, teacher_model)
-    images = {image_id: partial(renderer.image, image_id) for image_id in manifest["image_id"]}
+    plan = build_manifest(prompt_table, params, teacher)
+    renderer = _RENDERERS[params.backend](plan, style_bank, params, runtime, teacher_model)
+    images = {image_id: partial(renderer.image, image_id) for image_id in plan["image_id"]}
     source = params.generator.model_id if params.backend == "diffusion" else teacher_model.name
     logger.info("%d images to synthesise by %s (%s)", len(images), params.backend, source)
-    return images, manifest
+    return images, plan
+
+
+def record_synthesis(
+    images: dict[str, Callable[[], Image.Image]], plan: pd.DataFrame
+) -> tuple[pd.DataFrame, dict[str, list[dict[str, float]]]]:
+    """The manifest (the plan plus what each image's synthesis measured, read back from its
+    PNG, so images rendered by an earlier, interrupted run keep theirs) and the run's metrics:
+    seconds per image and, for inversion, the loss curve (mean over images per logged
+    iteration) and the mean final loss."""
+    missing = sorted(set(plan["image_id"]) - set(images))
+    if missing:
+        raise DatasetError(f"synthetic_images lacks {len(missing)} planned images, e.g. {missing[0]}")
+    records = pd.DataFrame([_read_record(images[image_id]()) for image_id in plan["image_id"]], index=plan.index)
+    if "render_seconds" not in records:
+        # PNGs written before images carried records: nothing measured to report.
+        logger.warning("synthetic images carry no synthesis record; no synthesis metrics")
+        return plan, {}
+    manifest = plan.copy()
+    seconds = records["render_seconds"].mean()
+    metrics = {"seconds_per_image": [{"value": float(seconds), "step": 0}]}
+    if "inversion_loss" in records:
+        manifest["inversion_loss"] = records["inversion_loss"]
+        curves = pd.DataFrame(list(records["inversion_loss_curve"].dropna()))
+        metrics["inversion_loss"] = [{"value": value, "step": int(step)} for step, value in curves.mean().items()]
+        metrics["inversion_final_loss"] = [{"value": float(manifest["inversion_loss"].mean()), "step": 0}]
+    logger.info("%d images in the manifest, %.3f s per image to synthesise", len(manifest), seconds)
+    return manifest, metrics
+
+
+def _attach_record(image: Image.Image, record: dict[str, Any]) -> None:
+    # Pillow writes an image's own ``encoderinfo`` when it saves it: the record travels with
+    # the image through the partitioned dataset into a PNG text chunk.
+    text = PngInfo()
+    text.add_text(_RECORD_KEY, json.dumps(record))
+    image.encoderinfo = {"pnginfo": text}
+
+
+def _read_record(image: Image.Image) -> dict[str, Any]:
+    text = image.info.get(_RECORD_KEY)
+    return json.loads(text) if text else {}
 
 
 def plot_sample_grid(

@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from clip_dfkd.pipelines.image_synthesis.nodes import plot_sample_grid, synthesize_images
+from clip_dfkd.pipelines.image_synthesis.nodes import plot_sample_grid, record_synthesis, synthesize_images
 from clip_dfkd.pipelines.teacher_labeling.pipeline import create_teacher_pipeline
 
 
@@ -19,8 +19,16 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:teacher",
                     "params:runtime",
                 ],
-                outputs=["synthetic_images", "synthesis_manifest"],
+                outputs=["synthetic_images", "synthesis_plan"],
                 name="synthesize_images",
+            ),
+            # Reads the saved images back, so the manifest holds what each image's synthesis
+            # measured, including images an interrupted earlier run rendered.
+            Node(
+                record_synthesis,
+                inputs=["synthetic_images", "synthesis_plan"],
+                outputs=["synthesis_manifest", "image_synthesis_metrics"],
+                name="record_synthesis",
             ),
             Node(
                 plot_sample_grid,
