@@ -23,15 +23,22 @@ def project(new_project) -> Path:
 
 @pytest.mark.parametrize("backend", ["diffusion", "inversion"])
 @pytest.mark.parametrize("method", ["vanilla", "mix", "random", "contrastive"])
-def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, backend: str) -> None:
+def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, backend: str, monkeypatch) -> None:
     import mlflow
     from mlflow import MlflowClient
 
+    from clip_dfkd.pipelines.teacher_labeling import nodes as teacher_nodes
+
+    teacher_loads = []
+    load_teacher = teacher_nodes.load_teacher
+    monkeypatch.setattr(teacher_nodes, "load_teacher", lambda *a: teacher_loads.append(a) or load_teacher(*a))
     bootstrap_project(project)
     runtime_params = {"prompt_generation": {"method": method}, "image_synthesis": {"backend": backend}}
     with KedroSession.create(project_path=project, env="demo", runtime_params=runtime_params) as session:
         session.run()
 
+    # One teacher, loaded once, serves prompt generation, inversion, labeling and evaluation.
+    assert len(teacher_loads) == 1
     bank = StyleBank.load(project / "data/05_model_input/style_bank.safetensors")
     manifest = pd.read_parquet(project / "data/03_primary/synthesis_manifest.parquet")
     assert len(manifest) == 36
