@@ -27,9 +27,14 @@ DATA_LAYERS = [
 ]
 
 
-def make_project_copy(destination: Path) -> Path:
+# The demo's assets, as the demo's config places them in a project.
+DEMO_ASSET_FOLDERS = ["data/06_models/demo", "data/01_raw/demo_shapes"]
+
+
+def make_project_copy(destination: Path, assets_from: Path | None = None) -> Path:
     """A fresh copy of the project's configuration with empty data layers (the package
-    itself comes from the installed ``clip_dfkd``)."""
+    itself comes from the installed ``clip_dfkd``), and the demo's assets copied from the
+    project ``assets_from`` when given (they are built, the teacher trained, otherwise)."""
     destination.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO_ROOT / "pyproject.toml", destination / "pyproject.toml")
     shutil.copy(REPO_ROOT / ".telemetry", destination / ".telemetry")
@@ -38,11 +43,58 @@ def make_project_copy(destination: Path) -> Path:
     (destination / "src").mkdir()  # Kedro insists on it; the package itself is installed
     for layer in DATA_LAYERS:
         (destination / "data" / layer).mkdir(parents=True)
+    if assets_from is not None:
+        for folder in DEMO_ASSET_FOLDERS:
+            shutil.copytree(assets_from / folder, destination / folder)
     return destination
 
 
+def demo_asset_params():
+    """The demo config's ``demo_assets`` section, validated."""
+    import yaml
+
+    from clip_dfkd.demo import DemoAssetsParams
+
+    raw = yaml.safe_load((REPO_ROOT / "conf/demo/parameters.yml").read_text())["demo_assets"]
+    return DemoAssetsParams.model_validate(raw)
+
+
+@pytest.fixture(scope="session")
+def demo_asset_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose demo assets were built once for the whole session, through the same
+    function the demo's hook calls (training the teacher takes most of a minute); every other
+    project copy starts with these."""
+    from clip_dfkd.demo import ensure_demo_assets
+
+    path = make_project_copy(tmp_path_factory.mktemp("assets") / "project")
+    ensure_demo_assets(demo_asset_params(), path)
+    return path
+
+
+# Tests of plumbing run the demo on a small budget (a few images, a few steps); the demo's own
+# budget, and what it achieves, is tested by test_knowledge_transfer.py.
+PLUMBING_BUDGET = {
+    "prompt_generation": {"images_per_class_and_style": 3},
+    "image_synthesis": {"inversion": {"iterations": 10}},
+    "student_distillation": {"student": {"model_name": "test_resnet"}, "training": {"epochs": 2}},
+}
+
+
+def plumbing_params(overrides: dict | None = None) -> dict:
+    """Runtime parameters for a plumbing test: the small budget, with ``overrides`` on top."""
+
+    def merge(base: dict, extra: dict) -> dict:
+        merged = dict(base)
+        for key, value in extra.items():
+            merged[key] = merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+        return merged
+
+    return merge(PLUMBING_BUDGET, overrides or {})
+
+
 class StagedDemoProject:
-    """A demo project whose pipelines run in-process, each at most once, prerequisites first."""
+    """A demo project whose pipelines run in-process on the plumbing budget, each at most once,
+    prerequisites first."""
 
     STAGES = ["prompt_generation", "image_synthesis", "teacher_labeling", "student_distillation", "ood_evaluation"]
 
@@ -55,7 +107,7 @@ class StagedDemoProject:
         from kedro.framework.startup import bootstrap_project
 
         bootstrap_project(self.path)
-        return KedroSession.create(project_path=self.path, env=env, runtime_params=runtime_params)
+        return KedroSession.create(project_path=self.path, env=env, runtime_params=plumbing_params(runtime_params))
 
     def run(self, stage: str) -> None:
         for earlier in self.STAGES[: self.STAGES.index(stage) + 1]:
@@ -70,8 +122,8 @@ class StagedDemoProject:
 
 
 @pytest.fixture(scope="session")
-def demo_project(tmp_path_factory: pytest.TempPathFactory) -> StagedDemoProject:
-    path = make_project_copy(tmp_path_factory.mktemp("staged") / "project")
+def demo_project(tmp_path_factory: pytest.TempPathFactory, demo_asset_project: Path) -> StagedDemoProject:
+    path = make_project_copy(tmp_path_factory.mktemp("staged") / "project", demo_asset_project)
     # Kedro resolves catalog paths and the tracking URI from the working directory.
     with contextlib.chdir(path):
         yield StagedDemoProject(path)
@@ -109,15 +161,16 @@ def tiny_text_encoders(demo_assets):
 
 
 @pytest.fixture(scope="session")
-def new_project(tmp_path_factory: pytest.TempPathFactory):
-    """A factory of unused project copies, for fixtures wider than one test."""
-    return lambda name: make_project_copy(tmp_path_factory.mktemp(name) / "project")
+def new_project(tmp_path_factory: pytest.TempPathFactory, demo_asset_project: Path):
+    """A factory of unused project copies (with the demo's assets), for fixtures wider than
+    one test."""
+    return lambda name: make_project_copy(tmp_path_factory.mktemp(name) / "project", demo_asset_project)
 
 
 @pytest.fixture
-def fresh_project(tmp_path: Path) -> Path:
-    """An unused copy of the project, for runs in a subprocess (cold start, SIGKILL)."""
-    return make_project_copy(tmp_path / "project")
+def fresh_project(tmp_path: Path, demo_asset_project: Path) -> Path:
+    """An unused copy of the project (with the demo's assets), for runs in a subprocess."""
+    return make_project_copy(tmp_path / "project", demo_asset_project)
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ import pytest
 
 from clip_dfkd.preflight import PreflightError
 
-DEMO_CLASSES = ["ball", "box", "tent"]
-REORDERED = ["tent", "box", "ball"]  # the silent failure: every class index shifts
+DEMO_CLASSES = ["ball", "box", "tent", "kite"]
+REORDERED = ["kite", "tent", "box", "ball"]  # the silent failure: every class index shifts
 
 
 def _run_count(project) -> int:
@@ -57,6 +57,8 @@ def test_a_stage_refuses_an_artefact_made_for_other_classes(trained, stage, arte
 
 
 def test_a_named_class_list_is_checked_like_a_written_one(trained) -> None:
-    with pytest.raises(PreflightError, match=r"^prompt_table was made for classes \['ball', 'box', 'tent'\], but "):
+    with pytest.raises(
+        PreflightError, match=r"^prompt_table was made for classes \['ball', 'box', 'tent', 'kite'\], but "
+    ):
         with trained.session(runtime_params={"classes": "vlcs"}) as session:
             session.run(pipeline_names=["image_synthesis"])

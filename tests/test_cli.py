@@ -197,7 +197,7 @@ def test_ctrl_c_leaves_the_mlflow_run_killed(fresh_project: Path) -> None:
             [sys.executable, "-m", "kedro", "run", "--env=demo"], cwd=fresh_project, env=_env(), stdout=out, stderr=err
         )
         try:
-            # Image synthesis (36 images, ~15 s) runs inside the MLflow run.
+            # Image synthesis (240 images, most of a minute) runs inside the MLflow run.
             deadline = time.monotonic() + 300
             while not any(images.rglob("*.png")):
                 assert process.poll() is None, (fresh_project / "err.log").read_text()[-3000:]
@@ -217,4 +217,4 @@ def test_ctrl_c_leaves_the_mlflow_run_killed(fresh_project: Path) -> None:
     # A progress bar that the interruption left open may print its last state after it.
     assert f"Interrupted: MLflow run {run_before.info.run_id} ended as KILLED." in stderr.splitlines()
     # Interrupted mid-synthesis, before the later stages.
-    assert len(list(images.rglob("*.png"))) < 36
+    assert len(list(images.rglob("*.png"))) < 240

@@ -69,7 +69,7 @@ def test_real_recipe_without_weights_names_every_missing_model(fresh_project, mo
         (
             {"classes": ["ball", "box"]},
             PreflightError,
-            "ood_evaluation.benchmarks.demo_shapes: class folder cartoon/'tent' is not in classes",
+            "ood_evaluation.benchmarks.demo_shapes: class folder cartoon/'kite' is not in classes",
         ),
         (
             {"teacher": {"pretrained": "weights/missing.safetensors"}},
@@ -96,7 +96,10 @@ def test_a_saved_bank_of_the_wrong_size_fails_before_any_work(fresh_project, mon
 
     StyleBank.create("contrastive", "other", torch.zeros(4, 768), {}).save(fresh_project / "bank768.safetensors")
     monkeypatch.chdir(fresh_project)
-    params = {"prompt_generation": {"method": "contrastive", "contrastive": {"bank_path": "bank768.safetensors"}}}
+    params = {
+        "prompt_generation": {"method": "contrastive", "contrastive": {"bank_path": "bank768.safetensors"}},
+        "image_synthesis": {"backend": "diffusion"},
+    }
     with pytest.raises(PreflightError) as caught:
         _run(fresh_project, "demo", params)
 
@@ -160,7 +163,7 @@ def _write_other_checkpoint(path: Path) -> None:
             {"student_distillation": {"student": {"checkpoint_path": "other.safetensors"}}},
             lambda project: _write_other_checkpoint(project / "other.safetensors"),
             "student_distillation.student.checkpoint_path='other.safetensors': the checkpoint does not fit timm "
-            "model 'test_resnet' (",
+            "model 'resnet10t' (",
         ),
         (
             {
@@ -191,7 +194,7 @@ def _write_other_checkpoint(path: Path) -> None:
             "runtime.device='cuda:3': no such device on this machine; allowed here: auto, cpu",
         ),
         (
-            {"image_synthesis": {"generator": {"model_id": "./sdxl"}}},
+            {"image_synthesis": {"backend": "diffusion", "generator": {"model_id": "./sdxl"}}},
             lambda project: _write_sdxl_like_folder(project / "sdxl"),
             "image_synthesis.generator.model_id='./sdxl': a StableDiffusionXLPipeline (text encoders: text_encoder, "
             "text_encoder_2); allowed: a Stable Diffusion 1.x/2.x pipeline with one CLIP text encoder",

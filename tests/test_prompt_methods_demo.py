@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import plumbing_params
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
@@ -33,7 +34,7 @@ def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, bac
     load_teacher = teacher_nodes.load_teacher
     monkeypatch.setattr(teacher_nodes, "load_teacher", lambda *a: teacher_loads.append(a) or load_teacher(*a))
     bootstrap_project(project)
-    runtime_params = {"prompt_generation": {"method": method}, "image_synthesis": {"backend": backend}}
+    runtime_params = plumbing_params({"prompt_generation": {"method": method}, "image_synthesis": {"backend": backend}})
     with KedroSession.create(project_path=project, env="demo", runtime_params=runtime_params) as session:
         session.run()
 
@@ -71,7 +72,7 @@ def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, bac
         # Each image's final loss in the manifest; the mean loss curve, per logged iteration, in MLflow.
         assert manifest["inversion_loss"].between(0, 10).all()
         curve = MlflowClient().get_metric_history(run.info.run_id, "image_synthesis.inversion_loss")
-        assert [m.step for m in curve] == [0, 10, 20, 30, 40, 49]
+        assert [m.step for m in curve] == [0, 9]
         assert curve[-1].value < curve[0].value
         final_loss = run.data.metrics["image_synthesis.inversion_final_loss"]
         assert final_loss == pytest.approx(manifest["inversion_loss"].mean())

@@ -60,9 +60,10 @@ def test_project_configs_register_tiny_clip_once() -> None:
     expected = json.loads((CONFIG_DIR / f"{TINY_CLIP_MODEL_NAME}.json").read_text())
     assert open_clip.get_model_config(TINY_CLIP_MODEL_NAME) == expected
     assert expected["embed_dim"] == 32
-    # The real open_clip tokenizer only fits a text tower with its vocabulary and context.
+    # The real open_clip tokenizer only fits a text tower with its vocabulary; 16 tokens hold
+    # every caption and prompt of the demo's world and keep training the teacher fast.
     assert expected["text_cfg"]["vocab_size"] == 49408
-    assert expected["text_cfg"]["context_length"] == 77
+    assert expected["text_cfg"]["context_length"] == 16
 
 
 def test_clip_tokenizer_gives_open_clip_token_ids(tmp_path: Path) -> None:

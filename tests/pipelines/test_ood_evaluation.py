@@ -171,7 +171,7 @@ class _ConstantTeacher:
         return logits, None
 
 
-def _evaluate(params: OodEvaluationParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _evaluate(params: OodEvaluationParams) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     return evaluate_domains(
         _ConstantStudent(0),
         _ConstantTeacher(2),
@@ -190,8 +190,17 @@ def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -
     root = _benchmark(tmp_path, {"photo": {"ball": 3, "box": 1}, "sketch": {"ball": 1, "tent": 3}})
     (root / "sketch" / "tent" / "broken.png").write_bytes(b"not an image")
 
-    results, _ = _evaluate(_params({"toy": {"root": str(root)}}))
+    results, _, predictions = _evaluate(_params({"toy": {"root": str(root)}}))
 
+    # One prediction row per readable image, with class names, for the per-image record.
+    assert len(predictions) == 8 and not predictions["path"].str.endswith("broken.png").any()
+    assert set(predictions["student_prediction"]) == {CLASSES[0]} and set(predictions["teacher_prediction"]) == {
+        CLASSES[2]
+    }
+    assert predictions.groupby("domain")["class_name"].apply(sorted).to_dict() == {
+        "photo": ["ball", "ball", "ball", "box"],
+        "sketch": ["ball", "tent", "tent", "tent"],
+    }
     photo, sketch = results.iloc[0], results.iloc[1]
     assert (photo.images, photo.corrupt_images, photo.student_top1, photo.teacher_top1, photo.agreement) == (
         4,
@@ -225,7 +234,7 @@ def test_unreadable_and_stray_files_are_reported_one_row_each(tmp_path) -> None:
     (ball / "fake.png").write_text("<html>not found</html>")
     (ball / "notes.txt").write_text("ball")
 
-    results, skipped = _evaluate(_params({"toy": {"root": str(root)}}))
+    results, skipped, _ = _evaluate(_params({"toy": {"root": str(root)}}))
 
     assert list(skipped.columns) == ["benchmark", "domain", "path", "reason"]
     reasons = {row.path.removeprefix(f"{ball}/"): row.reason for row in skipped.itertuples()}
@@ -241,7 +250,7 @@ def test_unreadable_and_stray_files_are_reported_one_row_each(tmp_path) -> None:
 def test_nothing_skipped_is_an_empty_table_with_its_header(tmp_path) -> None:
     root = _benchmark(tmp_path, {"photo": {"ball": 1}})
 
-    _, skipped = _evaluate(_params({"toy": {"root": str(root)}}))
+    _, skipped, _ = _evaluate(_params({"toy": {"root": str(root)}}))
 
     skipped.to_csv(tmp_path / "skipped.csv", index=False)
     assert (tmp_path / "skipped.csv").read_text().strip() == "benchmark,domain,path,reason"
@@ -252,7 +261,7 @@ def test_a_domain_without_readable_images_is_warned_and_left_out_of_the_average(
     (root / "clipart" / "box" / "broken.png").write_bytes(b"")
 
     with caplog.at_level(logging.WARNING, logger="clip_dfkd.pipelines.ood_evaluation.nodes"):
-        results, _ = _evaluate(_params({"toy": {"root": str(root)}}))
+        results, _, _ = _evaluate(_params({"toy": {"root": str(root)}}))
 
     assert "toy/clipart: no readable image (1 image files, 0 other files)" in caplog.text
     clipart = results[results.domain == "clipart"].iloc[0]
@@ -275,7 +284,7 @@ def test_a_disabled_benchmark_is_neither_checked_nor_evaluated(tmp_path) -> None
     root = _benchmark(tmp_path, {"photo": {"ball": 1}})
     params = _params({"toy": {"root": str(root)}, "gone": {"root": str(tmp_path / "missing"), "enabled": False}})
 
-    results, _ = _evaluate(params)
+    results, _, _ = _evaluate(params)
     assert set(results["benchmark"]) == {"toy"}
 
     class Catalog:
@@ -361,7 +370,7 @@ def test_pipeline_reports_every_demo_domain(demo_project) -> None:
     reports = demo_project.path / "data/08_reporting"
     table = pd.read_csv(reports / "ood_evaluation.csv")
     assert table["domain"].tolist() == ["cartoon", "night", "photo", "sketch", "average"]
-    assert (table["images"][:-1] == 12).all()
+    assert (table["images"][:-1] == 100).all()  # 4 classes x 25 drawings per domain
     assert table[["student_top1", "teacher_top1", "agreement"]].apply(lambda c: c.between(0, 1)).all().all()
     assert table["note"].iloc[-1] == "mean over 4 of 4 domains"
     assert (reports / "ood_evaluation.md").read_text().startswith("# Out-of-distribution")

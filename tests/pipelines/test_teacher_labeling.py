@@ -110,6 +110,6 @@ def test_pipeline_labels_every_synthetic_image(demo_project) -> None:
     manifest = pd.read_parquet(demo_project.path / "data/03_primary/synthesis_manifest.parquet")
     assert sorted(labels["image_id"]) == sorted(manifest["image_id"])
     probabilities = np.stack(labels["teacher_probs"].to_numpy())
-    assert probabilities.shape == (len(manifest), 3)
+    assert probabilities.shape == (len(manifest), 4)  # the demo's four classes
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     assert np.allclose(np.linalg.norm(np.stack(labels["teacher_embedding"].to_numpy()), axis=1), 1, atol=1e-5)

@@ -71,21 +71,103 @@ def build_tiny_clip(checkpoint_path: Path, seed: int = 0) -> Path:
     """
     import open_clip
 
+    register_project_model_configs()
+    with _seeded(seed), building_without_weights():
+        model = open_clip.create_model(TINY_CLIP_MODEL_NAME)
+    return save_clip_checkpoint(model, checkpoint_path)
+
+
+def train_tiny_clip(
+    images: torch.Tensor,
+    captions: list[str],
+    positives: torch.Tensor,
+    seed: int,
+    steps: int,
+    batch_size: int = 128,
+    learning_rate: float = 2e-3,
+) -> torch.nn.Module:
+    """Train ``clip-dfkd-tiny`` (both towers, from its ``seed`` initialisation); save it with
+    :func:`save_clip_checkpoint`.
+
+    The loss is contrastive with several positives: each image's logits over all
+    ``captions`` are pulled towards a uniform distribution over its positive captions
+    (``positives[i, j]`` true when caption ``j`` describes image ``i``), as a world with few
+    distinct captions has many images per caption. Photometric augmentations (brightness,
+    colour-channel order, colour inversion, horizontal flips) keep the image tower from
+    keying on colours, so that it recognises shapes in styles it was not trained on.
+
+    Args:
+        images: ``(n, 3, size, size)`` RGB values in [0, 1], at the model's input size.
+        captions: Every caption of the world.
+        positives: ``(n, len(captions))`` booleans.
+        seed: Seed of the initialisation, the batches and the augmentations.
+        steps: Optimiser steps (AdamW, one-cycle learning-rate schedule).
+        batch_size: Images per step.
+        learning_rate: Peak learning rate.
+
+    Returns:
+        The trained model, in eval mode.
+    """
+    import open_clip
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    register_project_model_configs()
+    with _seeded(seed), building_without_weights():
+        model = open_clip.create_model(TINY_CLIP_MODEL_NAME)
+    mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    tokens = open_clip.get_tokenizer(TINY_CLIP_MODEL_NAME)(captions)
+    targets = positives.float() / positives.float().sum(dim=1, keepdim=True)
+    # fused: one kernel for all parameters, several times faster on CPU for the large token table.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.05, fused=True)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    progress = tqdm(range(steps), desc="Training the demo teacher", unit="step")
+    for _ in progress:
+        batch = torch.randint(len(images), (batch_size,), generator=generator)
+        pixels = _augment(images[batch], generator)
+        image_features = F.normalize(model.encode_image((pixels - mean) / std), dim=-1)
+        text_features = F.normalize(model.encode_text(tokens), dim=-1)
+        logits = model.logit_scale.exp() * image_features @ text_features.T
+        loss = -(targets[batch] * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def save_clip_checkpoint(model: torch.nn.Module, checkpoint_path: Path) -> Path:
+    """Write an open_clip model's whole state dict (``logit_scale`` included) as the
+    ``.safetensors`` file ``open_clip.create_model_and_transforms(name, pretrained=<file>)``
+    loads; the same weights always give a byte-identical file."""
     checkpoint_path = Path(checkpoint_path)
     if checkpoint_path.suffix != ".safetensors":
         raise ValueError(
             f"checkpoint_path={str(checkpoint_path)!r}: must end in .safetensors "
             "(open_clip reads any other suffix with torch.load)"
         )
-    register_project_model_configs()
-    with _seeded(seed), building_without_weights():
-        model = open_clip.create_model(TINY_CLIP_MODEL_NAME)
     tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     with atomic_file(checkpoint_path) as staging:
         # One metadata key only: safetensors writes metadata in hash-map order, so more keys
         # would make files of the same seed differ byte for byte.
         save_file(tensors, staging, metadata={"format": "pt"})
     return checkpoint_path
+
+
+def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    count = len(pixels)
+    brightness = torch.empty(count, 1, 1, 1).uniform_(0.3, 1.2, generator=generator)
+    channel_orders = torch.stack([torch.randperm(3, generator=generator) for _ in range(count)])
+    pixels = torch.gather(pixels, 1, channel_orders[:, :, None, None].expand_as(pixels))
+    pixels = (pixels * brightness).clamp(0, 1)
+    inverted = torch.rand(count, generator=generator) < 0.3
+    pixels = torch.where(inverted[:, None, None, None], 1 - pixels, pixels)
+    flipped = torch.rand(count, generator=generator) < 0.5
+    return torch.where(flipped[:, None, None, None], pixels.flip(-1), pixels)
 
 
 def build_clip_tokenizer(output_dir: Path) -> Path:

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 METRICS = ["student_top1", "teacher_top1", "agreement"]
 TABLE_COLUMNS = ["benchmark", "domain", "images", "corrupt_images", "domains", *METRICS, "note"]
 SKIPPED_COLUMNS = ["benchmark", "domain", "path", "reason"]
+PREDICTION_COLUMNS = ["benchmark", "domain", "path", "class_name", "student_prediction", "teacher_prediction"]
 NO_READABLE_IMAGE = "no readable image"
 
 
@@ -35,19 +36,20 @@ def evaluate_domains(
     classes: ClassNames,
     params: OodEvaluationParams,
     runtime: RuntimeParams,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Score every domain of every enabled benchmark.
 
     Returns one row per domain: student top-1, teacher zero-shot top-1 (the ceiling) and how
     often the two agree, over the readable images, with the unreadable ones counted as
     corrupt; a domain without any readable image has NaN scores and the note "no readable
     image". And one row per file left out (``benchmark, domain, path, reason``): files that
-    are not images, and unreadable images with the decoder's one-line error.
+    are not images, and unreadable images with the decoder's one-line error. And one row per
+    evaluated image: its class and both models' predicted class names.
     """
     device = Runtime.resolve(runtime).device
     student = student.to(device).eval()
     student_transform = student.eval_transform()
-    rows, skipped = [], []
+    rows, skipped, predictions = [], [], []
     for name, benchmark in params.enabled_benchmarks().items():
         for domain in scan_benchmark(name, benchmark, list(classes)):
             skipped += [(name, domain.domain, str(path), reason) for path, reason in domain.skipped]
@@ -69,6 +71,16 @@ def evaluate_domains(
                     student_prediction = student(student_pixels[ok].to(device)).argmax(-1).cpu()
                 teacher_logits, _ = teacher_model.classify(teacher_pixels[ok], zero_shot_head)
                 teacher_prediction = teacher_logits.argmax(-1).cpu()
+                predictions += [
+                    (name, domain.domain, str(domain.paths[i]), classes[t], classes[s], classes[r])
+                    for i, t, s, r in zip(
+                        indices[ok].tolist(),
+                        target.tolist(),
+                        student_prediction.tolist(),
+                        teacher_prediction.tolist(),
+                        strict=True,
+                    )
+                ]
                 student_correct += int((student_prediction == target).sum())
                 teacher_correct += int((teacher_prediction == target).sum())
                 agree += int((student_prediction == teacher_prediction).sum())
@@ -96,7 +108,11 @@ def evaluate_domains(
                     "note": "" if evaluated else NO_READABLE_IMAGE,
                 }
             )
-    return pd.DataFrame(rows), pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+    return (
+        pd.DataFrame(rows),
+        pd.DataFrame(skipped, columns=SKIPPED_COLUMNS),
+        pd.DataFrame(predictions, columns=PREDICTION_COLUMNS),
+    )
 
 
 def summarise_evaluation(domain_results: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:

@@ -22,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:ood_evaluation",
                     "params:runtime",
                 ],
-                outputs=["ood_domain_results", "ood_skipped_files"],
+                outputs=["ood_domain_results", "ood_skipped_files", "ood_predictions"],
                 name="evaluate_domains",
             ),
             Node(
