@@ -68,6 +68,7 @@ def run_variant(project: Path, seed: int, overrides: dict) -> tuple[pd.DataFrame
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--csv", type=Path, help="also write every measured row here, as it is measured")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = []
@@ -83,12 +84,25 @@ def main() -> None:
                         {"seed": seed, "run": name, "domain": row.domain, "top1": row.student_top1},
                         {"seed": seed, "run": "teacher (zero-shot)", "domain": row.domain, "top1": row.teacher_top1},
                     ]
-    table = pd.DataFrame(rows).drop_duplicates(["seed", "run", "domain"])
+                if args.csv:
+                    pd.DataFrame(rows).to_csv(args.csv, index=False)
+    print(summarise(pd.DataFrame(rows)))
+
+
+def summarise(rows: pd.DataFrame) -> str:
+    """Markdown: one row per run, one column per domain and their mean, each cell the mean
+    (min–max) over seeds."""
+    rows = rows.drop_duplicates(["seed", "run", "domain"])
+    averages = rows.groupby(["seed", "run"], sort=False, as_index=False)["top1"].mean().assign(domain="average")
+    table = pd.concat([rows, averages], ignore_index=True)
     summary = table.groupby(["run", "domain"], sort=False)["top1"].agg(["mean", "min", "max"])
     cells = summary.apply(lambda r: f"{r['mean']:.0%} ({r['min']:.0%}–{r['max']:.0%})", axis=1).unstack("domain")
-    domains = [d for d in cells.columns if d != "average"] + ["average"]
-    print(f"\nStudent top-1 per domain, mean (min–max) over seeds {args.seeds}; chance is 1/number of classes\n")
-    print(cells[domains].to_markdown())
+    order = list(dict.fromkeys(table["run"]))
+    seeds = sorted(rows["seed"].unique().tolist())
+    return (
+        f"\nStudent top-1 per domain, mean (min–max) over seeds {seeds}; chance is 25 %\n\n"
+        + cells.loc[order].to_markdown()
+    )
 
 
 if __name__ == "__main__":

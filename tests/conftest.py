@@ -64,10 +64,19 @@ def demo_asset_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project whose demo assets were built once for the whole session, through the same
     function the demo's hook calls (training the teacher takes most of a minute); every other
     project copy starts with these."""
+    from filelock import FileLock
+
     from clip_dfkd.demo import ensure_demo_assets
 
-    path = make_project_copy(tmp_path_factory.mktemp("assets") / "project")
-    ensure_demo_assets(demo_asset_params(), path)
+    # Under pytest-xdist every worker has its own base folder inside one shared parent: the
+    # first worker builds the assets there, the others wait for it and reuse them.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = shared / "demo-assets" / "project"
+    with FileLock(str(shared / "demo-assets.lock")):
+        if not path.exists():
+            make_project_copy(path)
+        ensure_demo_assets(demo_asset_params(), path)
     return path
 
 

@@ -148,17 +148,18 @@ def summarise_evaluation(domain_results: pd.DataFrame) -> tuple[pd.DataFrame, st
         for metric in [*METRICS, "corrupt_images"]
         if not pd.isna(getattr(row, metric))
     }
-    for row in averages.itertuples():
+    for row in table.itertuples():
         if row.domains:
             logger.info(
-                "%s: student %.4f, teacher %.4f, agreement %.4f (%s)",
+                "%s/%s: student top-1 %.4f, teacher top-1 %.4f, agreement %.4f%s",
                 row.benchmark,
+                row.domain,
                 row.student_top1,
                 row.teacher_top1,
                 row.agreement,
-                row.note,
+                f" ({row.note})" if row.note else "",
             )
-        else:
+        elif row.domain == "average":
             logger.warning("%s: no domain has a readable image; nothing to average", row.benchmark)
     return table, markdown, metrics
 
