@@ -51,7 +51,7 @@ def demo_run(new_project) -> Path:
         env=env,
         capture_output=True,
         text=True,
-        timeout=420,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return project
@@ -76,7 +76,7 @@ def _transfer_problems(results: pd.DataFrame) -> list[str]:
     return problems
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(1000)
 def test_teacher_and_student_are_far_above_chance_on_every_domain(demo_run: Path) -> None:
     results = _results(demo_run)
 
