@@ -10,9 +10,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from conftest import make_project_copy  # noqa: E402  (the same fresh copy the tests use)
+from conftest import make_project_copy, merge_params  # noqa: E402  (the same helpers the tests use)
 
-__all__ = ["REPO_ROOT", "kedro_run", "make_project_copy"]
+__all__ = ["REPO_ROOT", "kedro_run", "make_project_copy", "merge_params"]
 
 
 def kedro_run(project: Path, *args: str) -> float:

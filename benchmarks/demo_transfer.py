@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from _demo import make_project_copy
+from _demo import make_project_copy, merge_params
 
 VARIANTS: dict[str, dict] = {
     **{
@@ -38,13 +38,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
-
-
 def run_variant(project: Path, seed: int, overrides: dict) -> tuple[pd.DataFrame, float]:
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
@@ -58,7 +51,7 @@ def run_variant(project: Path, seed: int, overrides: dict) -> tuple[pd.DataFrame
     started = time.perf_counter()
     with (
         contextlib.chdir(project),
-        KedroSession.create(project_path=project, env="demo", runtime_params=_merge(seeds, overrides)) as session,
+        KedroSession.create(project_path=project, env="demo", runtime_params=merge_params(seeds, overrides)) as session,
     ):
         session.run()
     results = pd.read_parquet(project / "data/07_model_output/ood_domain_results.parquet")

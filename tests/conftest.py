@@ -89,16 +89,17 @@ PLUMBING_BUDGET = {
 }
 
 
+def merge_params(base: dict, extra: dict) -> dict:
+    """Nested runtime parameters: ``extra`` on top of ``base``, section by section."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = merge_params(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
 def plumbing_params(overrides: dict | None = None) -> dict:
     """Runtime parameters for a plumbing test: the small budget, with ``overrides`` on top."""
-
-    def merge(base: dict, extra: dict) -> dict:
-        merged = dict(base)
-        for key, value in extra.items():
-            merged[key] = merge(merged.get(key, {}), value) if isinstance(value, dict) else value
-        return merged
-
-    return merge(PLUMBING_BUDGET, overrides or {})
+    return merge_params(PLUMBING_BUDGET, overrides or {})
 
 
 class StagedDemoProject:
