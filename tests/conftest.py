@@ -11,6 +11,10 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# pytest-xdist starts one worker per core. Left alone, each worker's torch (and every `kedro
+# run` it starts) would use every core, and the workers would fight over them.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 
 import pytest  # noqa: E402
 

@@ -4,16 +4,25 @@ and the student, distilled from images inverted from that teacher alone, are bot
 chance on every benchmark domain, the unseen "night" style included.
 
 The checks fail for the right reasons: with the teacher's labels permuted, with the
-zero-shot head's classes in another order, or with the student served with other
-normalisation than it was trained with, the same check on the same images fails (each fault
-is injected on purpose below). Thresholds, with margin: the teacher reached 83–97 % per
-style on fresh drawings over demo seeds 0–2; the demo's student at seed 0 reached 65–94 % per
-domain (README), and 46–94 % per domain in a cheaper 20-epoch run measured while tuning.
+zero-shot head's classes in another order, or with the student served pixels normalised
+for another scale than it was trained on, the same check on the same images fails (each fault
+is injected on purpose below).
+
+Thresholds, from `python benchmarks/demo_transfer.py --seeds 0 1 2` (each seed redraws the
+world and retrains teacher and student), with margin below the lowest figure measured:
+- teacher top-1 per domain: lowest 78 % (night, seed 1); threshold 70 %;
+- student top-1 per domain: lowest 51 % (night, seed 2); threshold 40 %;
+- student/teacher mean top-1: 0.70–0.84; threshold 0.6. A student of teacher-labelled noise
+  reached at most 0.40 (and up to 44 % on a single domain, which is why the per-domain floor
+  alone would not tell it apart);
+- agreement with the teacher on the held-out night: 47–63 %; threshold 40 %.
+The test runs seed 0, where the demo measured 65–94 % per domain (README).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -25,9 +34,10 @@ import torch
 
 CHANCE = 1 / 4  # four classes
 # Below the lowest figures measured (module docstring).
-TEACHER_MIN_TOP1 = 0.80
-STUDENT_MIN_TOP1 = 0.45
+TEACHER_MIN_TOP1 = 0.70
+STUDENT_MIN_TOP1 = 0.40
 STUDENT_MIN_SHARE_OF_TEACHER = 0.6
+HELD_OUT_MIN_AGREEMENT = 0.40
 HELD_OUT = "night"
 
 EXPECTED_ARTIFACTS = {
@@ -72,8 +82,9 @@ def _transfer_problems(results: pd.DataFrame) -> list[str]:
     share = results["student_top1"].mean() / results["teacher_top1"].mean()
     if share < STUDENT_MIN_SHARE_OF_TEACHER:
         problems.append(f"student/teacher top-1 {share:.2f} < {STUDENT_MIN_SHARE_OF_TEACHER}")
-    if results.loc[HELD_OUT, "agreement"] < STUDENT_MIN_TOP1:
-        problems.append(f"{HELD_OUT}: agreement with the teacher {results.loc[HELD_OUT, 'agreement']:.2f}")
+    if results.loc[HELD_OUT, "agreement"] < HELD_OUT_MIN_AGREEMENT:
+        agreement = results.loc[HELD_OUT, "agreement"]
+        problems.append(f"{HELD_OUT}: agreement with the teacher {agreement:.2f} < {HELD_OUT_MIN_AGREEMENT}")
     return problems
 
 
@@ -135,8 +146,8 @@ def test_the_registered_student_reproduces_the_evaluations_predictions(demo_run:
 
 @pytest.fixture(scope="module")
 def distillation_inputs(demo_run: Path):
-    """The demo run's synthetic images, labels and loaded teacher, and a cheaper student
-    recipe (20 epochs) for the students trained below."""
+    """The demo run's synthetic images, labels, loaded teacher and distilled student, and
+    the demo's own student recipe, with which the faulty students below are trained."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
@@ -159,11 +170,11 @@ def distillation_inputs(demo_run: Path):
         images = catalog.load("synthetic_images")
         labels = catalog.load("teacher_labels")
         manifest = catalog.load("synthesis_manifest")
+        student = catalog.load("student_model")
     runtime = RuntimeParams.model_validate(parameters["runtime"])
     teacher_params = TeacherParams.model_validate(parameters["teacher"])
     teacher = load_teacher_model(teacher_params, runtime)
     classes = ClassNames.model_validate(parameters["classes"])
-    student_params = StudentDistillationParams.model_validate(parameters["student_distillation"])
     inputs = {
         "images": images,
         "labels": labels,
@@ -173,22 +184,24 @@ def distillation_inputs(demo_run: Path):
         "head": build_zero_shot_head(teacher, classes, teacher_params),
         "classes": classes,
         "runtime": runtime,
-        "student_params": student_params.model_copy(
-            update={"training": student_params.training.model_copy(update={"epochs": 20})}
-        ),
+        "student": student,
+        "student_params": StudentDistillationParams.model_validate(parameters["student_distillation"]),
         "evaluation": OodEvaluationParams.model_validate(parameters["ood_evaluation"]),
     }
     with stack:
         yield inputs
 
 
-def _train_and_evaluate(inputs, labels: pd.DataFrame, mutate_student=None) -> pd.DataFrame:
-    from clip_dfkd.pipelines.ood_evaluation.nodes import evaluate_domains
+def _train(inputs, labels: pd.DataFrame):
     from clip_dfkd.pipelines.student_distillation.nodes import train_student
 
     student, _ = train_student(inputs["images"], labels, inputs["classes"], inputs["student_params"], inputs["runtime"])
-    if mutate_student is not None:
-        mutate_student(student)
+    return student
+
+
+def _evaluate(inputs, student) -> pd.DataFrame:
+    from clip_dfkd.pipelines.ood_evaluation.nodes import evaluate_domains
+
     results, _, _ = evaluate_domains(
         student, inputs["teacher"], inputs["head"], inputs["classes"], inputs["evaluation"], inputs["runtime"]
     )
@@ -207,6 +220,14 @@ def _permuted_labels(inputs) -> pd.DataFrame:
     return labels
 
 
+def _student_of_permuted_labels(inputs):
+    return _train(inputs, _permuted_labels(inputs))
+
+
+def _student_of_a_shuffled_head(inputs):
+    return _train(inputs, _labels_from_a_shuffled_head(inputs))
+
+
 def _labels_from_a_shuffled_head(inputs) -> pd.DataFrame:
     from clip_dfkd.params import TeacherLabelingParams
     from clip_dfkd.pipelines.teacher_labeling.nodes import label_images
@@ -222,28 +243,42 @@ def _labels_from_a_shuffled_head(inputs) -> pd.DataFrame:
     )
 
 
-def _served_with_other_normalisation(student) -> None:
-    # Trained with the backbone's ImageNet mean/std; served with none.
-    student.config["data_config"] = {**student.config["data_config"], "mean": [0.0] * 3, "std": [1.0] * 3}
+def _demo_student_served_with_other_normalisation(inputs):
+    """The demo's student served pixels on a 0–255 scale normalised with its 0–1 statistics,
+    the classic serving bug. (Milder mismatches do not hurt this small student, measured at
+    seed 0: no mean/std at all, CLIP's mean/std or [-1, 1] instead of ImageNet's mean/std
+    left every domain within 13 points of the correct figures; on the 0–255 scale it fell
+    to 33–42 %.)"""
+    student = copy.deepcopy(inputs["student"])
+    config = student.config["data_config"]
+    student.config["data_config"] = {
+        **config,
+        "mean": [value / 255 for value in config["mean"]],
+        "std": [value / 255 for value in config["std"]],
+    }
+    return student
+
+
+FAULTY_STUDENTS = {
+    "permuted teacher labels": _student_of_permuted_labels,
+    "shuffled zero-shot head": _student_of_a_shuffled_head,
+    "0–255 pixels when served": _demo_student_served_with_other_normalisation,
+}
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(
-    "fault",
-    [None, "permuted teacher labels", "shuffled zero-shot head", "other normalisation when served"],
-)
-def test_the_transfer_check_fails_exactly_when_a_fault_is_injected(distillation_inputs, fault) -> None:
+@pytest.mark.parametrize("fault", [None, *FAULTY_STUDENTS])
+def test_the_transfer_check_fails_exactly_when_a_fault_is_injected(demo_run, distillation_inputs, fault) -> None:
+    """The control is the demo's own student, evaluated again in-process; a faulty student
+    is trained with the demo's own recipe, so only the fault tells it apart."""
     inputs = distillation_inputs
-    labels = {
-        "permuted teacher labels": _permuted_labels,
-        "shuffled zero-shot head": _labels_from_a_shuffled_head,
-    }.get(fault, lambda inputs: inputs["labels"])(inputs)
-    mutate = _served_with_other_normalisation if fault == "other normalisation when served" else None
+    student = inputs["student"] if fault is None else FAULTY_STUDENTS[fault](inputs)
 
-    results = _train_and_evaluate(inputs, labels, mutate)
+    results = _evaluate(inputs, student)
 
     problems = _transfer_problems(results)
     if fault is None:
+        pd.testing.assert_series_equal(results["student_top1"], _results(demo_run)["student_top1"])
         assert problems == [], results
     else:
         assert problems, f"{fault} went unnoticed:\n{results}"

@@ -1,27 +1,31 @@
-"""Domain-shift benchmarks laid out as ``<root>/<domain>/<class>/<image files>``.
+"""A benchmark's images per domain, each with the index of its class in the run's ``classes``.
 
-Images may sit in sub-folders of a class folder (they count for that class). Hidden files
-and folders (names starting with '.', such as ``.DS_Store`` or ``.ipynb_checkpoints``) are
-ignored; any other file that is not an image is listed as skipped, never dropped silently.
+``layout: folders`` (the default) reads ``<root>/<domain>/<class>/<image files>``; the names
+of :data:`clip_dfkd.benchmark_layouts.LAYOUTS` read a published benchmark as downloaded.
+Images may sit in sub-folders of a class folder (they count for that class). Hidden files and
+folders are ignored; any other file that is not an image, or that a list names but the disk
+lacks, is listed as skipped with the reason, never dropped silently.
+
+A benchmark's class becomes a run class through ``class_aliases`` (benchmark folder or class
+word → run class) first, then by name, ignoring case and ``_``/``-`` versus spaces.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clip_dfkd.errors import UserError
+from clip_dfkd.benchmark_layouts import (
+    LAYOUTS,
+    BenchmarkError,
+    ListedImages,
+    PublishedLayout,
+    read_class_folders,
+    visible,
+)
 from clip_dfkd.params import BenchmarkParams
 
-LAYOUT = "<root>/<domain>/<class>/<image files>"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-NOT_AN_IMAGE = "not an image file"
-OUTSIDE_CLASS_FOLDERS = "not inside a class folder"
-
-
-class BenchmarkError(UserError, ValueError):
-    """A benchmark folder that does not match the expected layout or class list."""
+FOLDERS_LAYOUT = "<root>/<domain>/<class>/<image files>"
 
 
 @dataclass
@@ -34,69 +38,89 @@ class DomainImages:
     """Files of the domain that are not evaluated, with the reason."""
 
 
-def class_index_of_folder(folder: str, classes: list[str]) -> int | None:
-    """Match a class folder to a class name, ignoring case and ``_``/``-`` versus spaces
+def canonical_class_name(name: str) -> str:
+    """Case, ``_``, ``-`` and repeated spaces do not tell class names apart
     (DomainNet writes ``hot_air_balloon``, OfficeHome ``Alarm_Clock``)."""
-
-    def canonical(name: str) -> str:
-        return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
-
-    lookup = {canonical(name): index for index, name in enumerate(classes)}
-    return lookup.get(canonical(folder))
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
 
 
-def _visible(path: Path) -> bool:
-    return not path.name.startswith(".")
+class _ClassMatcher:
+    """Maps a benchmark's class words to indices of the run's classes, or fails naming the
+    word and what it could have been."""
 
+    def __init__(self, key: str, published: PublishedLayout | None, aliases: dict[str, str], classes: list[str]):
+        self.key, self.published, self.classes = key, published, classes
+        self.lookup = {canonical_class_name(name): index for index, name in enumerate(classes)}
+        if bad := {word: target for word, target in aliases.items() if canonical_class_name(target) not in self.lookup}:
+            raise BenchmarkError(f"{key}.class_aliases={bad!r}: not classes of this run; allowed targets: {classes}")
+        self.aliases = {word: self.lookup[canonical_class_name(target)] for word, target in aliases.items()}
 
-def _visible_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` at any depth, sorted, without hidden files and folders.
-
-    Symbolic links to folders are followed (benchmarks are often assembled from links), each
-    real folder once, so a link back to a parent cannot make the walk endless.
-    """
-    found, walked = [], set()
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in walked:
-            subdirectories.clear()
-            continue
-        walked.add(real)
-        subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
-        found += [Path(directory, f) for f in files if not f.startswith(".")]
-    return sorted(found)
+    def index(self, word: str, domain: str) -> int:
+        published_name = self.published.class_of_folder(word) if self.published else None
+        for candidate in (word, published_name):
+            if candidate is not None and candidate in self.aliases:
+                return self.aliases[candidate]
+        for candidate in (published_name, word):
+            if candidate is not None and (index := self.lookup.get(canonical_class_name(candidate))) is not None:
+                return index
+        shown = f"{word!r} ({published_name!r})" if published_name and published_name != word else repr(word)
+        raise BenchmarkError(
+            f"{self.key}: class folder {domain}/{shown} is not in classes; allowed: {self.classes} "
+            f"(case, '_' and '-' are ignored; {self.key}.class_aliases maps other names)"
+        )
 
 
 def scan_benchmark(name: str, params: BenchmarkParams, classes: list[str]) -> list[DomainImages]:
-    """List every image of every domain with its class index, and the domain's other files
-    as skipped; only reads directory entries."""
+    """List every image of every chosen domain with its class index, and the domain's other
+    files as skipped; reads directory entries and list files, no image."""
     key = f"ood_evaluation.benchmarks.{name}"
+    published = LAYOUTS.get(params.layout)
     root = Path(params.root).expanduser()
+    expected = (
+        f"expected {published.title} as {published.layout}; {published.title} is published at {published.published_at}"
+        if published
+        else f"expected the layout {FOLDERS_LAYOUT}"
+    )
     if not root.is_dir():
-        raise BenchmarkError(f"{key}.root={params.root!r}: no such folder; expected the layout {LAYOUT}")
-    available = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
-    domains = params.domains if params.domains is not None else available
-    if not domains:
-        raise BenchmarkError(f"{key}.root={params.root!r}: has no domain folders; expected the layout {LAYOUT}")
-    if unknown := [d for d in domains if d not in available]:
-        raise BenchmarkError(f"{key}.domains={unknown!r}: not folders of {root}; allowed: {available}")
+        raise BenchmarkError(f"{key}.root={params.root!r}: no such folder; {expected}")
+    domain_dirs = _domain_dirs(key, root, params, published, expected)
+    matcher = _ClassMatcher(key, published, params.class_aliases, classes)
     result = []
-    for domain in domains:
-        images = DomainImages(name, domain)
-        entries = sorted(p for p in (root / domain).iterdir() if _visible(p))
-        images.skipped += [(p, OUTSIDE_CLASS_FOLDERS) for p in entries if not p.is_dir()]
-        for class_dir in (p for p in entries if p.is_dir()):
-            index = class_index_of_folder(class_dir.name, classes)
-            if index is None:
-                raise BenchmarkError(
-                    f"{key}: class folder {domain}/{class_dir.name!r} is not in classes; "
-                    f"allowed: {classes} (case, '_' and '-' are ignored)"
-                )
-            for path in _visible_files(class_dir):
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    images.paths.append(path)
-                    images.labels.append(index)
-                else:
-                    images.skipped.append((path, NOT_AN_IMAGE))
+    for domain, domain_dir in domain_dirs.items():
+        listed: ListedImages = (
+            published.read(published, root, domain_dir, domain, params.split)
+            if published
+            else read_class_folders(domain_dir)
+        )
+        images = DomainImages(name, domain, paths=listed.paths, skipped=listed.skipped)
+        known: dict[str, int] = {}
+        for word in listed.benchmark_classes:
+            if word not in known:
+                known[word] = matcher.index(word, domain)
+            images.labels.append(known[word])
         result.append(images)
     return result
+
+
+def _domain_dirs(
+    key: str, root: Path, params: BenchmarkParams, published: PublishedLayout | None, expected: str
+) -> dict[str, Path]:
+    if published is None:
+        available = sorted(p.name for p in root.iterdir() if p.is_dir() and visible(p))
+        domains = params.domains if params.domains is not None else available
+        if not domains:
+            raise BenchmarkError(f"{key}.root={params.root!r}: has no domain folders; {expected}")
+        if unknown := [d for d in domains if d not in available]:
+            raise BenchmarkError(f"{key}.domains={unknown!r}: not folders of {root}; allowed: {available}")
+        return {domain: root / domain for domain in domains}
+    allowed = list(published.domains)
+    domains = params.domains if params.domains is not None else list(published.default_domains or allowed)
+    if unknown := [d for d in domains if d not in published.domains]:
+        raise BenchmarkError(f"{key}.domains={unknown!r}: not domains of {published.title}; allowed: {allowed}")
+    found = {domain: published.domain_dir(root, domain) for domain in domains}
+    if missing := [d for d, path in found.items() if path is None]:
+        looked = [str(root / folder) for d in missing for folder in published.domains[d]]
+        raise BenchmarkError(
+            f"{key}.root={params.root!r}: domains {missing} not found (looked for {looked}); {expected}"
+        )
+    return found

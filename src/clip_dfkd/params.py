@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from clip_dfkd.benchmark_layouts import LAYOUTS
 from clip_dfkd.errors import UserError
 from clip_dfkd.vocabularies import CLASS_LISTS, STYLE_LISTS, resolve_named_list
 
@@ -490,12 +491,22 @@ class StudentDistillationParams(Params):
 # --- ood_evaluation -------------------------------------------------------------------
 
 
+BenchmarkLayout = Literal[("folders", *LAYOUTS)]  # type: ignore[valid-type]
+
+
 class BenchmarkParams(Params):
-    """A folder laid out as ``<root>/<domain>/<class>/<image files>``; ``enabled: false``
-    keeps its entry in the configuration but neither checks nor evaluates it."""
+    """A benchmark folder: ``layout`` names a published benchmark's layout (docs/benchmarks.md)
+    or ``folders``, ``<root>/<domain>/<class>/<image files>``. ``domains`` defaults to the
+    benchmark's published ones (every domain folder for ``folders``); ``split: test`` reads the
+    official test list where the benchmark has one, ``all`` every image; ``class_aliases``
+    maps a benchmark folder or class word to a class of the run. ``enabled: false`` keeps the
+    entry in the configuration but neither checks nor evaluates it."""
 
     root: str
+    layout: BenchmarkLayout = "folders"
     domains: list[str] | None = None
+    split: Literal["test", "all"] = "test"
+    class_aliases: dict[str, str] = {}
     enabled: bool = True
 
 

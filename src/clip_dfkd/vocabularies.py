@@ -1,27 +1,19 @@
 """Named lists that a run can ask for by name, and the benchmarks' domain names.
 
 Kedro splits ``--params`` on commas, so a list cannot be typed there; a name can:
-``kedro run --params="classes=vlcs"``. Class lists are in class-index order as the
-benchmarks publish their folders, written as prompts read them.
+``kedro run --params="classes=vlcs"``. Each published benchmark's class list is a named
+list, in the benchmark's label order, written as prompts read them.
 """
 
 from __future__ import annotations
 
-CLASS_LISTS: dict[str, list[str]] = {
-    "pacs": ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"],
-    "vlcs": ["bird", "car", "chair", "dog", "person"],
-}
+from clip_dfkd.benchmark_layouts import LAYOUTS
+
+CLASS_LISTS: dict[str, list[str]] = {name: list(layout.classes) for name, layout in LAYOUTS.items()}
 
 # The domains of the evaluation benchmarks. A data-free method must not prompt for them:
 # "a sketch of a dog" when PACS tests on sketches leaks the test domain into training.
-BENCHMARK_DOMAINS: dict[str, list[str]] = {
-    "pacs": ["art_painting", "cartoon", "photo", "sketch"],
-    "vlcs": ["Caltech101", "LabelMe", "SUN09", "VOC2007"],
-    "officehome": ["Art", "Clipart", "Product", "Real World"],
-    "domainnet": ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"],
-    "imageclef_da": ["b", "c", "i", "p"],
-    "visda2017": ["train", "validation", "test"],
-}
+BENCHMARK_DOMAINS: dict[str, list[str]] = {name: list(layout.domains) for name, layout in LAYOUTS.items()}
 
 _NEUTRAL_STYLES = [
     "pencil drawing",
