@@ -210,7 +210,7 @@ def _evaluate(inputs, student) -> pd.DataFrame:
 
 def _rotated(vectors: pd.Series) -> pd.Series:
     """Each row's per-class values moved one class on: every class gets another's score."""
-    return vectors.map(lambda v: torch.roll(torch.as_tensor(v), 1).numpy())
+    return vectors.map(lambda v: torch.roll(torch.tensor(v), 1).numpy())
 
 
 def _permuted_labels(inputs) -> pd.DataFrame:
