@@ -47,6 +47,8 @@ EXPECTED_ARTIFACTS = {
     "ood_evaluation/ood_evaluation.csv",
     "ood_evaluation/ood_evaluation.md",
     "ood_evaluation/ood_accuracy.png",
+    "ood_evaluation/ood_per_class_accuracy.csv",
+    "ood_evaluation/ood_confusion_matrices.png",
 }
 
 
@@ -171,6 +173,7 @@ def distillation_inputs(demo_run: Path):
         labels = catalog.load("teacher_labels")
         manifest = catalog.load("synthesis_manifest")
         student = catalog.load("student_model")
+        teacher_cache = catalog.load("ood_teacher_cache")
     runtime = RuntimeParams.model_validate(parameters["runtime"])
     teacher_params = TeacherParams.model_validate(parameters["teacher"])
     teacher = load_teacher_model(teacher_params, runtime)
@@ -185,6 +188,7 @@ def distillation_inputs(demo_run: Path):
         "classes": classes,
         "runtime": runtime,
         "student": student,
+        "teacher_cache": teacher_cache,
         "student_params": StudentDistillationParams.model_validate(parameters["student_distillation"]),
         "evaluation": OodEvaluationParams.model_validate(parameters["ood_evaluation"]),
     }
@@ -200,11 +204,27 @@ def _train(inputs, labels: pd.DataFrame):
 
 
 def _evaluate(inputs, student) -> pd.DataFrame:
-    from clip_dfkd.pipelines.ood_evaluation.nodes import evaluate_domains
-
-    results, _, _ = evaluate_domains(
-        student, inputs["teacher"], inputs["head"], inputs["classes"], inputs["evaluation"], inputs["runtime"]
+    """The evaluation's nodes in the pipeline's order; the teacher's side comes from the demo
+    run's cache."""
+    from clip_dfkd.pipelines.ood_evaluation.nodes import (
+        index_benchmarks,
+        predict_student,
+        predict_teacher,
+        score_domains,
     )
+
+    index, listed_skips = index_benchmarks(inputs["classes"], inputs["evaluation"])
+    teacher = predict_teacher(
+        index,
+        inputs["teacher"],
+        inputs["head"],
+        inputs["classes"],
+        inputs["teacher_params"],
+        inputs["evaluation"],
+        inputs["teacher_cache"],
+    )
+    predictions = predict_student(index, student, inputs["evaluation"], inputs["runtime"])
+    results, _, _ = score_domains(index, listed_skips, teacher, predictions, inputs["classes"])
     return results.set_index("domain")
 
 

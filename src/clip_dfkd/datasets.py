@@ -13,6 +13,7 @@ from kedro_datasets.partitions import PartitionedDataset
 from clip_dfkd.atomic import atomic_directory
 from clip_dfkd.models.student import StudentClassifier
 from clip_dfkd.styles import StyleBank
+from clip_dfkd.teacher_cache import TeacherOutputCache
 
 _PARTIAL = ".partial"
 
@@ -128,3 +129,24 @@ class StyleBankDataset(AbstractDataset[StyleBank, StyleBank]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath)}
+
+
+class TeacherOutputCacheDataset(AbstractDataset[None, TeacherOutputCache]):
+    """The folder of cached teacher outputs (:mod:`clip_dfkd.teacher_cache`), loaded as a
+    handle that the evaluation reads and fills entry by entry; it is never saved whole."""
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> TeacherOutputCache:
+        return TeacherOutputCache(self._path)
+
+    def save(self, data: None) -> None:
+        raise DatasetError(f"{self._path} is a cache that its users fill entry by entry; it is not saved whole")
+
+    def _exists(self) -> bool:
+        return True  # an empty cache is a cache
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}

@@ -130,6 +130,7 @@ def iterate_batches(
     batch_size: int,
     num_workers: int = 0,
     errors: dict[int, str] | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
     """Yield ``(indices, ok_mask, [batch per transform])`` over ``sources`` in order.
 
@@ -147,6 +148,7 @@ def iterate_batches(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
+        pin_memory=pin_memory,
     )
     for indices, ok, messages, *tensors in loader:
         if errors is not None:

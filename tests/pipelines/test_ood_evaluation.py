@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,14 +22,22 @@ from clip_dfkd.params import (
     OodEvaluationParams,
     RuntimeParams,
     StudentParams,
+    TeacherParams,
 )
 from clip_dfkd.pipelines.ood_evaluation.nodes import (
     describe_evaluated_student,
-    evaluate_domains,
+    index_benchmarks,
+    per_class_accuracy,
+    plot_confusion_matrices,
     plot_domain_accuracy,
+    predict_student,
+    predict_teacher,
+    score_domains,
     summarise_evaluation,
 )
 from clip_dfkd.preflight import PreflightError, PreflightHook
+from clip_dfkd.runtime import Runtime
+from clip_dfkd.teacher_cache import TeacherOutputCache
 
 CLASSES = ["ball", "box", "tent"]
 
@@ -161,25 +171,47 @@ class _ConstantStudent(torch.nn.Module):
 
 
 class _ConstantTeacher:
+    """Always predicts ``index``; counts the images it classifies."""
+
     def __init__(self, index: int):
         self.index = index
         self.preprocess = _ConstantStudent(0).eval_transform()
+        self.runtime = Runtime(torch.device("cpu"), torch.float32)
+        self.classified = 0
 
     def classify(self, pixels, head):
+        self.classified += len(pixels)
         logits = torch.zeros(len(pixels), 3)
         logits[:, self.index] = 1
         return logits, None
 
 
-def _evaluate(params: OodEvaluationParams) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    return evaluate_domains(
-        _ConstantStudent(0),
-        _ConstantTeacher(2),
-        None,
-        ClassNames.model_validate(CLASSES),
-        params,
-        RuntimeParams(device="cpu"),
-    )
+TEACHER = TeacherParams.model_construct(
+    model_name="constant", pretrained="none", templates=["a photo of a {class_name}."], batch_size=2
+)
+
+
+def _evaluate(
+    params: OodEvaluationParams,
+    cache: TeacherOutputCache | None = None,
+    teacher: _ConstantTeacher | None = None,
+    teacher_params: TeacherParams = TEACHER,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The evaluation's nodes in the pipeline's order, with constant models."""
+    classes = ClassNames.model_validate(CLASSES)
+    index, listed_skips = index_benchmarks(classes, params)
+    with tempfile.TemporaryDirectory() as scratch:
+        teacher_predictions = predict_teacher(
+            index,
+            teacher or _ConstantTeacher(2),
+            None,
+            classes,
+            teacher_params,
+            params,
+            cache or TeacherOutputCache(Path(scratch)),
+        )
+    student_predictions = predict_student(index, _ConstantStudent(0), params, RuntimeParams(device="cpu"))
+    return score_domains(index, listed_skips, teacher_predictions, student_predictions, classes)
 
 
 def _params(benchmarks: dict) -> OodEvaluationParams:
@@ -394,3 +426,63 @@ def test_switching_off_every_benchmark_fails_before_any_node(demo_project) -> No
     ):
         with demo_project.session(runtime_params=off) as session:
             session.run(pipeline_names=["ood_evaluation"])
+
+
+def test_per_class_accuracy_ratio_and_confusion_matrices_from_known_predictions() -> None:
+    predictions = pd.DataFrame(
+        {
+            "benchmark": ["toy"] * 5,
+            "domain": ["photo", "photo", "photo", "sketch", "sketch"],
+            "path": list("abcde"),
+            "class_name": ["ball", "ball", "tent", "ball", "box"],
+            "student_prediction": ["ball", "tent", "tent", "box", "box"],
+            "teacher_prediction": ["ball", "ball", "ball", "ball", "box"],
+        }
+    )
+
+    per_class = per_class_accuracy(predictions).set_index(["domain", "class_name"]).drop(columns="benchmark")
+    figure = plot_confusion_matrices(predictions, ClassNames.model_validate(CLASSES))
+
+    assert per_class.loc[("photo", "ball")].tolist() == [2, 0.5, 1.0]
+    assert per_class.loc[("photo", "tent")].tolist() == [1, 1.0, 0.0]
+    assert per_class.loc[("sketch", "box")].tolist() == [1, 1.0, 1.0]
+    student, teacher = figure.axes[0].images[0].get_array(), figure.axes[1].images[0].get_array()
+    # Rows are true classes (ball, box, tent), normalised by their counts.
+    assert student.tolist() == [[1 / 3, 1 / 3, 1 / 3], [0, 1, 0], [0, 0, 1]]
+    assert teacher.tolist() == [[1, 0, 0], [0, 1, 0], [1, 0, 0]]
+
+
+def test_the_student_teacher_ratio_per_domain_and_over_the_benchmark(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 3, "tent": 1}, "sketch": {"ball": 1, "tent": 3}})
+
+    results, _, _ = _evaluate(_params({"toy": {"root": str(root)}}))
+    table, _, metrics = summarise_evaluation(results)
+
+    # The student always says ball, the teacher tent: photo 0.75 vs 0.25, sketch 0.25 vs 0.75.
+    assert results["student_teacher_ratio"].tolist() == [3.0, pytest.approx(1 / 3)]
+    assert table[table.domain == "average"].iloc[0].student_teacher_ratio == pytest.approx(1.0)
+    assert metrics["toy.photo.student_teacher_ratio"]["value"] == 3.0
+
+
+def test_a_second_evaluation_reads_the_teachers_outputs_from_the_cache(tmp_path) -> None:
+    root = _benchmark(tmp_path / "bench", {"photo": {"ball": 2, "tent": 1}, "sketch": {"box": 2}})
+    params = _params({"toy": {"root": str(root)}})
+    cache = TeacherOutputCache(tmp_path / "cache")
+    first_teacher, second_teacher = _ConstantTeacher(2), _ConstantTeacher(2)
+
+    first = _evaluate(params, cache, first_teacher)
+    second = _evaluate(params, cache, second_teacher)
+
+    assert first_teacher.classified == 5 and second_teacher.classified == 0
+    for before, after in zip(first, second, strict=True):
+        pd.testing.assert_frame_equal(before, after)
+
+    # A changed image invalidates its domain only; other templates invalidate everything.
+    Image.new("RGB", (9, 9)).save(root / "sketch" / "box" / "0.png")
+    third_teacher = _ConstantTeacher(2)
+    _evaluate(params, cache, third_teacher)
+    assert third_teacher.classified == 2
+    fourth_teacher = _ConstantTeacher(2)
+    other_templates = TEACHER.model_copy(update={"templates": ["a drawing of a {class_name}."]})
+    _evaluate(params, cache, fourth_teacher, other_templates)
+    assert fourth_teacher.classified == 5

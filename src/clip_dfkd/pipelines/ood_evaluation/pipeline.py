@@ -2,8 +2,13 @@ from kedro.pipeline import Node, Pipeline
 
 from clip_dfkd.pipelines.ood_evaluation.nodes import (
     describe_evaluated_student,
-    evaluate_domains,
+    index_benchmarks,
+    per_class_accuracy,
+    plot_confusion_matrices,
     plot_domain_accuracy,
+    predict_student,
+    predict_teacher,
+    score_domains,
     summarise_evaluation,
 )
 from clip_dfkd.pipelines.teacher_labeling.pipeline import create_teacher_pipeline
@@ -13,17 +18,54 @@ def create_pipeline(**kwargs) -> Pipeline:
     return create_teacher_pipeline() + Pipeline(
         [
             Node(
-                evaluate_domains,
+                index_benchmarks,
+                inputs=["params:classes", "params:ood_evaluation"],
+                outputs=["ood_benchmark_index", "ood_listed_skips"],
+                name="index_benchmarks",
+            ),
+            Node(
+                predict_teacher,
                 inputs=[
-                    "student_model",
+                    "ood_benchmark_index",
                     "teacher_model",
                     "zero_shot_head",
                     "params:classes",
+                    "params:teacher",
                     "params:ood_evaluation",
-                    "params:runtime",
+                    "ood_teacher_cache",
+                ],
+                outputs="ood_teacher_predictions",
+                name="predict_teacher",
+            ),
+            Node(
+                predict_student,
+                inputs=["ood_benchmark_index", "student_model", "params:ood_evaluation", "params:runtime"],
+                outputs="ood_student_predictions",
+                name="predict_student",
+            ),
+            Node(
+                score_domains,
+                inputs=[
+                    "ood_benchmark_index",
+                    "ood_listed_skips",
+                    "ood_teacher_predictions",
+                    "ood_student_predictions",
+                    "params:classes",
                 ],
                 outputs=["ood_domain_results", "ood_skipped_files", "ood_predictions"],
-                name="evaluate_domains",
+                name="score_domains",
+            ),
+            Node(
+                per_class_accuracy,
+                inputs="ood_predictions",
+                outputs="ood_per_class_accuracy",
+                name="per_class_accuracy",
+            ),
+            Node(
+                plot_confusion_matrices,
+                inputs=["ood_predictions", "params:classes"],
+                outputs="ood_confusion_matrices",
+                name="plot_confusion_matrices",
             ),
             Node(
                 # student_registration is made by student_distillation; run alone, this stage
