@@ -49,6 +49,7 @@ EXPECTED_ARTIFACTS = {
     "ood_evaluation/ood_accuracy.png",
     "ood_evaluation/ood_per_class_accuracy.csv",
     "ood_evaluation/ood_confusion_matrices.png",
+    "ood_evaluation/ood_promotion.json",
 }
 
 
@@ -124,6 +125,14 @@ def test_the_run_is_tracked_and_registers_its_student(demo_run: Path) -> None:
     version = client.get_model_version_by_alias("clip-dfkd-demo-student", "candidate")
     assert version.run_id == run.info.run_id
     assert version.tags["generator"] == "inversion:fourier"
+    # The first evaluated version becomes champion and carries its evaluation.
+    champion = client.get_model_version_by_alias("clip-dfkd-demo-student", "champion")
+    assert champion.version == version.version
+    average = results["student_top1"].mean()
+    assert float(champion.tags["ood_evaluation.demo_shapes.average.student_top1"]) == pytest.approx(average, abs=1e-5)
+    assert champion.description.startswith("# Out-of-distribution evaluation")
+    logged_model = client.get_logged_model(champion.source.removeprefix("models:/"))
+    assert {m.key for m in logged_model.metrics} >= {"ood_evaluation.demo_shapes.night.student_top1"}
 
 
 def test_the_registered_student_reproduces_the_evaluations_predictions(demo_run: Path, monkeypatch) -> None:
@@ -131,7 +140,7 @@ def test_the_registered_student_reproduces_the_evaluations_predictions(demo_run:
 
     monkeypatch.chdir(demo_run)
     mlflow.set_tracking_uri(f"sqlite:///{demo_run / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model("models:/clip-dfkd-demo-student@candidate")
+    model = mlflow.pyfunc.load_model("models:/clip-dfkd-demo-student@champion")
     evaluated = pd.read_parquet(demo_run / "data/07_model_output/ood_predictions.parquet")
     assert len(evaluated) == 400
 

@@ -35,7 +35,8 @@ class DemoAssetsHook:
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         raw = catalog.load("parameters").get("demo_assets")
-        if raw is None:
+        # The comparison reads tracked runs only: it needs no model and no benchmark.
+        if raw is None or pipeline.inputs() <= {"params:comparison"}:
             return
         from clip_dfkd.demo import DemoAssetsParams, ensure_demo_assets
 

@@ -510,11 +510,24 @@ class BenchmarkParams(Params):
     enabled: bool = True
 
 
+class PromotionParams(Params):
+    """The registry alias that moves only to a better student: the evaluated version takes
+    ``alias`` when its ``metric`` averaged over ``benchmark``'s domains (null: the first
+    enabled benchmark) beats the current holder's by more than ``min_improvement``, or when
+    no version holds it yet."""
+
+    alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    benchmark: str | None = Field(default=None, min_length=1)
+    metric: Literal["student_top1", "agreement", "student_teacher_ratio"] = "student_top1"
+    min_improvement: float = Field(default=0.0, ge=0.0)
+
+
 class OodEvaluationParams(Params):
     section: ClassVar[str] = "ood_evaluation"
 
     benchmarks: dict[str, BenchmarkParams] = Field(min_length=1)
     batch_size: PositiveInt = 64
+    promotion: PromotionParams = PromotionParams()
 
     @model_validator(mode="after")
     def _one_enabled(self) -> OodEvaluationParams:
@@ -524,7 +537,53 @@ class OodEvaluationParams(Params):
                 {name: {"enabled": False} for name in self.benchmarks},
                 "every benchmark is disabled; allowed: at least one benchmark with enabled: true",
             )
+        enabled = list(self.enabled_benchmarks())
+        if self.promotion.benchmark is not None and self.promotion.benchmark not in enabled:
+            raise _bad(
+                "promotion.benchmark",
+                self.promotion.benchmark,
+                f"not an enabled benchmark; allowed: {enabled}",
+            )
         return self
+
+    def promotion_benchmark(self) -> str:
+        """The benchmark whose average decides promotion."""
+        return self.promotion.benchmark or next(iter(self.enabled_benchmarks()))
 
     def enabled_benchmarks(self) -> dict[str, BenchmarkParams]:
         return {name: benchmark for name, benchmark in self.benchmarks.items() if benchmark.enabled}
+
+
+# --- comparison -----------------------------------------------------------------------
+
+
+class ComparisonParams(Params):
+    """Which tracked runs the comparison table reads: the FINISHED runs of the MLflow
+    ``experiment`` (null: the project's own, from mlflow.yml) that match ``filter_string`` (an
+    MLflow search filter; empty: every run) and carry an ood_evaluation table. ``benchmark``
+    (null: every one found) keeps one benchmark's columns; ``decimals`` rounds the cells;
+    ``show_range`` adds the student's min–max over a row's runs when it has several."""
+
+    section: ClassVar[str] = "comparison"
+
+    experiment: str | None = Field(default=None, min_length=1)
+    filter_string: str = ""
+    benchmark: str | None = Field(default=None, min_length=1)
+    decimals: int = Field(default=2, ge=0, le=6)
+    show_range: bool = True
+
+    @field_validator("filter_string")
+    @classmethod
+    def _mlflow_search_filter(cls, filter_string: str) -> str:
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.search_utils import SearchUtils
+
+        try:
+            SearchUtils.parse_search_filter(filter_string)
+        except MlflowException as exc:
+            reason = " ".join(exc.message.split())
+            raise ValueError(
+                f"is not an MLflow search filter ({reason}); allowed: clauses joined with 'and', e.g. "
+                "params.prompt_generation.method = 'mix' and tags.seed = '1', or '' for every run"
+            ) from None
+        return filter_string

@@ -24,6 +24,7 @@ from clip_dfkd.models.teacher import missing_teacher_weights, teacher_token_embe
 from clip_dfkd.models.text_encoders import generator_embedding_dim
 from clip_dfkd.params import (
     ClassNames,
+    ComparisonParams,
     ImageSynthesisParams,
     PromptGenerationParams,
     TeacherParams,
@@ -155,5 +156,11 @@ class PreflightHook:
                     scan_benchmark(name, benchmark, classes)
                 except BenchmarkError as exc:
                     problems.append(str(exc))
+        if "comparison" in used:
+            from clip_dfkd.pipelines.comparison.nodes import comparison_problem  # imports matplotlib: only here
+
+            # Before the comparison's own MLflow run starts: no empty run is left behind.
+            comparison = ComparisonParams.model_validate(_raw(catalog.load("params:comparison")))
+            problems.append(comparison_problem(comparison, run_params.get("env")))
         if problems := [problem for problem in problems if problem]:
             raise PreflightError("\n".join(problems))

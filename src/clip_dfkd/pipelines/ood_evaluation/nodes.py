@@ -18,6 +18,7 @@ from clip_dfkd.imaging import iterate_batches
 from clip_dfkd.models import ClipTeacher, StudentClassifier
 from clip_dfkd.models.student import student_fingerprint
 from clip_dfkd.params import ClassNames, OodEvaluationParams, RuntimeParams, TeacherParams
+from clip_dfkd.promotion import promote_if_better
 from clip_dfkd.runtime import Runtime
 from clip_dfkd.teacher_cache import TeacherOutputCache, teacher_output_key
 
@@ -398,3 +399,11 @@ def describe_evaluated_student(student: StudentClassifier, registration: dict[st
     if record["reason"]:
         logger.warning("Evaluated student %s is not matched to a registered model: %s", fingerprint, record["reason"])
     return record
+
+
+def promote_student(
+    evaluated_student: dict[str, Any], evaluation_table: pd.DataFrame, report: str, params: OodEvaluationParams
+) -> dict[str, Any]:
+    """Record the evaluation on the scored student's registered version and move the
+    promotion alias (``champion``) to it only when it beats the version holding it."""
+    return promote_if_better(evaluated_student, evaluation_table, report, params)

@@ -8,6 +8,7 @@ from clip_dfkd.pipelines.ood_evaluation.nodes import (
     plot_domain_accuracy,
     predict_student,
     predict_teacher,
+    promote_student,
     score_domains,
     summarise_evaluation,
 )
@@ -80,6 +81,17 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs="ood_domain_results",
                 outputs=["ood_evaluation_table", "ood_evaluation_report", "ood_evaluation_metrics"],
                 name="summarise_evaluation",
+            ),
+            Node(
+                promote_student,
+                inputs=[
+                    "ood_evaluated_student",
+                    "ood_evaluation_table",
+                    "ood_evaluation_report",
+                    "params:ood_evaluation",
+                ],
+                outputs="ood_promotion",
+                name="promote_student",
             ),
             Node(
                 plot_domain_accuracy,

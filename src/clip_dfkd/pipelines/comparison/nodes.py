@@ -1,0 +1,451 @@
+"""The comparison table: student and teacher top-1 per domain for every prompt method ×
+synthesis backend, averaged over the tracked runs of each.
+
+The figures come from each run's ``ood_evaluation/ood_evaluation.csv`` artifact (not from
+metric names). :func:`search_evaluations` is the one function that reads MLflow; every
+other function turns data into data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import get_args
+
+import matplotlib
+
+matplotlib.use("Agg")  # nodes draw off-screen, also on machines with a display
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from clip_dfkd.errors import UserError
+from clip_dfkd.params import ComparisonParams, ImageSynthesisParams, PromptGenerationParams
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_FOLDER = "ood_evaluation"
+EVALUATION_ARTIFACT = f"{EVALUATION_FOLDER}/ood_evaluation.csv"
+METHOD_PARAM = "prompt_generation.method"
+BACKEND_PARAM = "image_synthesis.backend"
+NOT_LOGGED = "(not logged)"
+AVERAGE = "average"  # the domain of ood_evaluation's per-benchmark mean row
+# Rows in the order the parameters list them.
+METHODS = list(get_args(PromptGenerationParams.model_fields["method"].annotation))
+BACKENDS = list(get_args(ImageSynthesisParams.model_fields["backend"].annotation))
+REQUIRED_COLUMNS = ["benchmark", "domain", "student_top1", "teacher_top1"]
+FIGURE_COLUMNS = ["images", "corrupt_images", "domains", "student_top1", "teacher_top1", "agreement", "note"]
+RUN_COLUMNS = ["experiment", "run_id", "run_name", "start_time", "method", "backend"]
+RESULT_COLUMNS = [*RUN_COLUMNS, "benchmark", "domain", *FIGURE_COLUMNS]
+SEARCH_PAGE = 1000
+
+
+class ComparisonError(UserError, ValueError):
+    """No run to compare, or a comparison setting that names nothing; one line."""
+
+
+@dataclass(frozen=True)
+class TrackedEvaluation:
+    """A FINISHED run with an ood_evaluation table (``None`` when only listed)."""
+
+    run_id: str
+    run_name: str
+    start_time: pd.Timestamp
+    params: dict[str, str]
+    table: pd.DataFrame | None
+
+
+@dataclass(frozen=True)
+class EvaluationSearch:
+    """What a search of the tracked runs found, and what it left out."""
+
+    experiment: str
+    tracking_uri: str
+    filter_string: str
+    evaluations: list[TrackedEvaluation]
+    not_finished: int
+    without_evaluation: int
+
+    def where(self) -> str:
+        matching = f' matching filter "{self.filter_string}"' if self.filter_string else ""
+        return f"MLflow experiment {self.experiment!r} at {self.tracking_uri}{matching}"
+
+    def nothing_found(self, env: str | None = None) -> str:
+        """The one-line error for a search that found no run to compare."""
+        kedro_run = f"kedro run --env={env}" if env else "kedro run"
+        found = self.not_finished + self.without_evaluation
+        left_out = (
+            f"{found} runs found: {self.not_finished} not FINISHED, {self.without_evaluation} without an evaluation"
+            if found
+            else "no run found"
+        )
+        return (
+            f"comparison: no FINISHED run with {EVALUATION_ARTIFACT} in {self.where()} ({left_out}); "
+            f'fill it with a run per prompt method, e.g. `{kedro_run} --params="prompt_generation.method=mix"` '
+            f"(vanilla, mix, random, contrastive), then rerun `{kedro_run} --pipelines=comparison`"
+        )
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Without MLflow's progress bar per downloaded artifact (one per run, on stderr)."""
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
+
+
+def search_evaluations(experiment: str | None, filter_string: str, download: bool = True) -> EvaluationSearch:
+    """The FINISHED runs of ``experiment`` that match ``filter_string`` and carry an
+    ood_evaluation table, oldest first, with the table read from the artifact (only listed
+    when ``download`` is false). ``experiment`` None is the active run's experiment, else the
+    one kedro-mlflow set (``mlflow.set_experiment`` exports ``MLFLOW_EXPERIMENT_ID``). The
+    active run (the comparison's own) is never returned, nor counted."""
+    import mlflow
+    from mlflow.entities import ViewType
+    from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    active = mlflow.active_run()
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise ComparisonError(
+                f"comparison.experiment={experiment!r}: no such MLflow experiment at {uri}; "
+                f"allowed: one of {names}, or null for the project's own"
+            )
+    elif (experiment_id := active.info.experiment_id if active else MLFLOW_EXPERIMENT_ID.get()) is not None:
+        found = client.get_experiment(experiment_id)
+    else:
+        raise ComparisonError(
+            "comparison.experiment=None: no MLflow experiment is active (a `kedro run` sets the project's own); "
+            "allowed: the name of the experiment to compare the runs of"
+        )
+    runs, token = [], None
+    try:
+        while True:
+            page = client.search_runs(
+                [found.experiment_id],
+                filter_string,
+                ViewType.ACTIVE_ONLY,
+                max_results=SEARCH_PAGE,
+                order_by=["attributes.start_time ASC"],
+                page_token=token,
+            )
+            runs += page
+            if not (token := page.token):
+                break
+    except MlflowException as exc:
+        if exc.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        raise ComparisonError(
+            f"comparison.filter_string={filter_string!r}: MLflow refused it ({' '.join(exc.message.split())}); "
+            "allowed: an MLflow search filter, e.g. params.prompt_generation.method = 'mix'"
+        ) from None
+    runs = [run for run in runs if active is None or run.info.run_id != active.info.run_id]
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    evaluations = []
+    with tempfile.TemporaryDirectory() as scratch, _no_progress_bars():
+        for run in finished:
+            run_id = run.info.run_id
+            listed = {item.path for item in client.list_artifacts(run_id, EVALUATION_FOLDER)}
+            if EVALUATION_ARTIFACT not in listed:
+                continue
+            table = None
+            if download:
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=EVALUATION_ARTIFACT, dst_path=f"{scratch}/{run_id}", tracking_uri=uri
+                )
+                table = pd.read_csv(path)
+            started = pd.Timestamp(run.info.start_time, unit="ms", tz="UTC")
+            evaluations.append(TrackedEvaluation(run_id, run.info.run_name, started, dict(run.data.params), table))
+    return EvaluationSearch(
+        experiment=found.name,
+        tracking_uri=uri,
+        filter_string=filter_string,
+        evaluations=evaluations,
+        not_finished=len(runs) - len(finished),
+        without_evaluation=len(finished) - len(evaluations),
+    )
+
+
+def comparison_problem(params: ComparisonParams, env: str | None = None) -> str | None:
+    """Why the comparison would find nothing to compare, or None; for the preflight checks,
+    which run before the comparison's own MLflow run starts."""
+    try:
+        search = search_evaluations(params.experiment, params.filter_string, download=False)
+    except ComparisonError as exc:
+        return str(exc)
+    return None if search.evaluations else search.nothing_found(env)
+
+
+def collect_evaluations(params: ComparisonParams) -> pd.DataFrame:
+    """One row per compared run × benchmark × domain (``average`` included, as each run's
+    ood_evaluation table has it): the run (``run_id``, ``run_name``, ``start_time``, its
+    ``method`` and ``backend``) and its figures (``student_top1``, ``teacher_top1``, ...).
+
+    Raises:
+        ComparisonError: no run to compare, or ``benchmark`` names none that a run evaluated.
+    """
+    search = search_evaluations(params.experiment, params.filter_string)
+    logger.info(
+        "Comparing %d runs of %s; left out %d FINISHED runs without %s (other pipelines) and %d runs "
+        "not FINISHED (running, failed or killed)",
+        len(search.evaluations),
+        search.where(),
+        search.without_evaluation,
+        EVALUATION_ARTIFACT,
+        search.not_finished,
+    )
+    results = tidy_evaluations(search)
+    if results.empty:
+        raise ComparisonError(search.nothing_found())
+    if params.benchmark is not None:
+        found = list(dict.fromkeys(results["benchmark"]))
+        if params.benchmark not in found:
+            raise ComparisonError(
+                f"comparison.benchmark={params.benchmark!r}: no compared run evaluated it; "
+                f"allowed: one of {found}, or null for all"
+            )
+        results = results[results["benchmark"] == params.benchmark].reset_index(drop=True)
+    return results
+
+
+def tidy_evaluations(search: EvaluationSearch) -> pd.DataFrame:
+    """The runs' ood_evaluation tables stacked, each row with its run (see
+    :func:`collect_evaluations`); a table without the figures it needs is left out with a
+    warning."""
+    frames, unnamed = [], []
+    for evaluation in search.evaluations:
+        table = evaluation.table
+        if missing := [column for column in REQUIRED_COLUMNS if column not in table.columns]:
+            logger.warning(
+                "Run %s: its %s lacks the columns %s; it is left out", evaluation.run_id, EVALUATION_ARTIFACT, missing
+            )
+            continue
+        method = evaluation.params.get(METHOD_PARAM, NOT_LOGGED)
+        backend = evaluation.params.get(BACKEND_PARAM, NOT_LOGGED)
+        if NOT_LOGGED in (method, backend):
+            unnamed.append(evaluation.run_id)
+        frame = table.reindex(columns=["benchmark", "domain", *FIGURE_COLUMNS]).assign(
+            experiment=search.experiment,
+            run_id=evaluation.run_id,
+            run_name=evaluation.run_name,
+            start_time=evaluation.start_time,
+            method=method,
+            backend=backend,
+        )
+        frames.append(frame[RESULT_COLUMNS])
+    if unnamed:
+        logger.warning(
+            "Runs %s log no %s or %s (a stage run alone, e.g. `kedro run --pipelines=ood_evaluation`); "
+            "their row says %s",
+            unnamed,
+            METHOD_PARAM,
+            BACKEND_PARAM,
+            NOT_LOGGED,
+        )
+    if not frames:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    results = pd.concat(frames, ignore_index=True)
+    results["note"] = results["note"].fillna("").astype(str)
+    return results
+
+
+def _rank(value: str, known: list[str]) -> tuple[int, str]:
+    """Known values in their listed order, then others by name, then "(not logged)"."""
+    if value in known:
+        return known.index(value), ""
+    return len(known) + (value == NOT_LOGGED), value
+
+
+def _group_key(group: tuple[str, str]) -> tuple:
+    method, backend = group
+    return _rank(method, METHODS), _rank(backend, BACKENDS)
+
+
+def summarise_groups(results: pd.DataFrame) -> pd.DataFrame:
+    """Per method × backend × benchmark × domain: the student's mean, min and max top-1 and
+    the teacher's mean over the runs that scored the domain (``cell_runs``), and how many
+    runs the row has (``runs``); rows in method and backend order, domains as the runs list
+    them with ``average`` last."""
+    runs = results.groupby(["method", "backend"])["run_id"].nunique().rename("runs")
+    cells = (
+        results.groupby(["method", "backend", "benchmark", "domain"], sort=False)
+        .agg(
+            cell_runs=("student_top1", "count"),  # count skips NaN: a domain without readable images
+            student_mean=("student_top1", "mean"),
+            student_min=("student_top1", "min"),
+            student_max=("student_top1", "max"),
+            teacher_mean=("teacher_top1", "mean"),
+        )
+        .reset_index()
+        .join(runs, on=["method", "backend"])
+    )
+    groups = sorted(dict.fromkeys(zip(cells["method"], cells["backend"], strict=True)), key=_group_key)
+    columns = _columns(results)
+    order = {key: i for i, key in enumerate(groups)}
+    position = {key: i for i, key in enumerate(columns)}
+    cells["_order"] = [
+        (order[(m, b)], position[(bench, d)])
+        for m, b, bench, d in zip(cells["method"], cells["backend"], cells["benchmark"], cells["domain"], strict=True)
+    ]
+    return cells.sort_values("_order", ignore_index=True).drop(columns="_order")
+
+
+def _columns(results: pd.DataFrame) -> list[tuple[str, str]]:
+    """(benchmark, domain) in the order the runs list them, each benchmark's average last."""
+    columns = []
+    for benchmark in dict.fromkeys(results["benchmark"]):
+        domains = list(dict.fromkeys(results.loc[results["benchmark"] == benchmark, "domain"]))
+        columns += [(benchmark, d) for d in domains if d != AVERAGE]
+        columns += [(benchmark, AVERAGE)] if AVERAGE in domains else []
+    return columns
+
+
+def _cell(cell, decimals: int, show_range: bool) -> str:
+    """``0.79 (0.94)``: the student's mean top-1 and, in brackets, the teacher's; with the
+    student's ``[min–max]`` when several runs are averaged and ``· k/n runs`` when fewer runs
+    than the row's scored the domain."""
+    if cell is None or cell.cell_runs == 0:
+        return "n/a"
+    text = f"{cell.student_mean:.{decimals}f}"
+    if show_range and cell.cell_runs > 1:
+        text += f" [{cell.student_min:.{decimals}f}–{cell.student_max:.{decimals}f}]"
+    text += f" ({cell.teacher_mean:.{decimals}f})"
+    if cell.cell_runs < cell.runs:
+        text += f" · {cell.cell_runs}/{cell.runs} runs"
+    return text
+
+
+def tabulate_comparison(results: pd.DataFrame, params: ComparisonParams) -> tuple[pd.DataFrame, str]:
+    """The comparison table, one row per prompt method × synthesis backend (``runs``: how
+    many runs it averages) and one column per benchmark domain (``<benchmark>/<domain>``) and
+    benchmark average, each cell the student's top-1 with the teacher's zero-shot top-1 (the
+    ceiling) beside it, e.g. ``0.79 (0.94)``; and the same as Markdown, with what a cell
+    means and which runs each row averages."""
+    summary = summarise_groups(results)
+    columns = _columns(results)
+    cells = {(row.method, row.backend, row.benchmark, row.domain): row for row in summary.itertuples(index=False)}
+    groups = list(dict.fromkeys(zip(summary["method"], summary["backend"], strict=True)))
+    runs = summary.drop_duplicates(["method", "backend"]).set_index(["method", "backend"])["runs"]
+    table = pd.DataFrame(
+        [
+            {
+                "method": method,
+                "backend": backend,
+                "runs": int(runs[(method, backend)]),
+                **{
+                    f"{benchmark}/{domain}": _cell(
+                        cells.get((method, backend, benchmark, domain)), params.decimals, params.show_range
+                    )
+                    for benchmark, domain in columns
+                },
+            }
+            for method, backend in groups
+        ]
+    )
+    experiments = ", ".join(f"`{name}`" for name in dict.fromkeys(results["experiment"]))
+    matching = f" matching `{params.filter_string}`" if params.filter_string else ""
+    spread = " [min–max over them]" if params.show_range else ""
+    listing = (
+        results.drop_duplicates("run_id")
+        .assign(_key=lambda f: [_group_key(g) for g in zip(f["method"], f["backend"], strict=True)])
+        .sort_values(["_key", "start_time"], kind="stable")
+    )
+    markdown = "\n".join(
+        [
+            "# Prompt methods and synthesis backends compared",
+            "",
+            f"Student top-1 per domain: the mean over the row's runs{spread}, and in brackets the teacher's "
+            "zero-shot top-1 (the ceiling), mean over the same runs. `runs`: how many FINISHED runs of MLflow "
+            f"experiment {experiments}{matching} with an ood_evaluation table the row averages (runs of the same "
+            "method and backend, e.g. seeds, are averaged); a cell that fewer of them scored says how many. "
+            "`average`: each run's mean over its benchmark's domains with readable images.",
+            "",
+            table.to_markdown(index=False),
+            "",
+            "## Runs",
+            "",
+            listing.assign(start_time=listing["start_time"].dt.strftime("%Y-%m-%d %H:%M:%S UTC"))[
+                ["method", "backend", "run_name", "run_id", "start_time"]
+            ].to_markdown(index=False),
+            "",
+        ]
+    )
+    return table, markdown
+
+
+def plot_comparison(results: pd.DataFrame) -> Figure:
+    """Grouped bars per domain, one bar per method × backend (the student's mean top-1, with
+    its min–max over the runs as an error bar), the teacher's zero-shot top-1 (the ceiling)
+    marked as a black line across each bar; one panel per benchmark."""
+    summary = summarise_groups(results)
+    columns = _columns(results)
+    benchmarks = list(dict.fromkeys(b for b, _ in columns))
+    groups = list(dict.fromkeys(zip(summary["method"], summary["backend"], strict=True)))
+    widest = max(sum(b == benchmark for b, _ in columns) for benchmark in benchmarks)
+    figure, axes = plt.subplots(
+        1,
+        len(benchmarks),
+        figsize=(max(5.0, len(benchmarks) * (1.0 + widest * (0.25 * len(groups) + 0.4))), 4.2),
+        squeeze=False,
+        layout="constrained",
+    )
+    width = 0.8 / len(groups)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, benchmark in zip(axes[0], benchmarks, strict=True):
+        domains = [d for b, d in columns if b == benchmark]
+        positions = np.arange(len(domains))
+        for i, (method, backend) in enumerate(groups):
+            rows = summary[
+                (summary["method"] == method) & (summary["backend"] == backend) & (summary["benchmark"] == benchmark)
+            ]
+            rows = rows.set_index("domain").reindex(domains)
+            x = positions - 0.4 + width * (i + 0.5)
+            mean = rows["student_mean"].to_numpy(float)
+            runs = int(summary.loc[(summary["method"] == method) & (summary["backend"] == backend), "runs"].iloc[0])
+            bars = axis.bar(
+                x,
+                mean,
+                width,
+                color=colours[i % len(colours)],
+                label=f"{method} · {backend} ({runs} run{'s' if runs > 1 else ''})",
+            )
+            axis.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2f}" for v in mean], fontsize=6)
+            several = rows["cell_runs"].to_numpy(float) > 1  # the student's min–max over them
+            axis.errorbar(
+                x[several],
+                mean[several],
+                yerr=np.vstack([mean - rows["student_min"], rows["student_max"] - mean])[:, several],
+                fmt="none",
+                ecolor="dimgray",
+                capsize=2,
+            )
+            axis.hlines(
+                rows["teacher_mean"].to_numpy(float),
+                x - width / 2,
+                x + width / 2,
+                colors="black",
+                linewidth=2,
+                label="teacher zero-shot (ceiling)" if i == 0 else None,
+            )
+        axis.set_xticks(positions, domains, rotation=20)
+        axis.set_ylim(0, 1.05)
+        axis.set_title(benchmark)
+        axis.set_ylabel("top-1 accuracy")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8)
+    return figure

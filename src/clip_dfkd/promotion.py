@@ -1,0 +1,120 @@
+"""The registry's "better students only" alias.
+
+Every registered student keeps the candidate alias of its own run; a second alias (champion by
+default) moves to a new version only when its evaluation beats the version holding it. Each
+evaluated version carries its evaluation: the metrics (on its MLflow logged model and as
+version tags, which the registry page shows and a promotion compares) and the report as its
+description.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from clip_dfkd.params import OodEvaluationParams
+
+logger = logging.getLogger(__name__)
+
+SCORE_TAG = "ood_evaluation.{benchmark}.average.{metric}"
+
+
+def promote_if_better(
+    evaluated_student: dict[str, Any], evaluation_table: pd.DataFrame, report: str, params: OodEvaluationParams
+) -> dict[str, Any]:
+    """Record the evaluation on the evaluated student's registered version and move the
+    promotion alias to it when it is better. Returns what was decided and why (one line,
+    also logged)."""
+    promotion = params.promotion
+    benchmark = params.promotion_benchmark()
+    key = SCORE_TAG.format(benchmark=benchmark, metric=promotion.metric)
+    name, version = evaluated_student.get("registered_model"), evaluated_student.get("version")
+    decision: dict[str, Any] = {"alias": promotion.alias, "metric": key, "registered_model": name, "version": version}
+    if name is None:
+        return _decided(
+            decision,
+            False,
+            None,
+            f"not promoted: the evaluated student is no registered version ({evaluated_student.get('reason')})",
+        )
+    averages = evaluation_table[
+        (evaluation_table["benchmark"] == benchmark) & (evaluation_table["domain"] == "average")
+    ]
+    score = float(averages[promotion.metric].iloc[0]) if len(averages) else math.nan
+    if math.isnan(score):
+        return _decided(decision, False, None, f"not promoted: {key} was not measured (no readable image)")
+
+    client = MlflowClient()
+    _record_evaluation(client, name, version, evaluation_table, report)
+    try:
+        holder = client.get_model_version_by_alias(name, promotion.alias)
+    except MlflowException:
+        holder = None
+    if holder is None:
+        return _promote(
+            client, decision, score, f"{name} version {version} is the first evaluated version: {key} = {score:.4f}"
+        )
+    if str(holder.version) == str(version):
+        return _decided(
+            decision, True, score, f"{name} version {version} already holds @{promotion.alias}: {key} = {score:.4f}"
+        )
+    held = holder.tags.get(key)
+    if held is None:
+        return _promote(
+            client,
+            decision,
+            score,
+            f"{name} version {version}: {key} = {score:.4f}; version {holder.version} has no {key}",
+        )
+    if score > float(held) + promotion.min_improvement:
+        return _promote(
+            client,
+            decision,
+            score,
+            f"{name} version {version} beats version {holder.version}: {key} {score:.4f} > {float(held):.4f}",
+        )
+    margin = f" + {promotion.min_improvement}" if promotion.min_improvement else ""
+    return _decided(
+        decision,
+        False,
+        score,
+        f"@{promotion.alias} stays on {name} version {holder.version}: {key} {score:.4f} <= {float(held):.4f}{margin}",
+    )
+
+
+def _promote(client: MlflowClient, decision: dict[str, Any], score: float, reason: str) -> dict[str, Any]:
+    client.set_registered_model_alias(decision["registered_model"], decision["alias"], decision["version"])
+    return _decided(decision, True, score, f"@{decision['alias']} -> {reason}")
+
+
+def _decided(decision: dict[str, Any], holds_alias: bool, score: float | None, reason: str) -> dict[str, Any]:
+    logger.info("Promotion: %s", reason)
+    return {**decision, "holds_alias": holds_alias, "score": score, "reason": reason}
+
+
+def _record_evaluation(client: MlflowClient, name: str, version: str, table: pd.DataFrame, report: str) -> None:
+    """Every figure of ``table`` as a version tag and, when the version has an MLflow 3 logged
+    model, as that model's metrics; the report as the version's description."""
+    figures = {
+        SCORE_TAG.format(benchmark=row.benchmark, metric=metric).replace(".average.", f".{row.domain}."): float(value)
+        for row in table.itertuples()
+        for metric in ("student_top1", "teacher_top1", "agreement", "student_teacher_ratio")
+        if not pd.isna(value := getattr(row, metric))
+    }
+    for tag, value in figures.items():
+        client.set_model_version_tag(name, version, tag, f"{value:.6g}")
+    registered = client.get_model_version(name, version)
+    # A version registered by log_model has its logged model as source ("models:/m-…"); the
+    # sqlite store leaves model_id empty.
+    model_id = registered.model_id
+    if not model_id and (registered.source or "").startswith("models:/m-"):
+        model_id = registered.source.removeprefix("models:/")
+    if model_id and mlflow.active_run() is not None:
+        mlflow.log_metrics(figures, model_id=model_id)
+    client.update_model_version(name, version, description=report)

@@ -1,0 +1,102 @@
+"""The promotion alias (champion) moves only to a better evaluated student."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from clip_dfkd.params import OodEvaluationParams
+from clip_dfkd.promotion import promote_if_better
+
+NAME = "clip-dfkd-student"
+
+
+@pytest.fixture
+def registry(tmp_path) -> MlflowClient:
+    """A fresh sqlite registry with three versions of one model."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)  # the registry that promote_if_better's client talks to
+    client = MlflowClient(uri)
+    client.create_registered_model(NAME)
+    for _ in range(3):
+        client.create_model_version(NAME, source=str(tmp_path))
+    return client
+
+
+def _params(**promotion) -> OodEvaluationParams:
+    return OodEvaluationParams.model_validate(
+        {"benchmarks": {"pacs": {"root": "a"}, "vlcs": {"root": "b"}}, "promotion": promotion}
+    )
+
+
+def _table(pacs: float, vlcs: float = 0.5) -> pd.DataFrame:
+    rows = [
+        {"benchmark": benchmark, "domain": domain, "student_top1": top1, "teacher_top1": 0.9, "agreement": top1}
+        for benchmark, top1 in (("pacs", pacs), ("vlcs", vlcs))
+        for domain in ("photo", "average")
+    ]
+    table = pd.DataFrame(rows)
+    return table.assign(student_teacher_ratio=table["student_top1"] / table["teacher_top1"])
+
+
+def _evaluate(version: str, table: pd.DataFrame, params: OodEvaluationParams | None = None) -> dict:
+    student = {"registered_model": NAME, "version": version, "reason": None}
+    return promote_if_better(student, table, f"# report of version {version}", params or _params())
+
+
+def _champion(client: MlflowClient) -> str:
+    return str(client.get_model_version_by_alias(NAME, "champion").version)
+
+
+def test_the_first_evaluated_version_becomes_champion_and_carries_its_evaluation(registry) -> None:
+    decision = _evaluate("1", _table(0.6))
+
+    assert _champion(registry) == "1" and decision["holds_alias"]
+    assert decision["reason"].startswith(f"@champion -> {NAME} version 1 is the first evaluated version")
+    version = registry.get_model_version(NAME, "1")
+    assert version.tags["ood_evaluation.pacs.average.student_top1"] == "0.6"
+    assert version.tags["ood_evaluation.vlcs.photo.agreement"] == "0.5"
+    assert version.description == "# report of version 1"
+
+
+def test_the_champion_stays_on_a_worse_student_and_moves_to_a_better_one(registry) -> None:
+    _evaluate("1", _table(0.6))
+
+    worse = _evaluate("2", _table(0.55, vlcs=0.99))  # better on vlcs, which does not decide
+    assert _champion(registry) == "1" and not worse["holds_alias"]
+    assert worse["reason"] == (
+        f"@champion stays on {NAME} version 1: ood_evaluation.pacs.average.student_top1 0.5500 <= 0.6000"
+    )
+    assert registry.get_model_version(NAME, "2").tags["ood_evaluation.pacs.average.student_top1"] == "0.55"
+
+    better = _evaluate("3", _table(0.7))
+    assert _champion(registry) == "3" and better["holds_alias"]
+    assert "beats version 1" in better["reason"]
+
+
+def test_the_deciding_benchmark_metric_and_margin_are_configurable(registry) -> None:
+    params = _params(benchmark="vlcs", min_improvement=0.05)
+    _evaluate("1", _table(0.6, vlcs=0.5), params)
+
+    assert not _evaluate("2", _table(0.9, vlcs=0.54), params)["holds_alias"]  # within the margin
+    assert _evaluate("3", _table(0.1, vlcs=0.56), params)["holds_alias"]
+    assert _champion(registry) == "3"
+
+
+def test_an_unregistered_student_is_not_promoted(registry) -> None:
+    student = {"registered_model": None, "version": None, "reason": "fingerprint differs"}
+
+    decision = promote_if_better(student, _table(0.9), "", _params())
+
+    assert not decision["holds_alias"]
+    assert decision["reason"] == "not promoted: the evaluated student is no registered version (fingerprint differs)"
+    assert "champion" not in registry.get_registered_model(NAME).aliases
+
+
+def test_a_promotion_benchmark_that_is_not_evaluated_fails_on_one_line() -> None:
+    from clip_dfkd.params import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=r"^ood_evaluation.promotion.benchmark='domainnet': not an enabled"):
+        _params(benchmark="domainnet")
