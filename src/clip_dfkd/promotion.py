@@ -22,7 +22,8 @@ from clip_dfkd.params import OodEvaluationParams
 
 logger = logging.getLogger(__name__)
 
-SCORE_TAG = "ood_evaluation.{benchmark}.average.{metric}"
+# The names ood_evaluation logs its metrics under; the "average" domain decides promotion.
+FIGURE_TAG = "ood_evaluation.{benchmark}.{domain}.{metric}"
 
 
 def promote_if_better(
@@ -33,7 +34,7 @@ def promote_if_better(
     also logged)."""
     promotion = params.promotion
     benchmark = params.promotion_benchmark()
-    key = SCORE_TAG.format(benchmark=benchmark, metric=promotion.metric)
+    key = FIGURE_TAG.format(benchmark=benchmark, domain="average", metric=promotion.metric)
     name, version = evaluated_student.get("registered_model"), evaluated_student.get("version")
     decision: dict[str, Any] = {"alias": promotion.alias, "metric": key, "registered_model": name, "version": version}
     if name is None:
@@ -102,7 +103,7 @@ def _record_evaluation(client: MlflowClient, name: str, version: str, table: pd.
     """Every figure of ``table`` as a version tag and, when the version has an MLflow 3 logged
     model, as that model's metrics; the report as the version's description."""
     figures = {
-        SCORE_TAG.format(benchmark=row.benchmark, metric=metric).replace(".average.", f".{row.domain}."): float(value)
+        FIGURE_TAG.format(benchmark=row.benchmark, domain=row.domain, metric=metric): float(value)
         for row in table.itertuples()
         for metric in ("student_top1", "teacher_top1", "agreement", "student_teacher_ratio")
         if not pd.isna(value := getattr(row, metric))

@@ -28,7 +28,6 @@ METRICS = ["student_top1", "teacher_top1", "agreement", "student_teacher_ratio"]
 TABLE_COLUMNS = ["benchmark", "domain", "images", "corrupt_images", "domains", *METRICS, "note"]
 SKIPPED_COLUMNS = ["benchmark", "domain", "path", "reason"]
 INDEX_COLUMNS = ["benchmark", "domain", "path", "label"]
-PREDICTION_COLUMNS = ["benchmark", "domain", "path", "class_name", "student_prediction", "teacher_prediction"]
 NO_READABLE_IMAGE = "no readable image"
 
 
@@ -85,10 +84,11 @@ def predict_teacher(
             params.batch_size,
             teacher_model.runtime,
             f"teacher {benchmark}/{domain}",
-        ).rename(columns={"prediction": "teacher_label"})
+            "teacher_label",
+        )
         cache.put(key, table)
         tables.append(table)
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["path", "teacher_label", "error"])
+    return _stacked(tables, "teacher_label")
 
 
 def predict_student(
@@ -103,18 +103,14 @@ def predict_student(
         with resolved.autocast():
             return student(pixels.to(resolved.device, non_blocking=True)).argmax(-1)
 
+    transform = student.eval_transform()
     tables = [
         _predict(
-            rows["path"].tolist(), student.eval_transform(), classify, params.batch_size, resolved, f"student {b}/{d}"
+            rows["path"].tolist(), transform, classify, params.batch_size, resolved, f"student {b}/{d}", "student_label"
         )
         for (b, d), rows in _domains(benchmark_index)
     ]
-    columns = ["path", "student_label", "error"]
-    return (
-        pd.concat(tables, ignore_index=True).rename(columns={"prediction": "student_label"})
-        if tables
-        else pd.DataFrame(columns=columns)
-    )
+    return _stacked(tables, "student_label")
 
 
 def score_domains(
@@ -200,8 +196,10 @@ def _predict(
     batch_size: int,
     runtime: Runtime,
     description: str,
+    column: str,
 ) -> pd.DataFrame:
-    """``classify`` (pixels → class indices) over the decoded images, in order."""
+    """``classify`` (pixels → class indices) over the decoded images, in order: ``path``,
+    the class index as ``column`` (-1 when unreadable) and ``error``."""
     predictions = np.full(len(paths), -1, dtype=np.int64)
     errors: dict[int, str] = {}
     batches = iterate_batches(
@@ -216,9 +214,12 @@ def _predict(
         if bool(ok.any()):
             with torch.inference_mode():
                 predictions[indices[ok].numpy()] = classify(pixels[ok]).cpu().numpy()
-    return pd.DataFrame(
-        {"path": paths, "prediction": predictions, "error": [errors.get(i, "") for i in range(len(paths))]}
-    )
+    return pd.DataFrame({"path": paths, column: predictions, "error": [errors.get(i, "") for i in range(len(paths))]})
+
+
+def _stacked(tables: list[pd.DataFrame], column: str) -> pd.DataFrame:
+    """The per-domain prediction tables as one (with its columns even when there is none)."""
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["path", column, "error"])
 
 
 def summarise_evaluation(domain_results: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
