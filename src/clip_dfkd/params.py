@@ -13,6 +13,7 @@ the data.
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -522,12 +523,54 @@ class PromotionParams(Params):
     min_improvement: float = Field(default=0.0, ge=0.0)
 
 
+# The evaluation setting of the distilled student as it is, having seen no real image.
+DATA_FREE = "data-free"
+
+
+class FewShotParams(Params):
+    """The few-shot setting: ``k`` real images per class (0: data-free only), drawn with
+    ``seed`` from ``source_domains`` (``{benchmark: [domain, ...]}``), fine-tune the distilled
+    student against their true class (``label_weight``, cross-entropy) and the teacher's
+    zero-shot logits on them (``kd_weight``, T² · KL at ``temperature``); that student is
+    scored on every other evaluated domain, next to the data-free one. ``layers``: train
+    ``all`` of them or only the ``classifier`` (a linear probe); ``freeze_batch_norm`` keeps
+    the batch-norm statistics the student learnt on the synthetic images."""
+
+    k: int = Field(default=0, ge=0)
+    source_domains: dict[str, list[str]] = {}
+    seed: int = 0
+    label_weight: float = Field(default=1.0, ge=0.0)
+    kd_weight: float = Field(default=1.0, ge=0.0)
+    temperature: PositiveFloat = 4.0
+    layers: Literal["all", "classifier"] = "all"
+    freeze_batch_norm: bool = True
+    training: TrainingParams = TrainingParams(epochs=30, batch_size=32, learning_rate=1e-4)
+    augmentation: AugmentationParams = AugmentationParams()
+
+    @model_validator(mode="after")
+    def _some_signal(self) -> FewShotParams:
+        if self.label_weight == 0 and self.kd_weight == 0:
+            raise _bad("label_weight", 0, "label_weight and kd_weight are both 0; allowed: at least one > 0")
+        if self.k and not any(self.source_domains.values()):
+            raise _bad(
+                "source_domains",
+                self.source_domains,
+                "k > 0 needs domains to draw from; allowed: {benchmark: [domain, ...]}, e.g. {pacs: [photo]}",
+            )
+        return self
+
+    def describe(self) -> str:
+        """The setting's name in reports: ``few-shot k=<k>``."""
+        return f"few-shot k={self.k}"
+
+
 class OodEvaluationParams(Params):
     section: ClassVar[str] = "ood_evaluation"
 
     benchmarks: dict[str, BenchmarkParams] = Field(min_length=1)
     batch_size: PositiveInt = 64
     promotion: PromotionParams = PromotionParams()
+    few_shot: FewShotParams = FewShotParams()
 
     @model_validator(mode="after")
     def _one_enabled(self) -> OodEvaluationParams:
@@ -544,7 +587,67 @@ class OodEvaluationParams(Params):
                 self.promotion.benchmark,
                 f"not an enabled benchmark; allowed: {enabled}",
             )
+        if self.few_shot.k:
+            self._check_few_shot_sources()
         return self
+
+    def _check_few_shot_sources(self) -> None:
+        """Each source domain is one the evaluation reads, and some evaluated domain is left
+        to score the few-shot student on (checked here where the domains are known without
+        reading the disk; otherwise when the benchmark is indexed)."""
+        enabled = list(self.enabled_benchmarks())
+        if unknown := [name for name in self.few_shot.source_domains if name not in enabled]:
+            raise _bad(
+                "few_shot.source_domains",
+                self.few_shot.source_domains,
+                f"{unknown} not enabled benchmarks; allowed: {enabled}",
+            )
+        held_out = False
+        for name in enabled:
+            known = self.evaluated_domains(name)
+            if known is None:
+                held_out = True  # a folders layout: its domains are found on disk
+                continue
+            sources = self.few_shot.source_domains.get(name, [])
+            if unknown := [domain for domain in sources if domain not in known]:
+                raise _bad(
+                    f"few_shot.source_domains.{name}", sources, f"{unknown} not evaluated domains; allowed: {known}"
+                )
+            held_out = held_out or bool(set(known) - set(sources))
+        if not held_out:
+            raise _bad(
+                "few_shot.source_domains",
+                self.few_shot.source_domains,
+                "leaves no evaluated domain to score the few-shot student on; allowed: sources that leave one out",
+            )
+
+    def few_shot_source_problem(self, found: Mapping[str, Sequence[str]]) -> str | None:
+        """Why the few-shot sources do not fit the domains ``found`` on disk per enabled
+        benchmark (a source that is not among them, or none left to score), or None."""
+        few_shot = self.few_shot
+        for benchmark, domains in few_shot.source_domains.items():
+            if missing := [domain for domain in domains if domain not in found.get(benchmark, [])]:
+                return (
+                    f"ood_evaluation.few_shot.source_domains.{benchmark}={domains!r}: {missing} not evaluated domains; "
+                    f"allowed: {list(found.get(benchmark, []))}"
+                )
+        if all(set(domains) <= set(few_shot.source_domains.get(name, [])) for name, domains in found.items()):
+            return (
+                f"ood_evaluation.few_shot.source_domains={few_shot.source_domains!r}: leaves no evaluated domain to "
+                "score the few-shot student on; allowed: sources that leave one out"
+            )
+        return None
+
+    def evaluated_domains(self, name: str) -> list[str] | None:
+        """The domains evaluated of benchmark ``name``: its ``domains``, else its published
+        ones; None for a ``folders`` layout without ``domains`` (every folder on disk)."""
+        benchmark = self.benchmarks[name]
+        if benchmark.domains is not None:
+            return list(benchmark.domains)
+        if benchmark.layout == "folders":
+            return None
+        layout = LAYOUTS[benchmark.layout]
+        return list(layout.default_domains or layout.domains)
 
     def promotion_benchmark(self) -> str:
         """The benchmark whose average decides promotion."""
@@ -561,14 +664,17 @@ class ComparisonParams(Params):
     """Which tracked runs the comparison table reads: the FINISHED runs of the MLflow
     ``experiment`` (null: the project's own, from mlflow.yml) that match ``filter_string`` (an
     MLflow search filter; empty: every run) and carry an ood_evaluation table. ``benchmark``
-    (null: every one found) keeps one benchmark's columns; ``decimals`` rounds the cells;
-    ``show_range`` adds the student's min–max over a row's runs when it has several."""
+    (null: every one found) keeps one benchmark's columns; ``setting`` the rows of one
+    evaluation setting (``data-free``, or ``few-shot k=<k>`` as ood_evaluation names it);
+    ``decimals`` rounds the cells; ``show_range`` adds the student's min–max over a row's
+    runs when it has several."""
 
     section: ClassVar[str] = "comparison"
 
     experiment: str | None = Field(default=None, min_length=1)
     filter_string: str = ""
     benchmark: str | None = Field(default=None, min_length=1)
+    setting: str = Field(default=DATA_FREE, pattern=r"^(data-free|few-shot k=[1-9][0-9]*)$")
     decimals: int = Field(default=2, ge=0, le=6)
     show_range: bool = True
 

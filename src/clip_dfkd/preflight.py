@@ -119,7 +119,8 @@ class PreflightError(UserError, ValueError):
 class PreflightHook:
     """Checks what parameter validation cannot see, before the first node runs: every model's
     weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging Face cache),
-    benchmark roots exist and their class folders are known classes."""
+    benchmark roots exist, their class folders are known classes and the few-shot source
+    domains are among their domains."""
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -151,11 +152,15 @@ class PreflightHook:
             if name in saved and name not in missing
         ]
         if "ood_evaluation" in used:
-            for name, benchmark in catalog.load("params:ood_evaluation").enabled_benchmarks().items():
+            evaluation = catalog.load("params:ood_evaluation")
+            found = {}
+            for name, benchmark in evaluation.enabled_benchmarks().items():
                 try:
-                    scan_benchmark(name, benchmark, classes)
+                    found[name] = [domain.domain for domain in scan_benchmark(name, benchmark, classes)]
                 except BenchmarkError as exc:
                     problems.append(str(exc))
+            if evaluation.few_shot.k and len(found) == len(evaluation.enabled_benchmarks()):
+                problems.append(evaluation.few_shot_source_problem(found))
         if "comparison" in used:
             from clip_dfkd.pipelines.comparison.nodes import comparison_problem  # imports matplotlib: only here
 

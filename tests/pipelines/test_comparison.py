@@ -242,6 +242,35 @@ def test_benchmark_keeps_one_benchmarks_columns_and_the_runs_that_evaluated_it(t
         _compare(benchmark="pacs")
 
 
+def test_setting_keeps_the_data_free_or_the_few_shot_rows(tracking, tmp_path) -> None:
+    client = mlflow.MlflowClient(tracking["uri"])
+    experiment_id = client.create_experiment("cmp-few-shot", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment_id, run_name="few-shot")
+    client.log_param(run.info.run_id, "prompt_generation.method", "mix")
+    client.log_param(run.info.run_id, "image_synthesis.backend", "inversion")
+    data_free = _evaluation_table({"toy": {"photo": (0.80, 0.90), "night": (0.60, 0.80)}})
+    few_shot = _evaluation_table({"toy": {"night": (0.70, 0.80)}})
+    table = pd.concat(
+        [data_free.assign(setting="data-free"), few_shot.assign(setting="few-shot k=5")], ignore_index=True
+    )
+    table.to_csv(tmp_path / "ood_evaluation.csv", index=False)
+    client.log_artifact(run.info.run_id, str(tmp_path / "ood_evaluation.csv"), "ood_evaluation")
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+    _, default, markdown = _compare(experiment="cmp-few-shot")
+    _, tuned, _ = _compare(experiment="cmp-few-shot", setting="few-shot k=5")
+
+    assert default.drop(columns=["method", "backend", "runs"]).to_dict("records") == [
+        {"toy/photo": "0.80 (0.90)", "toy/night": "0.60 (0.80)", "toy/average": "0.70 (0.85)"}
+    ]
+    assert "Setting: data-free." in markdown
+    assert tuned.drop(columns=["method", "backend", "runs"]).to_dict("records") == [
+        {"toy/night": "0.70 (0.80)", "toy/average": "0.70 (0.80)"}
+    ]
+    with pytest.raises(ComparisonError, match=r"^comparison.setting='few-shot k=1': no compared run has rows of it"):
+        _compare(experiment="cmp-few-shot", setting="few-shot k=1")
+
+
 def test_the_comparisons_own_run_is_never_compared(tracking) -> None:
     client = mlflow.MlflowClient(tracking["uri"])
     own_experiment = client.create_experiment("own", artifact_location=(tracking["root"] / "own").as_uri())

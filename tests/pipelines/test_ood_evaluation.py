@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -25,13 +26,16 @@ from clip_dfkd.params import (
     TeacherParams,
 )
 from clip_dfkd.pipelines.ood_evaluation.nodes import (
+    FewShotError,
     describe_evaluated_student,
+    draw_few_shot,
     index_benchmarks,
     per_class_accuracy,
     plot_confusion_matrices,
     plot_domain_accuracy,
     predict_student,
     predict_teacher,
+    promote_student,
     score_domains,
     summarise_evaluation,
 )
@@ -211,7 +215,19 @@ def _evaluate(
             cache or TeacherOutputCache(Path(scratch)),
         )
     student_predictions = predict_student(index, _ConstantStudent(0), params, RuntimeParams(device="cpu"))
-    return score_domains(index, listed_skips, teacher_predictions, student_predictions, classes)
+    # k = 0: the few-shot nodes pass nothing on.
+    _, few_shot_index = draw_few_shot(index, classes, params)
+    few_shot_predictions = predict_student(few_shot_index, _ConstantStudent(0), params, RuntimeParams(device="cpu"))
+    return score_domains(
+        index,
+        listed_skips,
+        teacher_predictions,
+        student_predictions,
+        few_shot_index,
+        few_shot_predictions,
+        classes,
+        params,
+    )
 
 
 def _params(benchmarks: dict) -> OodEvaluationParams:
@@ -222,7 +238,8 @@ def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -
     root = _benchmark(tmp_path, {"photo": {"ball": 3, "box": 1}, "sketch": {"ball": 1, "tent": 3}})
     (root / "sketch" / "tent" / "broken.png").write_bytes(b"not an image")
 
-    results, _, predictions = _evaluate(_params({"toy": {"root": str(root)}}))
+    params = _params({"toy": {"root": str(root)}})
+    results, _, predictions = _evaluate(params)
 
     # One prediction row per readable image, with class names, for the per-image record.
     assert len(predictions) == 8 and not predictions["path"].str.endswith("broken.png").any()
@@ -243,7 +260,7 @@ def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -
     )
     assert (sketch.images, sketch.corrupt_images, sketch.student_top1, sketch.teacher_top1) == (4, 1, 0.25, 0.75)
 
-    table, markdown, metrics = summarise_evaluation(results)
+    table, markdown, metrics = summarise_evaluation(results, params)
     average = table[table.domain == "average"].iloc[0]
     assert average.student_top1 == pytest.approx(0.5)
     assert average.teacher_top1 == pytest.approx(0.375)
@@ -292,15 +309,16 @@ def test_a_domain_without_readable_images_is_warned_and_left_out_of_the_average(
     root = _benchmark(tmp_path, {"photo": {"ball": 2}, "sketch": {"tent": 2}, "clipart": {"box": 0}})
     (root / "clipart" / "box" / "broken.png").write_bytes(b"")
 
+    params = _params({"toy": {"root": str(root)}})
     with caplog.at_level(logging.WARNING, logger="clip_dfkd.pipelines.ood_evaluation.nodes"):
-        results, _, _ = _evaluate(_params({"toy": {"root": str(root)}}))
+        results, _, _ = _evaluate(params)
 
     assert "toy/clipart: no readable image (1 image files, 0 other files)" in caplog.text
     clipart = results[results.domain == "clipart"].iloc[0]
     assert (clipart.images, clipart.note) == (0, "no readable image")
     assert math.isnan(clipart.student_top1) and math.isnan(clipart.agreement)
 
-    table, markdown, metrics = summarise_evaluation(results)
+    table, markdown, metrics = summarise_evaluation(results, params)
     average = table[table.domain == "average"].iloc[0]
     assert (average.domains, average.note) == (2, "mean over 2 of 3 domains")
     assert average.student_top1 == pytest.approx(0.5)  # (1.0 + 0.0) / 2, not / 3
@@ -431,6 +449,7 @@ def test_switching_off_every_benchmark_fails_before_any_node(demo_project) -> No
 def test_per_class_accuracy_ratio_and_confusion_matrices_from_known_predictions() -> None:
     predictions = pd.DataFrame(
         {
+            "setting": ["data-free"] * 5,
             "benchmark": ["toy"] * 5,
             "domain": ["photo", "photo", "photo", "sketch", "sketch"],
             "path": list("abcde"),
@@ -440,7 +459,9 @@ def test_per_class_accuracy_ratio_and_confusion_matrices_from_known_predictions(
         }
     )
 
-    per_class = per_class_accuracy(predictions).set_index(["domain", "class_name"]).drop(columns="benchmark")
+    per_class = (
+        per_class_accuracy(predictions).set_index(["domain", "class_name"]).drop(columns=["setting", "benchmark"])
+    )
     figure = plot_confusion_matrices(predictions, ClassNames.model_validate(CLASSES))
 
     assert per_class.loc[("photo", "ball")].tolist() == [2, 0.5, 1.0]
@@ -455,8 +476,9 @@ def test_per_class_accuracy_ratio_and_confusion_matrices_from_known_predictions(
 def test_the_student_teacher_ratio_per_domain_and_over_the_benchmark(tmp_path) -> None:
     root = _benchmark(tmp_path, {"photo": {"ball": 3, "tent": 1}, "sketch": {"ball": 1, "tent": 3}})
 
-    results, _, _ = _evaluate(_params({"toy": {"root": str(root)}}))
-    table, _, metrics = summarise_evaluation(results)
+    params = _params({"toy": {"root": str(root)}})
+    results, _, _ = _evaluate(params)
+    table, _, metrics = summarise_evaluation(results, params)
 
     # The student always says ball, the teacher tent: photo 0.75 vs 0.25, sketch 0.25 vs 0.75.
     assert results["student_teacher_ratio"].tolist() == [3.0, pytest.approx(1 / 3)]
@@ -486,3 +508,171 @@ def test_a_second_evaluation_reads_the_teachers_outputs_from_the_cache(tmp_path)
     other_templates = TEACHER.model_copy(update={"templates": ["a drawing of a {class_name}."]})
     _evaluate(params, cache, fourth_teacher, other_templates)
     assert fourth_teacher.classified == 5
+
+
+# --- few-shot -------------------------------------------------------------------------
+
+
+def _few_shot_params(root: Path, **few_shot) -> OodEvaluationParams:
+    return OodEvaluationParams.model_validate(
+        {
+            "benchmarks": {"toy": {"root": str(root)}},
+            "batch_size": 2,
+            "few_shot": {"source_domains": {"toy": ["photo"]}, **few_shot},
+        }
+    )
+
+
+def _real_paths(paths: pd.Series) -> set[str]:
+    return {os.path.realpath(path) for path in paths}
+
+
+def test_the_few_shot_split_never_puts_an_evaluation_image_into_training(tmp_path) -> None:
+    root = _benchmark(
+        tmp_path,
+        {"photo": {"ball": 6, "box": 6, "tent": 6}, "sketch": {"ball": 2, "box": 2}, "cartoon": {"tent": 1}},
+    )
+    (root / "photo" / "ball" / "broken.png").write_bytes(b"")
+    # The sketch domain also links to every photo of a ball, as re-packaged datasets can.
+    for i in range(6):
+        (root / "sketch" / "ball" / f"photo_{i}.png").symlink_to(root / "photo" / "ball" / f"{i}.png")
+    classes = ClassNames.model_validate(CLASSES)
+    params = _few_shot_params(root, k=3)
+    index, _ = index_benchmarks(classes, params)
+
+    shots, held_out = draw_few_shot(index, classes, params)
+
+    assert shots.groupby("label").size().to_dict() == {0: 3, 1: 3, 2: 3}
+    assert set(shots["domain"]) == {"photo"}
+    assert set(held_out["domain"]) == {"sketch", "cartoon"}
+    assert not set(shots["path"]) & set(held_out["path"])
+    assert not _real_paths(shots["path"]) & _real_paths(held_out["path"])
+    # The links to the three photos not drawn are still scored.
+    assert held_out["path"].str.contains("photo_").sum() == 3
+    # The same seed draws the same images; another seed others.
+    pd.testing.assert_frame_equal(draw_few_shot(index, classes, params)[0], shots)
+    assert set(draw_few_shot(index, classes, _few_shot_params(root, k=3, seed=1))[0]["path"]) != set(shots["path"])
+    # Every readable image of a class when k is all of them; the unreadable one never.
+    everything, _ = draw_few_shot(index, classes, _few_shot_params(root, k=6))
+    assert len(everything) == 18 and not everything["path"].str.endswith("broken.png").any()
+
+
+def test_a_few_shot_draw_the_benchmark_cannot_serve_fails_on_one_line(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 6, "box": 7, "tent": 7}, "sketch": {"ball": 1}})
+    (root / "photo" / "ball" / "broken.png").write_bytes(b"")
+    classes = ClassNames.model_validate(CLASSES)
+    index, _ = index_benchmarks(classes, _params({"toy": {"root": str(root)}}))
+
+    with pytest.raises(FewShotError, match=r"^ood_evaluation.few_shot.k=7: class 'ball' has 6 readable images"):
+        draw_few_shot(index, classes, _few_shot_params(root, k=7))
+    with pytest.raises(FewShotError, match=r"source_domains.toy=\['painting'\]: \['painting'\] not evaluated"):
+        draw_few_shot(index, classes, _few_shot_params(root, k=1, source_domains={"toy": ["painting"]}))
+    with pytest.raises(FewShotError, match=r"leaves no evaluated domain to score the few-shot student on"):
+        draw_few_shot(index, classes, _few_shot_params(root, k=1, source_domains={"toy": ["photo", "sketch"]}))
+    shots, held_out = draw_few_shot(index, classes, _few_shot_params(root, k=0))
+    assert shots.empty and held_out.empty
+
+
+def test_the_report_says_which_setting_produced_each_row(tmp_path, monkeypatch) -> None:
+    root = _benchmark(tmp_path / "bench", {"photo": {"ball": 2, "box": 2, "tent": 2}, "sketch": {"ball": 1, "tent": 3}})
+    classes = ClassNames.model_validate(CLASSES)
+    params = _few_shot_params(root, k=1)
+    cpu = RuntimeParams(device="cpu")
+    index, listed_skips = index_benchmarks(classes, params)
+    teacher = predict_teacher(
+        index, _ConstantTeacher(2), None, classes, TEACHER, params, TeacherOutputCache(tmp_path / "cache")
+    )
+    _, held_out = draw_few_shot(index, classes, params)
+
+    # The data-free student always says ball, the few-shot one tent, the teacher tent.
+    results, _, predictions = score_domains(
+        index,
+        listed_skips,
+        teacher,
+        predict_student(index, _ConstantStudent(0), params, cpu),
+        held_out,
+        predict_student(held_out, _ConstantStudent(2), params, cpu),
+        classes,
+        params,
+    )
+    table, markdown, metrics = summarise_evaluation(results, params)
+
+    rows = table.set_index(["setting", "domain"])
+    assert list(rows.index) == [
+        ("data-free", "photo"),
+        ("data-free", "sketch"),
+        ("data-free", "average"),
+        ("few-shot k=1", "sketch"),
+        ("few-shot k=1", "average"),
+    ]
+    assert rows.loc[("data-free", "sketch"), "student_top1"] == 0.25
+    assert rows.loc[("few-shot k=1", "sketch"), ["student_top1", "teacher_top1", "agreement"]].tolist() == [
+        0.75,
+        0.75,
+        1.0,
+    ]
+    assert metrics["toy.sketch.student_top1"]["value"] == 0.25
+    assert metrics["few_shot.toy.sketch.student_top1"]["value"] == 0.75
+    assert "few_shot.toy.photo.student_top1" not in metrics  # photo gave the shots
+    assert "**few-shot k=1**: that student fine-tuned on 1 real images per class drawn with seed 0 from toy/photo" in (
+        markdown
+    )
+    assert predictions.groupby("setting").size().to_dict() == {"data-free": 10, "few-shot k=1": 4}
+    assert set(per_class_accuracy(predictions)["setting"]) == {"data-free", "few-shot k=1"}
+    figure = plot_domain_accuracy(results)
+    assert [text.get_text() for text in figure.axes[0].get_legend().get_texts()] == [
+        "student (data-free)",
+        "student (few-shot k=1)",
+        "teacher (zero-shot)",
+    ]
+    # Only the data-free rows score the registered student.
+    decided = {}
+    monkeypatch.setattr(
+        "clip_dfkd.pipelines.ood_evaluation.nodes.promote_if_better",
+        lambda student, scored, report, params: decided.setdefault("settings", set(scored["setting"])),
+    )
+    promote_student({}, table, markdown, params)
+    assert decided["settings"] == {"data-free"}
+
+
+def test_the_pipeline_scores_a_few_shot_student_next_to_the_data_free_one(demo_project) -> None:
+    import mlflow
+
+    demo_project.run("ood_evaluation")
+    few_shot = {"k": 2, "source_domains": {"demo_shapes": ["photo"]}, "training": {"epochs": 2}}
+    with demo_project.session(runtime_params={"ood_evaluation": {"few_shot": few_shot}}) as session:
+        session.run(pipeline_names=["ood_evaluation"])
+    run_id = mlflow.last_active_run().info.run_id
+
+    reports = demo_project.path / "data/08_reporting"
+    table = pd.read_csv(reports / "ood_evaluation.csv")
+    assert table.loc[table["setting"] == "few-shot k=2", "domain"].tolist() == ["cartoon", "night", "sketch", "average"]
+    assert table.loc[table["setting"] == "data-free", "domain"].tolist() == [
+        "cartoon",
+        "night",
+        "photo",
+        "sketch",
+        "average",
+    ]
+    shots = pd.read_csv(reports / "few_shot_images.csv")
+    assert len(shots) == 8 and set(shots["domain"]) == {"photo"}
+    assert "**few-shot k=2**" in (reports / "ood_evaluation.md").read_text()
+    client = mlflow.MlflowClient(f"sqlite:///{demo_project.path / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.data.metrics["ood_evaluation.few_shot.demo_shapes.average.student_top1"] == pytest.approx(
+        table.loc[(table["setting"] == "few-shot k=2") & (table["domain"] == "average"), "student_top1"].item()
+    )
+    assert [m.step for m in client.get_metric_history(run_id, "few_shot_training.total_loss")] == [0, 1]
+    assert run.data.params["ood_evaluation.few_shot.k"] == "2"
+
+
+def test_a_few_shot_source_domain_not_on_disk_fails_before_any_node(demo_project) -> None:
+    few_shot = {"k": 2, "source_domains": {"demo_shapes": ["foto"]}}
+    with pytest.raises(PreflightError) as caught:
+        with demo_project.session(runtime_params={"ood_evaluation": {"few_shot": few_shot}}) as session:
+            session.run(pipeline_names=["ood_evaluation"])
+
+    assert (
+        "ood_evaluation.few_shot.source_domains.demo_shapes=['foto']: ['foto'] not evaluated domains; "
+        "allowed: ['cartoon', 'night', 'photo', 'sketch']"
+    ) in str(caught.value).splitlines()

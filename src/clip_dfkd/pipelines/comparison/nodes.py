@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from clip_dfkd.errors import UserError
-from clip_dfkd.params import ComparisonParams, ImageSynthesisParams, PromptGenerationParams
+from clip_dfkd.params import DATA_FREE, ComparisonParams, ImageSynthesisParams, PromptGenerationParams
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ BACKENDS = list(get_args(ImageSynthesisParams.model_fields["backend"].annotation
 REQUIRED_COLUMNS = ["benchmark", "domain", "student_top1", "teacher_top1"]
 FIGURE_COLUMNS = ["images", "corrupt_images", "domains", "student_top1", "teacher_top1", "agreement", "note"]
 RUN_COLUMNS = ["experiment", "run_id", "run_name", "start_time", "method", "backend"]
-RESULT_COLUMNS = [*RUN_COLUMNS, "benchmark", "domain", *FIGURE_COLUMNS]
+RESULT_COLUMNS = [*RUN_COLUMNS, "setting", "benchmark", "domain", *FIGURE_COLUMNS]
 SEARCH_PAGE = 1000
 
 
@@ -212,6 +212,12 @@ def collect_evaluations(params: ComparisonParams) -> pd.DataFrame:
     results = tidy_evaluations(search)
     if results.empty:
         raise ComparisonError(search.nothing_found())
+    if params.setting not in set(results["setting"]):
+        raise ComparisonError(
+            f"comparison.setting={params.setting!r}: no compared run has rows of it; "
+            f"allowed: one of {list(dict.fromkeys(results['setting']))}"
+        )
+    results = results[results["setting"] == params.setting].reset_index(drop=True)
     if params.benchmark is not None:
         found = list(dict.fromkeys(results["benchmark"]))
         if params.benchmark not in found:
@@ -239,7 +245,9 @@ def tidy_evaluations(search: EvaluationSearch) -> pd.DataFrame:
         backend = evaluation.params.get(BACKEND_PARAM, NOT_LOGGED)
         if NOT_LOGGED in (method, backend):
             unnamed.append(evaluation.run_id)
-        frame = table.reindex(columns=["benchmark", "domain", *FIGURE_COLUMNS]).assign(
+        if "setting" not in table.columns:  # written before the few-shot setting existed
+            table = table.assign(setting=DATA_FREE)
+        frame = table.reindex(columns=["setting", "benchmark", "domain", *FIGURE_COLUMNS]).assign(
             experiment=search.experiment,
             run_id=evaluation.run_id,
             run_name=evaluation.run_name,
@@ -368,6 +376,8 @@ def tabulate_comparison(results: pd.DataFrame, params: ComparisonParams) -> tupl
     markdown = "\n".join(
         [
             "# Prompt methods and synthesis backends compared",
+            "",
+            f"Setting: {params.setting}.",
             "",
             f"Student top-1 per domain: the mean over the row's runs{spread}, and in brackets the teacher's "
             "zero-shot top-1 (the ceiling), mean over the same runs. `runs`: how many FINISHED runs of MLflow "

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from typing import Any
 
 import matplotlib
@@ -10,22 +12,30 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from clip_dfkd.benchmarks import scan_benchmark
-from clip_dfkd.imaging import iterate_batches
+from clip_dfkd.errors import UserError
+from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, iterate_batches, open_rgb
 from clip_dfkd.models import ClipTeacher, StudentClassifier
 from clip_dfkd.models.student import student_fingerprint
-from clip_dfkd.params import ClassNames, OodEvaluationParams, RuntimeParams, TeacherParams
+from clip_dfkd.params import DATA_FREE, ClassNames, OodEvaluationParams, RuntimeParams, TeacherParams
 from clip_dfkd.promotion import promote_if_better
-from clip_dfkd.runtime import Runtime
+from clip_dfkd.runtime import Runtime, seed_everything
+from clip_dfkd.student_training import AugmentedImages, MetricHistory, fit_student, soft_label_loss
 from clip_dfkd.teacher_cache import TeacherOutputCache, teacher_output_key
 
 logger = logging.getLogger(__name__)
 
+
+class FewShotError(UserError, ValueError):
+    """A few-shot setting the benchmark cannot serve; one line."""
+
+
 METRICS = ["student_top1", "teacher_top1", "agreement", "student_teacher_ratio"]
-TABLE_COLUMNS = ["benchmark", "domain", "images", "corrupt_images", "domains", *METRICS, "note"]
+TABLE_COLUMNS = ["setting", "benchmark", "domain", "images", "corrupt_images", "domains", *METRICS, "note"]
 SKIPPED_COLUMNS = ["benchmark", "domain", "path", "reason"]
 INDEX_COLUMNS = ["benchmark", "domain", "path", "label"]
 NO_READABLE_IMAGE = "no readable image"
@@ -46,6 +56,144 @@ def index_benchmarks(classes: ClassNames, params: OodEvaluationParams) -> tuple[
             ]
             skipped += [(name, domain.domain, str(path), reason) for path, reason in domain.skipped]
     return pd.DataFrame(rows, columns=INDEX_COLUMNS), pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+
+
+def draw_few_shot(
+    benchmark_index: pd.DataFrame, classes: ClassNames, params: OodEvaluationParams
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The few-shot split: ``few_shot.k`` readable images per class drawn with
+    ``few_shot.seed`` from the source domains (rows of the index), and the index of the
+    domains the few-shot student is scored on: every other evaluated domain, less any file
+    that is one of the drawn images under another name (a link). Both empty when k = 0.
+
+    Raises:
+        FewShotError: a source domain that was not indexed, no domain left to score, or a
+            class with fewer than k readable images in the source domains.
+    """
+    few_shot = params.few_shot
+    if not few_shot.k:
+        return benchmark_index.iloc[:0], benchmark_index.iloc[:0]
+    found = benchmark_index.groupby("benchmark", sort=False)["domain"].unique()
+    if problem := params.few_shot_source_problem({name: list(domains) for name, domains in found.items()}):
+        raise FewShotError(problem)
+    sources = {(b, domain) for b, domains in few_shot.source_domains.items() for domain in domains}
+    is_source = pd.Series(
+        [pair in sources for pair in zip(benchmark_index["benchmark"], benchmark_index["domain"], strict=True)],
+        index=benchmark_index.index,
+        dtype=bool,
+    )
+    pool = benchmark_index[is_source & benchmark_index["path"].notna()]
+    rng = np.random.default_rng(few_shot.seed)
+    drawn, short = [], {}
+    for label, name in enumerate(classes):
+        candidates = pool.index[pool["label"] == label]
+        taken = []
+        # Decodes only until k readable images are found: a source domain can be large.
+        for index in candidates[rng.permutation(len(candidates))]:
+            if len(taken) == few_shot.k:
+                break
+            if _readable(pool.at[index, "path"]):
+                taken.append(index)
+        if len(taken) < few_shot.k:
+            short[name] = len(taken)
+        drawn += taken
+    if short:
+        fewest = min(short, key=short.get)
+        raise FewShotError(
+            f"ood_evaluation.few_shot.k={few_shot.k}: class {fewest!r} has {short[fewest]} readable images in "
+            f"the source domains {few_shot.source_domains}; allowed: k <= {short[fewest]}, or more source domains"
+        )
+    shots = benchmark_index.loc[drawn].reset_index(drop=True)
+    held_out = benchmark_index[~is_source]
+    # A held-out file that is a drawn image under another name (a link, a copy by hard link)
+    # would be scored after training on it.
+    drawn_files = {os.path.realpath(path) for path in shots["path"]}
+    linked = held_out["path"].map(lambda path: isinstance(path, str) and os.path.realpath(path) in drawn_files)
+    if linked.any():
+        logger.warning(
+            "few-shot: %d held-out files are drawn training images under another name; not scored: %s",
+            int(linked.sum()),
+            held_out.loc[linked, "path"].tolist()[:5],
+        )
+    logger.info(
+        "few-shot: %d images (%d per class) from %s; the few-shot student is scored on %d images of %s",
+        len(shots),
+        few_shot.k,
+        few_shot.source_domains,
+        int(held_out["path"].notna().sum() - linked.sum()),
+        sorted({f"{b}/{d}" for b, d in zip(held_out["benchmark"], held_out["domain"], strict=True)}),
+    )
+    return shots, held_out[~linked].reset_index(drop=True)
+
+
+def _readable(path: str) -> bool:
+    try:
+        open_rgb(path)
+    except CORRUPT_IMAGE_ERRORS:
+        return False
+    return True
+
+
+def fine_tune_student(
+    student: StudentClassifier,
+    shots: pd.DataFrame,
+    teacher_model: ClipTeacher,
+    zero_shot_head: torch.Tensor,
+    params: OodEvaluationParams,
+    runtime: RuntimeParams,
+) -> tuple[StudentClassifier, MetricHistory]:
+    """The few-shot student: a copy of the distilled student fine-tuned on the drawn real
+    images against their true class (``label_weight`` · cross-entropy) and the teacher's
+    zero-shot logits on them (``kd_weight`` · T² · KL), all its layers or the classifier
+    only (``layers``), with its per-epoch metrics. With k = 0 the distilled student itself,
+    untouched, and no metrics."""
+    few_shot = params.few_shot
+    if not few_shot.k:
+        return student, {}
+    resolved = Runtime.resolve(runtime)
+    paths = shots["path"].tolist()
+    targets = [torch.as_tensor(shots["label"].to_numpy(), dtype=torch.long)]
+    if few_shot.kd_weight > 0:
+        teacher_targets = torch.empty(len(paths), len(zero_shot_head))
+        for indices, ok, (pixels,) in iterate_batches(paths, [teacher_model.preprocess], params.batch_size):
+            # The images were drawn readable; a file changed since is an error, not a gap.
+            if not bool(ok.all()):
+                raise FewShotError(
+                    f"few-shot images became unreadable while fine-tuning: {[paths[i] for i in indices[~ok]]}"
+                )
+            teacher_targets[indices] = teacher_model.classify(pixels, zero_shot_head)[0].float().cpu()
+        targets.append(teacher_targets)
+    seed_everything(few_shot.training.seed)
+    tuned = copy.deepcopy(student).cpu()
+    if few_shot.layers == "classifier":
+        trained = {id(parameter) for parameter in tuned.backbone.get_classifier().parameters()}
+        for parameter in tuned.parameters():
+            parameter.requires_grad_(id(parameter) in trained)
+    images = AugmentedImages(paths, targets, tuned.train_transform(few_shot.augmentation))
+
+    def step_loss(logits, embedding, batch_targets):
+        labels = batch_targets[0]
+        losses = {"label": F.cross_entropy(logits, labels)}
+        measures = {"label_accuracy": (logits.argmax(-1) == labels).float().mean()}
+        total = few_shot.label_weight * losses["label"]
+        if few_shot.kd_weight > 0:
+            teacher_logits = batch_targets[1]
+            losses["kd"] = soft_label_loss(logits, teacher_logits, few_shot.temperature)
+            measures["teacher_agreement"] = (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
+            total = total + few_shot.kd_weight * losses["kd"]
+        losses["total"] = total
+        return losses, measures
+
+    history = fit_student(
+        tuned,
+        images,
+        step_loss,
+        few_shot.training,
+        resolved,
+        f"Fine-tuning ({few_shot.describe()})",
+        freeze_batch_norm=few_shot.freeze_batch_norm,
+    )
+    return tuned.requires_grad_(True), history
 
 
 def predict_teacher(
@@ -118,29 +266,52 @@ def score_domains(
     listed_skips: pd.DataFrame,
     teacher_predictions: pd.DataFrame,
     student_predictions: pd.DataFrame,
+    few_shot_index: pd.DataFrame,
+    few_shot_predictions: pd.DataFrame,
     classes: ClassNames,
+    params: OodEvaluationParams,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Score every domain.
+    """Score every domain in each setting: the data-free student on every indexed domain
+    and, when ``few_shot.k`` > 0, the few-shot student on ``few_shot_index``'s domains.
 
-    Returns one row per domain: student top-1, teacher zero-shot top-1 (the ceiling), how
-    often the two agree and the student/teacher ratio, over the readable images, with the
-    unreadable ones counted as corrupt; a domain without any readable image has NaN scores
-    and the note "no readable image". And one row per file left out (``benchmark, domain,
-    path, reason``): the listed skips plus unreadable images with the decoder's one-line
-    error. And one row per evaluated image: its class and both models' predicted classes.
+    Returns one row per setting and domain: student top-1, teacher zero-shot top-1 (the
+    ceiling), how often the two agree and the student/teacher ratio, over the readable
+    images, with the unreadable ones counted as corrupt; a domain without any readable image
+    has NaN scores and the note "no readable image". And one row per file left out
+    (``benchmark, domain, path, reason``): the listed skips plus unreadable images with the
+    decoder's one-line error. And one row per setting and evaluated image: its class and
+    both models' predicted classes.
     """
-    merged = benchmark_index.merge(teacher_predictions, on="path", how="left").merge(
-        student_predictions.drop(columns="error"), on="path", how="left"
-    )
+    settings = [(DATA_FREE, benchmark_index, student_predictions)]
+    if params.few_shot.k:
+        settings.append((params.few_shot.describe(), few_shot_index, few_shot_predictions))
+    rows, predictions = [], []
+    for setting, index, students in settings:
+        merged = index.merge(teacher_predictions, on="path", how="left").merge(
+            students.drop(columns="error"), on="path", how="left"
+        )
+        rows += _domain_scores(setting, merged, listed_skips)
+        predictions.append(_image_predictions(setting, merged, classes))
+        if setting == DATA_FREE:
+            unreadable = merged[merged["path"].notna() & (merged["error"] != "")]
+            skipped = pd.concat(
+                [listed_skips, unreadable.rename(columns={"error": "reason"})[SKIPPED_COLUMNS]], ignore_index=True
+            )
+    return pd.DataFrame(rows), skipped, pd.concat(predictions, ignore_index=True)
+
+
+def _domain_scores(setting: str, merged: pd.DataFrame, listed_skips: pd.DataFrame) -> list[dict[str, Any]]:
+    """One scored row per domain of ``merged`` (the index with both models' predictions)."""
     rows = []
     for (benchmark, domain), group in merged.groupby(["benchmark", "domain"], sort=False):
         files = group[group["path"].notna()]
         readable = files[files["error"] == ""]
         corrupt = len(files) - len(readable)
-        if corrupt:
-            logger.warning("%s/%s: skipped %d unreadable images", benchmark, domain, corrupt)
         evaluated = len(readable)
-        if not evaluated:
+        # Every setting scores the same files; one warning per domain is enough.
+        if setting == DATA_FREE and corrupt:
+            logger.warning("%s/%s: skipped %d unreadable images", benchmark, domain, corrupt)
+        if setting == DATA_FREE and not evaluated:
             others = int(((listed_skips["benchmark"] == benchmark) & (listed_skips["domain"] == domain)).sum())
             logger.warning(
                 "%s/%s: no readable image (%d image files, %d other files); it is left out of the average",
@@ -153,6 +324,7 @@ def score_domains(
         teacher_top1 = (readable["teacher_label"] == readable["label"]).mean() if evaluated else np.nan
         rows.append(
             {
+                "setting": setting,
                 "benchmark": benchmark,
                 "domain": domain,
                 "images": evaluated,
@@ -164,14 +336,16 @@ def score_domains(
                 "note": "" if evaluated else NO_READABLE_IMAGE,
             }
         )
-    unreadable = merged[merged["path"].notna() & (merged["error"] != "")]
-    skipped = pd.concat(
-        [listed_skips, unreadable.rename(columns={"error": "reason"})[SKIPPED_COLUMNS]], ignore_index=True
-    )
+    return rows
+
+
+def _image_predictions(setting: str, merged: pd.DataFrame, classes: ClassNames) -> pd.DataFrame:
+    """One row per readable image: its class and both models' predicted class names."""
     evaluated = merged[merged["path"].notna() & (merged["error"] == "")]
     names = np.asarray(list(classes), dtype=object)
-    predictions = pd.DataFrame(
+    return pd.DataFrame(
         {
+            "setting": setting,
             "benchmark": evaluated["benchmark"],
             "domain": evaluated["domain"],
             "path": evaluated["path"],
@@ -179,8 +353,7 @@ def score_domains(
             "student_prediction": names[evaluated["student_label"].to_numpy(int)],
             "teacher_prediction": names[evaluated["teacher_label"].to_numpy(int)],
         }
-    ).reset_index(drop=True)
-    return pd.DataFrame(rows), skipped, predictions
+    )
 
 
 def _domains(benchmark_index: pd.DataFrame):
@@ -222,9 +395,11 @@ def _stacked(tables: list[pd.DataFrame], column: str) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["path", column, "error"])
 
 
-def summarise_evaluation(domain_results: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
-    """Per-domain rows plus each benchmark's mean over its domains that have readable images;
-    the same as Markdown; and every figure as an MLflow metric (``<benchmark>.<domain>.<metric>``).
+def summarise_evaluation(domain_results: pd.DataFrame, params: OodEvaluationParams) -> tuple[pd.DataFrame, str, dict]:
+    """Per-domain rows plus each benchmark's mean over its domains that have readable images,
+    per setting (data-free first); the same as Markdown, saying what each setting is; and
+    every figure as an MLflow metric: ``<benchmark>.<domain>.<metric>`` for the data-free
+    student, ``few_shot.<benchmark>.<domain>.<metric>`` for the few-shot one.
 
     ``domains`` says how many domains a row's scores cover: 1 for a domain with readable
     images, 0 for one without (its scores are NaN), and for an average the number averaged
@@ -233,7 +408,7 @@ def summarise_evaluation(domain_results: pd.DataFrame) -> tuple[pd.DataFrame, st
     """
     counted = domain_results.assign(domains=(domain_results["images"] > 0).astype(int))
     averages = (
-        counted.groupby("benchmark", sort=False)
+        counted.groupby(["setting", "benchmark"], sort=False)
         .agg(
             images=("images", "sum"),
             corrupt_images=("corrupt_images", "sum"),
@@ -249,10 +424,29 @@ def summarise_evaluation(domain_results: pd.DataFrame) -> tuple[pd.DataFrame, st
     # The share of the teacher's accuracy that the student reaches over the benchmark.
     averages["student_teacher_ratio"] = averages["student_top1"] / averages["teacher_top1"]
     table = pd.concat([counted[TABLE_COLUMNS], averages[TABLE_COLUMNS]], ignore_index=True)
-    table = table.sort_values(["benchmark"], kind="stable", ignore_index=True)
-    markdown = "# Out-of-distribution evaluation\n\n" + table.to_markdown(index=False, floatfmt=".4f") + "\n"
+    # Settings in the order scored (data-free first), each benchmark's domains then its average.
+    order = {setting: i for i, setting in enumerate(dict.fromkeys(domain_results["setting"]))}
+    table = table.sort_values(
+        ["setting", "benchmark"],
+        key=lambda column: column.map(order) if column.name == "setting" else column,
+        kind="stable",
+        ignore_index=True,
+    )
+    markdown = "\n".join(
+        [
+            "# Out-of-distribution evaluation",
+            "",
+            *[f"- **{setting}**: {_setting_description(setting, params)}" for setting in order],
+            "",
+            table.to_markdown(index=False, floatfmt=".4f"),
+            "",
+        ]
+    )
     metrics = {
-        f"{row.benchmark}.{row.domain}.{metric}": {"value": float(getattr(row, metric)), "step": 0}
+        f"{'' if row.setting == DATA_FREE else 'few_shot.'}{row.benchmark}.{row.domain}.{metric}": {
+            "value": float(getattr(row, metric)),
+            "step": 0,
+        }
         for row in table.itertuples()
         for metric in [*METRICS, "corrupt_images"]
         if not pd.isna(getattr(row, metric))
@@ -260,7 +454,8 @@ def summarise_evaluation(domain_results: pd.DataFrame) -> tuple[pd.DataFrame, st
     for row in table.itertuples():
         if row.domains:
             logger.info(
-                "%s/%s: student top-1 %.4f, teacher top-1 %.4f, agreement %.4f%s",
+                "%s, %s/%s: student top-1 %.4f, teacher top-1 %.4f, agreement %.4f%s",
+                row.setting,
                 row.benchmark,
                 row.domain,
                 row.student_top1,
@@ -273,14 +468,28 @@ def summarise_evaluation(domain_results: pd.DataFrame) -> tuple[pd.DataFrame, st
     return table, markdown, metrics
 
 
+def _setting_description(setting: str, params: OodEvaluationParams) -> str:
+    if setting == DATA_FREE:
+        return "the distilled student, which has seen no real image; every evaluated domain."
+    few_shot = params.few_shot
+    sources = ", ".join(f"{b}/{d}" for b, domains in few_shot.source_domains.items() for d in domains)
+    return (
+        f"that student fine-tuned on {few_shot.k} real images per class drawn with seed {few_shot.seed} from "
+        f"{sources} (true class weight {few_shot.label_weight:g}, teacher soft labels weight "
+        f"{few_shot.kd_weight:g} at T = {few_shot.temperature:g}, {few_shot.training.epochs} epochs); "
+        "scored on the other domains only."
+    )
+
+
 def per_class_accuracy(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Student and teacher top-1 per benchmark, domain and class (``images`` of that class)."""
+    """Student and teacher top-1 per setting, benchmark, domain and class (``images`` of that
+    class)."""
     scored = predictions.assign(
         student_correct=predictions["student_prediction"] == predictions["class_name"],
         teacher_correct=predictions["teacher_prediction"] == predictions["class_name"],
     )
     return (
-        scored.groupby(["benchmark", "domain", "class_name"], sort=False)
+        scored.groupby(["setting", "benchmark", "domain", "class_name"], sort=False)
         .agg(
             images=("path", "size"),
             student_top1=("student_correct", "mean"),
@@ -291,24 +500,24 @@ def per_class_accuracy(predictions: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_confusion_matrices(predictions: pd.DataFrame, classes: ClassNames) -> Figure:
-    """One row per benchmark: the student's and the teacher's confusion matrices over all
-    its evaluated domains, each row normalised by the true class's count."""
+    """One row per setting and benchmark: the student's and the teacher's confusion matrices
+    over the domains scored in that setting, each row normalised by the true class's count."""
     names = list(classes)
-    benchmarks = list(dict.fromkeys(predictions["benchmark"]))
+    panels = list(dict.fromkeys(zip(predictions["setting"], predictions["benchmark"], strict=True)))
     side = min(12.0, 2.5 + 0.35 * len(names))
     figure, axes = plt.subplots(
-        max(1, len(benchmarks)),
+        max(1, len(panels)),
         2,
-        figsize=(2 * side, side * max(1, len(benchmarks))),
+        figsize=(2 * side, side * max(1, len(panels))),
         squeeze=False,
         constrained_layout=True,
     )
     index = {name: i for i, name in enumerate(names)}
-    for row, benchmark in zip(axes, benchmarks, strict=False):
-        rows = predictions[predictions["benchmark"] == benchmark]
+    for row, (setting, benchmark) in zip(axes, panels, strict=False):
+        rows = predictions[(predictions["setting"] == setting) & (predictions["benchmark"] == benchmark)]
         truth = rows["class_name"].map(index).to_numpy(int)
         for axis, column, model in (
-            (row[0], "student_prediction", "student"),
+            (row[0], "student_prediction", f"{setting} student"),
             (row[1], "teacher_prediction", "teacher"),
         ):
             matrix = np.zeros((len(names), len(names)))
@@ -336,28 +545,39 @@ def plot_confusion_matrices(predictions: pd.DataFrame, classes: ClassNames) -> F
 
 
 def plot_domain_accuracy(domain_results: pd.DataFrame) -> Figure:
-    """Grouped bars per domain: student top-1 next to the teacher's zero-shot ceiling."""
+    """Grouped bars per domain: the student's top-1 in each setting next to the teacher's
+    zero-shot ceiling; a few-shot source domain has no few-shot bar."""
     benchmarks = list(dict.fromkeys(domain_results["benchmark"]))
+    settings = list(dict.fromkeys(domain_results["setting"]))
+    data_free = domain_results[domain_results["setting"] == DATA_FREE]
     figure, axes = plt.subplots(
         1,
         len(benchmarks),
-        figsize=(max(4.0, 1.4 * len(domain_results) + 1.5), 3.6),
+        figsize=(max(4.0, (0.7 + 0.35 * len(settings)) * len(data_free) + 1.5), 3.6),
         squeeze=False,
         constrained_layout=True,
     )
-    width = 0.38
+    width = 0.8 / (len(settings) + 1)
     for axis, benchmark in zip(axes[0], benchmarks, strict=True):
-        rows = domain_results[domain_results["benchmark"] == benchmark]
+        rows = data_free[data_free["benchmark"] == benchmark].set_index("domain")
         positions = np.arange(len(rows))
-        for offset, column, label in (
-            (-width / 2, "student_top1", "student"),
-            (width / 2, "teacher_top1", "teacher (zero-shot)"),
-        ):
-            bars = axis.bar(positions + offset, rows[column], width, label=label)
-            axis.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2f}" for v in rows[column]], fontsize=7)
+        bars = [
+            (
+                f"student ({setting})" if len(settings) > 1 else "student",
+                domain_results[(domain_results["setting"] == setting) & (domain_results["benchmark"] == benchmark)]
+                .set_index("domain")["student_top1"]
+                .reindex(rows.index),
+            )
+            for setting in settings
+        ]
+        bars.append(("teacher (zero-shot)", rows["teacher_top1"]))
+        for number, (label, values) in enumerate(bars):
+            offset = (number - (len(bars) - 1) / 2) * width
+            drawn = axis.bar(positions + offset, values.to_numpy(float), width, label=label)
+            axis.bar_label(drawn, labels=["" if np.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
         # A domain without readable images has no bars; its tick says why.
         ticks = [
-            f"{d}\n({NO_READABLE_IMAGE})" if n == 0 else d for d, n in zip(rows["domain"], rows["images"], strict=True)
+            f"{d}\n({NO_READABLE_IMAGE})" if n == 0 else d for d, n in zip(rows.index, rows["images"], strict=True)
         ]
         axis.set_xticks(positions, ticks, rotation=20)
         axis.set_ylim(0, 1.05)
@@ -406,5 +626,7 @@ def promote_student(
     evaluated_student: dict[str, Any], evaluation_table: pd.DataFrame, report: str, params: OodEvaluationParams
 ) -> dict[str, Any]:
     """Record the evaluation on the scored student's registered version and move the
-    promotion alias (``champion``) to it only when it beats the version holding it."""
-    return promote_if_better(evaluated_student, evaluation_table, report, params)
+    promotion alias (``champion``) to it only when it beats the version holding it. Only the
+    data-free rows score that version; a few-shot student is another model."""
+    data_free = evaluation_table[evaluation_table["setting"] == DATA_FREE]
+    return promote_if_better(evaluated_student, data_free, report, params)

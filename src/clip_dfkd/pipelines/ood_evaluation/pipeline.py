@@ -2,6 +2,8 @@ from kedro.pipeline import Node, Pipeline
 
 from clip_dfkd.pipelines.ood_evaluation.nodes import (
     describe_evaluated_student,
+    draw_few_shot,
+    fine_tune_student,
     index_benchmarks,
     per_class_accuracy,
     plot_confusion_matrices,
@@ -25,6 +27,25 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="index_benchmarks",
             ),
             Node(
+                draw_few_shot,
+                inputs=["ood_benchmark_index", "params:classes", "params:ood_evaluation"],
+                outputs=["few_shot_images", "few_shot_evaluation_index"],
+                name="draw_few_shot",
+            ),
+            Node(
+                fine_tune_student,
+                inputs=[
+                    "student_model",
+                    "few_shot_images",
+                    "teacher_model",
+                    "zero_shot_head",
+                    "params:ood_evaluation",
+                    "params:runtime",
+                ],
+                outputs=["few_shot_student_model", "few_shot_training_metrics"],
+                name="fine_tune_student",
+            ),
+            Node(
                 predict_teacher,
                 inputs=[
                     "ood_benchmark_index",
@@ -45,13 +66,27 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="predict_student",
             ),
             Node(
+                predict_student,
+                inputs=[
+                    "few_shot_evaluation_index",
+                    "few_shot_student_model",
+                    "params:ood_evaluation",
+                    "params:runtime",
+                ],
+                outputs="few_shot_student_predictions",
+                name="predict_few_shot_student",
+            ),
+            Node(
                 score_domains,
                 inputs=[
                     "ood_benchmark_index",
                     "ood_listed_skips",
                     "ood_teacher_predictions",
                     "ood_student_predictions",
+                    "few_shot_evaluation_index",
+                    "few_shot_student_predictions",
                     "params:classes",
+                    "params:ood_evaluation",
                 ],
                 outputs=["ood_domain_results", "ood_skipped_files", "ood_predictions"],
                 name="score_domains",
@@ -78,7 +113,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 summarise_evaluation,
-                inputs="ood_domain_results",
+                inputs=["ood_domain_results", "params:ood_evaluation"],
                 outputs=["ood_evaluation_table", "ood_evaluation_report", "ood_evaluation_metrics"],
                 name="summarise_evaluation",
             ),

@@ -1,0 +1,154 @@
+"""The student's training loop, shared by distillation (synthetic images against the teacher's
+outputs) and few-shot fine-tuning (real images against their true class and the teacher's
+outputs): only the images, the targets and the loss differ."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from clip_dfkd.imaging import ImageSource, Transform, open_rgb
+from clip_dfkd.models import StudentClassifier
+from clip_dfkd.params import TrainingParams
+from clip_dfkd.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+# (student logits, projected student features or None, the batch's targets) ->
+# (losses, with the weighted sum to minimise as "total"; batch means to report, e.g. agreement)
+StepLoss = Callable[
+    [torch.Tensor, torch.Tensor | None, list[torch.Tensor]],
+    tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+]
+# Per metric, one {"value", "step"} per epoch: the shape kedro-mlflow's MlflowMetricsHistoryDataset logs.
+MetricHistory = dict[str, list[dict[str, float]]]
+
+
+class AugmentedImages(Dataset):
+    """Images decoded on demand, augmented, each with its row of every target tensor."""
+
+    def __init__(self, sources: Sequence[ImageSource], targets: Sequence[torch.Tensor], transform: Transform):
+        if any(len(target) != len(sources) for target in targets):
+            raise ValueError(f"{len(sources)} images but targets of lengths {[len(t) for t in targets]}")
+        self._sources = sources
+        self._targets = targets
+        self._transform = transform
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __getitem__(self, index: int):
+        return self._transform(open_rgb(self._sources[index])), *(target[index] for target in self._targets)
+
+
+def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(teacher_T ‖ student_T) on temperature-softened logits. The T² factor keeps the
+    gradient scale of the soft targets independent of T (Hinton et al.)."""
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=-1),
+            F.log_softmax(teacher_logits / temperature, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
+
+
+def fit_student(
+    student: StudentClassifier,
+    images: AugmentedImages,
+    step_loss: StepLoss,
+    training: TrainingParams,
+    runtime: Runtime,
+    description: str,
+    freeze_batch_norm: bool = False,
+) -> MetricHistory:
+    """Train ``student`` in place (AdamW, one-cycle learning rate, mixed precision on an
+    accelerator) on ``images`` for ``training.epochs``, minimising ``step_loss``'s total.
+
+    Only parameters that require a gradient are trained. ``freeze_batch_norm`` keeps
+    batch-norm layers on their running statistics (neither using nor updating the batch's),
+    as fine-tuning on a few images of one domain needs: else they become that domain's. The
+    caller seeds (before creating the student, so that its initial weights are seeded too);
+    ``training.seed`` orders the images.
+
+    Returns per-epoch means over the images: each loss as ``<name>_loss``, each reported
+    measure under its name, the final ``learning_rate`` and ``epoch_seconds``.
+    """
+    student.to(runtime.device)
+    loader = DataLoader(
+        images,
+        batch_size=min(training.batch_size, len(images)),
+        shuffle=True,
+        drop_last=len(images) > training.batch_size,
+        num_workers=runtime.num_workers,
+        generator=torch.Generator().manual_seed(training.seed),
+        pin_memory=runtime.device.type == "cuda",
+    )
+    optimizer = torch.optim.AdamW(
+        [parameter for parameter in student.parameters() if parameter.requires_grad],
+        lr=training.learning_rate,
+        weight_decay=training.weight_decay,
+        fused=True,  # one kernel for every parameter, on CPU and GPU
+    )
+    total_steps = training.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=training.learning_rate, total_steps=total_steps, pct_start=0.1
+    )
+    # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(enabled=runtime.device.type == "cuda" and runtime.dtype == torch.float16)
+    forward = torch.compile(student.forward_distill) if runtime.compile else student.forward_distill
+
+    history: MetricHistory = defaultdict(list)
+    progress = tqdm(total=total_steps, desc=description, unit="step")
+    for epoch in range(training.epochs):
+        student.train()
+        if freeze_batch_norm:
+            for module in student.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        started = time.perf_counter()
+        sums: dict[str, float] = defaultdict(float)
+        seen = 0
+        for pixels, *targets in loader:
+            pixels = pixels.to(runtime.device, non_blocking=True)
+            targets = [target.to(runtime.device, non_blocking=True) for target in targets]
+            with runtime.autocast():
+                logits, embedding = forward(pixels)
+            losses, measures = step_loss(logits.float(), embedding, targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["total"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            batch = len(pixels)
+            seen += batch
+            reported = {f"{name}_loss": float(value.detach()) for name, value in losses.items()}
+            reported |= {name: float(value) for name, value in measures.items()}
+            for name, value in reported.items():
+                sums[name] += value * batch
+            progress.update(1)
+            progress.set_postfix(epoch=epoch + 1, loss=f"{reported['total_loss']:.4f}")
+        epoch_metrics = {name: value / seen for name, value in sums.items()}
+        epoch_metrics["learning_rate"] = scheduler.get_last_lr()[0]
+        epoch_metrics["epoch_seconds"] = time.perf_counter() - started
+        for name, value in epoch_metrics.items():
+            history[name].append({"value": value, "step": epoch})
+        logger.info(
+            "%s, epoch %d/%d: %s",
+            description,
+            epoch + 1,
+            training.epochs,
+            ", ".join(f"{name} {value:.4f}" for name, value in epoch_metrics.items() if name != "epoch_seconds"),
+        )
+    progress.close()
+    student.cpu().eval()
+    return dict(history)
