@@ -40,7 +40,7 @@ def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, bac
 
     # One teacher, loaded once, serves prompt generation, inversion, labeling and evaluation.
     assert len(teacher_loads) == 1
-    bank = StyleBank.load(project / "data/05_model_input/style_bank.safetensors")
+    bank = StyleBank.load(project / "data/02_intermediate/style_bank.safetensors")
     manifest = pd.read_parquet(project / "data/03_primary/synthesis_manifest.parquet")
     assert len(manifest) == 36
     assert manifest["method"].eq(method).all()
@@ -68,6 +68,10 @@ def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, bac
         assert -1 <= run.data.metrics[metric] <= 1
     assert ("prompt_generation.contrastive.style_loss" in run.data.metrics) == (method == "contrastive")
     assert run.data.metrics["image_synthesis.seconds_per_image"] > 0
+    # Every image's rendering time, summed: the stage's real cost, which its node time leaves out.
+    assert run.data.metrics["image_synthesis.render_seconds"] == pytest.approx(
+        run.data.metrics["image_synthesis.seconds_per_image"] * len(manifest)
+    )
     if backend == "inversion":
         # Each image's final loss in the manifest; the mean loss curve, per logged iteration, in MLflow.
         assert manifest["inversion_loss"].between(0, 10).all()

@@ -2,20 +2,57 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NewType
 
 import fsspec.core
+import numpy as np
 from kedro.io import AbstractDataset, DatasetError
+from kedro_datasets import pandas as pandas_datasets
+from kedro_datasets import text as text_datasets
+from kedro_datasets._typing import ImagePreview, JSONPreview, TablePreview
 from kedro_datasets.partitions import PartitionedDataset
+from PIL import Image
 
 from clip_dfkd.atomic import atomic_directory
-from clip_dfkd.models.student import StudentClassifier
+from clip_dfkd.models.student import CONFIG_NAME, StudentClassifier
 from clip_dfkd.styles import StyleBank
 from clip_dfkd.teacher_cache import TeacherOutputCache
 
 _PARTIAL = ".partial"
+
+# kedro-viz names a preview's kind after its return annotation: "TextPreview" shows as text.
+TextPreview = NewType("TextPreview", str)
+
+
+def _array_cell(value: Any) -> Any:
+    """An array cell as a short readable string (kedro-viz serialises previews as JSON,
+    which has no arrays of numpy values), other cells as they are."""
+    if not isinstance(value, np.ndarray):
+        return value
+    head = ", ".join(f"{v:.3g}" if isinstance(v, float | np.floating) else str(v) for v in value[:4].tolist())
+    return f"[{head}{', …' if len(value) > 4 else ''}] ({len(value)} values)"
+
+
+class ParquetDataset(pandas_datasets.ParquetDataset):
+    """kedro-datasets' ``pandas.ParquetDataset`` whose kedro-viz preview shows array columns
+    (embeddings, logits) as short strings instead of failing to serialise them."""
+
+    def preview(self, nrows: int = 5) -> TablePreview:
+        table = super().preview(nrows)
+        table["data"] = [[_array_cell(cell) for cell in row] for row in table["data"]]
+        return TablePreview(table)
+
+
+class MarkdownDataset(text_datasets.TextDataset):
+    """kedro-datasets' ``text.TextDataset`` with the text as its kedro-viz preview."""
+
+    def preview(self) -> TextPreview:
+        return TextPreview(self.load())
 
 
 class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Callable[[], Any]]]):
@@ -64,6 +101,21 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Call
             writer.save(partition_data() if callable(partition_data) else partition_data)
             self._filesystem.mv(staging_path, final_path)
 
+    def preview(self, images: int = 12, columns: int = 6, size: int = 96) -> ImagePreview:
+        """A grid of the first ``images`` complete partitions (as images, ``size`` pixels
+        square), for kedro-viz."""
+        partitions = self._complete_partitions()
+        chosen = [partitions[partition_id]() for partition_id in sorted(partitions)[:images]]
+        if not chosen:
+            raise DatasetError(f"No complete partitions found in '{self._path}'")
+        rows = -(-len(chosen) // columns)
+        grid = Image.new("RGB", (size * min(columns, len(chosen)), size * rows), "white")
+        for i, image in enumerate(chosen):
+            grid.paste(image.convert("RGB").resize((size, size)), ((i % columns) * size, (i // columns) * size))
+        buffer = io.BytesIO()
+        grid.save(buffer, format="PNG")
+        return ImagePreview(base64.b64encode(buffer.getvalue()).decode("ascii"))
+
     def _complete_partitions(self) -> dict[str, Callable[[], Any]]:
         # Listed afresh each time: saves write next to the composed dataset, not through it.
         self._partitions.release()
@@ -104,7 +156,11 @@ class StudentModelDataset(AbstractDataset[StudentClassifier, StudentClassifier])
             data.save_pretrained(staging)
 
     def _exists(self) -> bool:
-        return (self._path / "config.json").is_file()
+        return (self._path / CONFIG_NAME).is_file()
+
+    def preview(self) -> JSONPreview:
+        """The saved ``config.json``: architecture, classes, preprocessing."""
+        return JSONPreview((self._path / CONFIG_NAME).read_text())
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
@@ -123,6 +179,12 @@ class StyleBankDataset(AbstractDataset[StyleBank, StyleBank]):
 
     def save(self, data: StyleBank) -> None:
         data.save(self._filepath)
+
+    def preview(self) -> JSONPreview:
+        """The bank's method, encoder, pseudo-word names and how they were made."""
+        bank = self.load()
+        summary = {"method": bank.method, "encoder": bank.encoder, "dim": bank.dim if bank.names else None}
+        return JSONPreview(json.dumps({**summary, "names": bank.names, "details": bank.details}, default=str))
 
     def _exists(self) -> bool:
         return self._filepath.is_file()

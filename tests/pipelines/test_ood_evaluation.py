@@ -654,7 +654,7 @@ def test_the_pipeline_scores_a_few_shot_student_next_to_the_data_free_one(demo_p
         "sketch",
         "average",
     ]
-    shots = pd.read_csv(reports / "few_shot_images.csv")
+    shots = pd.read_csv(demo_project.path / "data/07_model_output/few_shot_images.csv")
     assert len(shots) == 8 and set(shots["domain"]) == {"photo"}
     assert "**few-shot k=2**" in (reports / "ood_evaluation.md").read_text()
     client = mlflow.MlflowClient(f"sqlite:///{demo_project.path / 'mlflow.db'}")

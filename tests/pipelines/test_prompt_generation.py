@@ -111,5 +111,5 @@ def test_pipeline_writes_the_prompt_table(demo_project) -> None:
     assert len(table) == 3 * 3 * 4  # demo: classes × styles × images_per_class_and_style
     assert list(table.columns[:3]) == ["prompt_id", "class_name", "class_index"]
     assert set(table["class_name"]) == {"ball", "box", "tent", "kite"}
-    assert StyleBank.load(demo_project.path / "data/05_model_input/style_bank.safetensors").names == []
+    assert StyleBank.load(demo_project.path / "data/02_intermediate/style_bank.safetensors").names == []
     assert (demo_project.path / "data/08_reporting/prompt_diversity.png").stat().st_size > 0

@@ -1,11 +1,13 @@
 from kedro.pipeline import Node, Pipeline
 
+from clip_dfkd.pipelines import namespaced
 from clip_dfkd.pipelines.comparison.nodes import collect_evaluations, plot_comparison, tabulate_comparison
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     # Reads finished runs, so it is not one of the stages of `kedro run` (pipeline_registry).
-    return Pipeline(
+    return namespaced(
+        "comparison",
         [
             Node(
                 collect_evaluations,
@@ -25,5 +27,5 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="comparison_chart",
                 name="plot_comparison",
             ),
-        ]
+        ],
     )

@@ -1,13 +1,15 @@
 from kedro.pipeline import Node, Pipeline
 
+from clip_dfkd.pipelines import namespaced
 from clip_dfkd.pipelines.image_synthesis.nodes import plot_sample_grid, record_synthesis, synthesize_images
-from clip_dfkd.pipelines.teacher_labeling.pipeline import create_teacher_pipeline
+from clip_dfkd.pipelines.teacher_labeling.pipeline import TEACHER_LOADER, create_teacher_pipeline
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     # The inversion backend optimises images against the teacher; a run loads it once and
     # shares it with teacher labeling.
-    return create_teacher_pipeline().only_nodes("load_teacher_model") + Pipeline(
+    return create_teacher_pipeline().only_nodes(TEACHER_LOADER) + namespaced(
+        "image_synthesis",
         [
             Node(
                 synthesize_images,
@@ -36,5 +38,5 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="synthetic_sample_grid",
                 name="plot_sample_grid",
             ),
-        ]
+        ],
     )

@@ -1,5 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
+from clip_dfkd.pipelines import namespaced
 from clip_dfkd.pipelines.ood_evaluation.nodes import (
     describe_evaluated_student,
     draw_few_shot,
@@ -18,7 +19,8 @@ from clip_dfkd.pipelines.teacher_labeling.pipeline import create_teacher_pipelin
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return create_teacher_pipeline() + Pipeline(
+    return create_teacher_pipeline() + namespaced(
+        "ood_evaluation",
         [
             Node(
                 index_benchmarks,
@@ -134,5 +136,5 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="ood_accuracy_chart",
                 name="plot_domain_accuracy",
             ),
-        ]
+        ],
     )

@@ -1,18 +1,20 @@
 from kedro.pipeline import Node, Pipeline
 
+from clip_dfkd.pipelines import namespaced
 from clip_dfkd.pipelines.prompt_generation.nodes import (
     build_style_bank,
     generate_prompts,
     load_prompt_encoder,
     measure_prompt_diversity,
 )
-from clip_dfkd.pipelines.teacher_labeling.pipeline import create_teacher_pipeline
+from clip_dfkd.pipelines.teacher_labeling.pipeline import TEACHER_LOADER, create_teacher_pipeline
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     # Pseudo-words live in the text encoder that conditions synthesis: the generator's for
     # diffusion, the teacher's (loaded once per run, shared by reference) for inversion.
-    return create_teacher_pipeline().only_nodes("load_teacher_model") + Pipeline(
+    return create_teacher_pipeline().only_nodes(TEACHER_LOADER) + namespaced(
+        "prompt_generation",
         [
             Node(
                 load_prompt_encoder,
@@ -38,5 +40,5 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs=["prompt_diversity_metrics", "prompt_diversity_plot"],
                 name="measure_prompt_diversity",
             ),
-        ]
+        ],
     )

@@ -1,10 +1,12 @@
 from kedro.pipeline import Node, Pipeline
 
+from clip_dfkd.pipelines import namespaced
 from clip_dfkd.pipelines.student_distillation.nodes import register_student, train_student
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline(
+    return namespaced(
+        "student_distillation",
         [
             Node(
                 train_student,
@@ -31,5 +33,5 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="student_registration",
                 name="register_student",
             ),
-        ]
+        ],
     )

@@ -1,5 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
+from clip_dfkd.pipelines import namespaced
 from clip_dfkd.pipelines.teacher_labeling.nodes import (
     build_zero_shot_head,
     label_images,
@@ -8,11 +9,16 @@ from clip_dfkd.pipelines.teacher_labeling.nodes import (
     summarise_labels,
 )
 
+# The node that loads the teacher, for stages that need the teacher but not its head.
+TEACHER_LOADER = "teacher.load_teacher_model"
+
 
 def create_teacher_pipeline() -> Pipeline:
-    """The loaded teacher and its zero-shot head, shared in memory by every stage that needs
-    them; summing pipelines merges these identical nodes, so one run loads the teacher once."""
-    return Pipeline(
+    """The loaded teacher and its zero-shot head (namespace ``teacher``), shared in memory by
+    every stage that needs them; summing pipelines merges these identical nodes, so one run
+    loads the teacher once."""
+    return namespaced(
+        "teacher",
         [
             Node(
                 load_teacher_model,
@@ -26,12 +32,13 @@ def create_teacher_pipeline() -> Pipeline:
                 outputs="zero_shot_head",
                 name="build_zero_shot_head",
             ),
-        ]
+        ],
     )
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return create_teacher_pipeline() + Pipeline(
+    return create_teacher_pipeline() + namespaced(
+        "teacher_labeling",
         [
             Node(
                 label_images,
@@ -58,5 +65,5 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="image_diversity_metrics",
                 name="measure_image_diversity",
             ),
-        ]
+        ],
     )
