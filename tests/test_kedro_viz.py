@@ -11,25 +11,27 @@ import io
 import json
 
 import pytest
-from conftest import DATA_LAYERS
+from conftest import DATA_LAYERS, StagedDemoProject
 from PIL import Image
 
 STAGES = ["prompt_generation", "image_synthesis", "teacher_labeling", "student_distillation", "ood_evaluation"]
 
 
 @pytest.fixture(scope="module")
-def viz(demo_project):
-    """A TestClient on kedro-viz's REST app for the demo project, after all five stages ran."""
+def viz(new_project):
+    """A TestClient on kedro-viz's REST app for a demo project of its own, after all five
+    stages ran there (on the plumbing budget)."""
     from fastapi.testclient import TestClient
     from kedro_viz.api.apps import create_api_app_from_project
     from kedro_viz.data_access import data_access_manager
     from kedro_viz.server import load_and_populate_data
 
-    demo_project.run("ood_evaluation")
-    with contextlib.chdir(demo_project.path):
+    project = StagedDemoProject(new_project("viz"))
+    project.run("ood_evaluation")
+    with contextlib.chdir(project.path):
         data_access_manager.reset_fields()
-        load_and_populate_data(demo_project.path, env="demo")
-        yield TestClient(create_api_app_from_project(demo_project.path)), data_access_manager
+        load_and_populate_data(project.path, env="demo")
+        yield TestClient(create_api_app_from_project(project.path)), data_access_manager
 
 
 def _graph(client, pipeline: str | None = None) -> dict:

@@ -130,9 +130,20 @@ def test_the_run_is_tracked_and_registers_its_student(demo_run: Path) -> None:
     assert champion.version == version.version
     average = results["student_top1"].mean()
     assert float(champion.tags["ood_evaluation.demo_shapes.average.student_top1"]) == pytest.approx(average, abs=1e-5)
-    assert champion.description.startswith("# Out-of-distribution evaluation")
+    assert champion.description.startswith(
+        "A resnet10t classifier of 4 classes (ball, box, tent, kite), distilled from the CLIP teacher "
+        "open_clip:clip-dfkd-tiny/"
+    )
+    assert "\n\n---\n\n# Out-of-distribution evaluation" in champion.description
+    # The logged model carries the final epoch's training metrics and the evaluation, nothing else.
     logged_model = client.get_logged_model(champion.source.removeprefix("models:/"))
-    assert {m.key for m in logged_model.metrics} >= {"ood_evaluation.demo_shapes.night.student_top1"}
+    carried = {m.key: m for m in logged_model.metrics}
+    assert carried["student_distillation.total_loss"].step == 59
+    assert carried["student_distillation.total_loss"].value == pytest.approx(history[-1].value)
+    assert carried["ood_evaluation.demo_shapes.night.student_top1"].value == pytest.approx(
+        results.loc["night", "student_top1"]
+    )
+    assert {key.split(".")[0] for key in carried} == {"student_distillation", "ood_evaluation"}
 
 
 def test_the_registered_student_reproduces_the_evaluations_predictions(demo_run: Path, monkeypatch) -> None:

@@ -100,3 +100,17 @@ def test_a_promotion_benchmark_that_is_not_evaluated_fails_on_one_line() -> None
 
     with pytest.raises(InvalidParameterError, match=r"^ood_evaluation.promotion.benchmark='domainnet': not an enabled"):
         _params(benchmark="domainnet")
+
+
+def test_a_new_evaluation_replaces_the_report_under_the_versions_own_description(registry) -> None:
+    registry.update_model_version(NAME, "2", description="A resnet18 classifier of 7 classes.")
+
+    _evaluate("2", _table(0.6))
+    decision = promote_if_better(
+        {"registered_model": NAME, "version": "2", "reason": None}, _table(0.7), "# second report", _params()
+    )
+
+    assert decision["holds_alias"]
+    assert registry.get_model_version(NAME, "2").description == (
+        "A resnet18 classifier of 7 classes.\n\n---\n\n# second report"
+    )

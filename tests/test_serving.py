@@ -50,12 +50,27 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
     student = create_student(StudentParams(model_name="test_resnet", image_size=32), CLASSES).eval()
     with mlflow.start_run(experiment_id=experiment):
-        registration = register_student_model(student, MODEL_NAME, "candidate", {"student": "test_resnet"})
+        for epoch, loss in enumerate([0.9, 0.5, 0.2]):
+            mlflow.log_metric("train.loss", loss, step=epoch)
+        mlflow.log_metric("prompt_diversity", 0.3, step=0)  # another stage's figure, not the model's
+        registration = register_student_model(
+            student,
+            MODEL_NAME,
+            "candidate",
+            {"student": "test_resnet"},
+            description="A test_resnet classifier of three classes.",
+            training_metrics=lambda key: key.startswith("train."),
+        )
     png, jpeg = root / "photo.png", root / "photo.jpg"
     _photo(480, 640, seed=0).save(png)
     _photo(375, 500, seed=1).save(jpeg, quality=90)
     return SimpleNamespace(
-        tracking_uri=tracking_uri, uri=registration["uri"], student=student, root=root, files=[png, jpeg]
+        tracking_uri=tracking_uri,
+        uri=registration["uri"],
+        registration=registration,
+        student=student,
+        root=root,
+        files=[png, jpeg],
     )
 
 
@@ -228,3 +243,21 @@ def test_scoring_server_answers_a_bad_row_with_400_naming_it(registered, scoring
     assert response.status_code == 400
     assert response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
     assert f"row 1: path '{missing}': no such file" in response.json()["message"]
+
+
+def test_the_registered_model_carries_its_final_training_metrics_and_a_description(registered) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(registered.tracking_uri)
+    version = client.get_model_version(MODEL_NAME, registered.registration["version"])
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+
+    assert [(m.key, m.value, m.step) for m in logged.metrics] == [("train.loss", 0.2, 2)]
+    # Linking adds no point to the run's own history.
+    assert [m.value for m in client.get_metric_history(registered.registration["run_id"], "train.loss")] == [
+        0.9,
+        0.5,
+        0.2,
+    ]
+    assert version.description == "A test_resnet classifier of three classes."
+    assert client.get_registered_model(MODEL_NAME).description.startswith("Students distilled from a CLIP teacher")

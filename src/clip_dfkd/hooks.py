@@ -3,12 +3,24 @@ disk before a run are in :mod:`clip_dfkd.preflight`)."""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import shlex
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
 from kedro_mlflow.framework.hooks import MlflowHook
 from pydantic import BaseModel
+
+logger = logging.getLogger(__name__)
+
+# The stages of a full `kedro run`, which the run name calls "all stages".
+ALL_STAGES = "__default__"
 
 
 class TypedParamsMlflowHook(MlflowHook):
@@ -17,6 +29,20 @@ class TypedParamsMlflowHook(MlflowHook):
 
     Its run is closed completely at the end of a pipeline only with ``tracking.run.nested:
     false`` in ``mlflow.yml`` (see the comment there and tests/test_mlflow_hook.py)."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        """kedro-mlflow's run, named after what runs and tagged so that runs can be told
+        apart and reproduced: the env, the exact command, the project version and the git
+        commit; kedro-mlflow's tags that are Python reprs are rewritten as plain text."""
+        super().before_pipeline_run(run_params=run_params, pipeline=pipeline, catalog=catalog)
+        import mlflow
+
+        if not self._is_mlflow_enabled or mlflow.active_run() is None:
+            return
+        parameters = catalog.load("parameters")
+        mlflow.set_tags(run_tags(run_params))
+        mlflow.set_tag("mlflow.runName", run_name(run_params, parameters, pipeline))
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
@@ -41,3 +67,106 @@ class DemoAssetsHook:
         from clip_dfkd.demo import DemoAssetsParams, ensure_demo_assets
 
         ensure_demo_assets(DemoAssetsParams.model_validate(raw), Path(run_params["project_path"]))
+
+
+def run_name(run_params: dict[str, Any], parameters: dict[str, Any], pipeline) -> str:
+    """What ran, e.g. ``all stages · demo · vanilla prompts · inversion`` or
+    ``ood_evaluation · demo · few-shot k=5``: the pipelines, the env and the settings that
+    tell runs of them apart (the prompt method and synthesis backend when those stages ran,
+    the few-shot setting when evaluation ran with one)."""
+    names = run_params.get("pipeline_names") or [ALL_STAGES]
+    parts = [" + ".join("all stages" if name == ALL_STAGES else name for name in names), _env(run_params)]
+    ran = {node.namespace for node in pipeline.nodes}
+    if "prompt_generation" in ran:
+        parts.append(f"{_plain(parameters.get('prompt_generation'))['method']} prompts")
+    if "image_synthesis" in ran:
+        parts.append(_plain(parameters.get("image_synthesis"))["backend"])
+    if "ood_evaluation" in ran:
+        k = _plain(parameters.get("ood_evaluation")).get("few_shot", {}).get("k", 0)
+        if k:
+            parts.append(f"few-shot k={k}")
+    return " · ".join(parts)
+
+
+def run_tags(run_params: dict[str, Any]) -> dict[str, str]:
+    """The run's env, command, project version and git commit, and kedro-mlflow's own tags
+    as plain text (it logs the runner, the pipeline names and the runtime parameters as
+    Python reprs)."""
+    project = Path(run_params["project_path"])
+    tags = {
+        "env": _env(run_params),
+        "kedro_command": _command(run_params),
+        "clip_dfkd_version": _project_version(),
+        "runner": _runner_name(str(run_params.get("runner"))),
+        "pipeline_names": ",".join(run_params.get("pipeline_names") or [ALL_STAGES]),
+        "runtime_params": json.dumps(run_params.get("runtime_params") or {}, sort_keys=True),
+    }
+    if commit := _git_commit(project):
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _env(run_params: dict[str, Any]) -> str:
+    # Kedro runs with the default run env (conf/local) on top of base when none is given.
+    return run_params.get("env") or "local"
+
+
+def _plain(section: Any) -> dict[str, Any]:
+    return section.model_dump() if isinstance(section, BaseModel) else dict(section or {})
+
+
+def _command(run_params: dict[str, Any]) -> str:
+    """The command line when this process is ``kedro`` (or ``python -m kedro``); else (a
+    notebook, a test) the equivalent ``kedro run`` command."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if program in ("kedro", "clip-dfkd") or sys.argv[0].endswith(("kedro/__main__.py", "clip_dfkd/__main__.py")):
+        return shlex.join(["kedro", *sys.argv[1:]])
+    words = ["kedro", "run"]
+    if names := run_params.get("pipeline_names"):
+        words.append(f"--pipelines={','.join(names)}")
+    if run_params.get("env"):
+        words.append(f"--env={run_params['env']}")
+    for option in ("tags", "node_names", "from_nodes", "to_nodes", "from_inputs", "to_outputs", "namespaces"):
+        if values := run_params.get(option):
+            words.append(f"--{option.replace('_', '-').replace('node-names', 'nodes')}={','.join(values)}")
+    if runtime := run_params.get("runtime_params"):
+        words.append(f"--params={','.join(f'{k}={v}' for k, v in _flattened(runtime).items())}")
+    return shlex.join(words)
+
+
+def _flattened(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flattened(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _runner_name(text: str) -> str:
+    """``<kedro.runner.sequential_runner.SequentialRunner object at 0x7f…>`` → ``SequentialRunner``;
+    "None" (``session.run`` without a runner) is Kedro's default, the sequential runner."""
+    if text == "None":
+        return "SequentialRunner"
+    match = re.fullmatch(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", text)
+    return match.group(1).rsplit(".", 1)[-1] if match else text
+
+
+def _project_version() -> str:
+    try:
+        return version("clip-dfkd")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def _git_commit(project: Path) -> str | None:
+    """The commit checked out in the project folder, or None outside a git work tree or
+    without git."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None

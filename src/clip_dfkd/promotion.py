@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from clip_dfkd.params import OodEvaluationParams
+from clip_dfkd.tracking import describe_version, link_latest_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def _decided(decision: dict[str, Any], holds_alias: bool, score: float | None, r
 
 def _record_evaluation(client: MlflowClient, name: str, version: str, table: pd.DataFrame, report: str) -> None:
     """Every figure of ``table`` as a version tag and, when the version has an MLflow 3 logged
-    model, as that model's metrics; the report as the version's description."""
+    model and this evaluation an active run, linked to that model from the run's metrics;
+    the report under the version's description."""
     figures = {
         FIGURE_TAG.format(benchmark=row.benchmark, domain=row.domain, metric=metric): float(value)
         for row in table.itertuples()
@@ -116,6 +118,7 @@ def _record_evaluation(client: MlflowClient, name: str, version: str, table: pd.
     model_id = registered.model_id
     if not model_id and (registered.source or "").startswith("models:/m-"):
         model_id = registered.source.removeprefix("models:/")
-    if model_id and mlflow.active_run() is not None:
-        mlflow.log_metrics(figures, model_id=model_id)
-    client.update_model_version(name, version, description=report)
+    if model_id and (run := mlflow.active_run()) is not None:
+        # The evaluation stage logged them to this run just before (ood_evaluation_metrics).
+        link_latest_metrics(client, run.info.run_id, model_id, figures.__contains__)
+    describe_version(client, name, version, report)

@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 import clip_dfkd
 from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, open_rgb
 from clip_dfkd.models.student import StudentClassifier
+from clip_dfkd.tracking import MODEL_STEP, link_latest_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +131,16 @@ def _row_error(row: int, problem: str) -> MlflowException:
 
 
 def register_student_model(
-    student: StudentClassifier, registered_name: str, alias: str, tags: dict[str, str]
+    student: StudentClassifier,
+    registered_name: str,
+    alias: str,
+    tags: dict[str, str],
+    description: str,
+    training_metrics: Callable[[str], bool],
 ) -> dict[str, str]:
-    """Log ``student`` to the active MLflow run as a pyfunc model, register a new version of
-    ``registered_name`` with ``tags`` and move ``alias`` to it."""
+    """Log ``student`` to the active MLflow run as a pyfunc model carrying the latest point of
+    the run's ``training_metrics`` (the final epoch's), register a new version of
+    ``registered_name`` with ``tags`` and ``description`` and move ``alias`` to it."""
     with tempfile.TemporaryDirectory() as scratch:
         student_dir = Path(scratch) / _STUDENT_ARTIFACT
         student.save_pretrained(student_dir)
@@ -152,9 +160,21 @@ def register_student_model(
             pip_requirements=_requirements(),
             registered_model_name=registered_name,
             tags=tags,
+            step=MODEL_STEP,
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
+    link_latest_metrics(client, info.run_id, info.model_id, training_metrics)
+    client.update_model_version(registered_name, version, description=description)
+    client.update_registered_model(
+        registered_name,
+        description=(
+            "Students distilled from a CLIP teacher by clip-dfkd, without real training images. Each version's "
+            "description says what it classifies and how it was made, then its latest evaluation; "
+            f"@{alias} is the newest; ood_evaluation moves its promotion alias (@champion by default) only to "
+            "better-evaluated versions."
+        ),
+    )
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, value)
     client.set_registered_model_alias(registered_name, alias, version)

@@ -109,17 +109,28 @@ def register_student(
     which ood_evaluation matches the student it scores to this registered version.
     """
     fingerprint = student_fingerprint(student)
+    teacher_name = f"open_clip:{teacher.model_name}/{teacher.pretrained}"
+    generator = (
+        f"diffusion:{image_synthesis.generator.model_id}"
+        if image_synthesis.backend == "diffusion"
+        else f"inversion:{image_synthesis.inversion.parameterization}"
+    )
+    names = list(classes)
+    shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
     registration = register_student_model(
         student,
         registered_name=params.registry.model_name,
         alias=params.registry.alias,
+        description=(
+            f"A {params.student.model_name} classifier of {len(names)} classes ({shown}), distilled from the CLIP "
+            f"teacher {teacher_name} on images synthesised by {generator} from {prompt_generation.method} "
+            f"prompts; no real image. Its logged model carries the final epoch's training metrics "
+            f"(student_distillation.*) and, once evaluated, the evaluation's figures."
+        ),
+        training_metrics=lambda key: key.startswith("student_distillation."),
         tags={
-            "teacher": f"open_clip:{teacher.model_name}/{teacher.pretrained}",
-            "generator": (
-                f"diffusion:{image_synthesis.generator.model_id}"
-                if image_synthesis.backend == "diffusion"
-                else f"inversion:{image_synthesis.inversion.parameterization}"
-            ),
+            "teacher": teacher_name,
+            "generator": generator,
             "prompt_method": prompt_generation.method,
             "classes": ",".join(classes),
             "student": params.student.model_name,

@@ -1,0 +1,40 @@
+"""What a registered student carries in MLflow besides its weights: the metrics linked to its
+logged model, and the description of its version."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+# log_model links every run metric logged at the model's step; the student is logged at a step
+# no metric uses, and its metrics are linked explicitly (link_latest_metrics).
+MODEL_STEP = -1
+# Between a version's description (what it is) and its latest evaluation report.
+REPORT_SEPARATOR = "\n\n---\n\n"
+
+
+def link_latest_metrics(client: MlflowClient, run_id: str, model_id: str, selected: Callable[[str], bool]) -> list[str]:
+    """Link the latest point (highest step) of each ``selected`` metric of run ``run_id`` to
+    the logged model ``model_id``, as MLflow links metrics when it logs a model: the same
+    entries again with the model's id, so the run's history gains no point. Returns the keys."""
+    linked = []
+    for key in sorted(k for k in client.get_run(run_id).data.metrics if selected(k)):
+        history = client.get_metric_history(run_id, key)
+        last = max(metric.step for metric in history)
+        points = [
+            Metric(m.key, m.value, m.timestamp, m.step, run_id=run_id, model_id=model_id)
+            for m in history
+            if m.step == last and m.model_id is None
+        ]
+        client.log_batch(run_id, metrics=points)
+        linked.append(key)
+    return linked
+
+
+def describe_version(client: MlflowClient, name: str, version: str, report: str) -> None:
+    """Put ``report`` under the version's own description (what the student is), replacing
+    the report of an earlier evaluation."""
+    own = (client.get_model_version(name, version).description or "").split(REPORT_SEPARATOR)[0]
+    client.update_model_version(name, version, description=own + REPORT_SEPARATOR + report if own else report)
