@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,34 @@ def test_the_catalog_entry_builds_a_dataset_that_kedro_viz_can_describe(tmp_path
     assert dataset.exists()
     assert (tmp_path / "ball" / "0.png").is_file()
     assert np.asarray(dataset.load()["ball/0"]())[0, 0, 0] == 10
+
+
+def test_a_table_is_saved_and_also_logged_as_an_mlflow_table(tmp_path: Path) -> None:
+    import mlflow
+    import pandas as pd
+
+    from clip_dfkd.datasets import MlflowTableDataset
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("tables", artifact_location=(tmp_path / "artifacts").as_uri())
+    table = pd.DataFrame({"domain": ["photo", "night"], "student_top1": [0.8, None]})
+    dataset = MlflowTableDataset(
+        dataset={"type": "pandas.CSVDataset", "filepath": str(tmp_path / "t.csv"), "save_args": {"index": False}},
+        artifact_file="ood_evaluation/table.json",
+    )
+
+    with mlflow.start_run(experiment_id=experiment) as logged:
+        dataset.save(table)
+    with mlflow.start_run(experiment_id=experiment) as untracked:
+        dataset._logging_activated = False  # as kedro-mlflow switches off a pipeline it does not track
+        dataset.save(table)
+
+    pd.testing.assert_frame_equal(dataset.load(), table)
+    assert dataset.preview(nrows=1)["data"] == [["photo", 0.8]]
+    run = mlflow.MlflowClient().get_run(logged.info.run_id)
+    assert json.loads(run.data.tags["mlflow.loggedArtifacts"]) == [
+        {"path": "ood_evaluation/table.json", "type": "table"}
+    ]
+    shown = mlflow.artifacts.load_dict(f"runs:/{logged.info.run_id}/ood_evaluation/table.json")
+    assert shown == {"columns": ["domain", "student_top1"], "data": [["photo", 0.8], ["night", None]]}
+    assert mlflow.MlflowClient().list_artifacts(untracked.info.run_id) == []

@@ -50,6 +50,10 @@ EXPECTED_ARTIFACTS = {
     "ood_evaluation/ood_per_class_accuracy.csv",
     "ood_evaluation/ood_confusion_matrices.png",
     "ood_evaluation/ood_promotion.json",
+    # MLflow tables, which the UI shows as tables and compares across runs
+    "prompt_generation/prompt_table.json",
+    "teacher_labeling/teacher_label_summary.json",
+    "ood_evaluation/ood_evaluation_table.json",
 }
 
 

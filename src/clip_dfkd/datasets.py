@@ -11,6 +11,7 @@ from typing import Any, NewType
 
 import fsspec.core
 import numpy as np
+import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets import pandas as pandas_datasets
 from kedro_datasets import text as text_datasets
@@ -46,6 +47,52 @@ class ParquetDataset(pandas_datasets.ParquetDataset):
         table = super().preview(nrows)
         table["data"] = [[_array_cell(cell) for cell in row] for row in table["data"]]
         return TablePreview(table)
+
+
+class MlflowTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
+    """A table saved through ``dataset`` (any Kedro dataset config, e.g. a kedro-mlflow
+    artifact of a CSV file) and, when an MLflow run is active, also logged to it as an MLflow
+    table (``mlflow.log_table`` to ``artifact_file``, a ``.json`` path): the MLflow UI shows it
+    as a table and its artifact view compares it across runs."""
+
+    def __init__(self, *, dataset: dict[str, Any], artifact_file: str, metadata: dict[str, Any] | None = None):
+        self._dataset = AbstractDataset.from_config(f"{artifact_file} (table)", dataset)
+        self._artifact_file = artifact_file
+        self._logging = True
+        self.metadata = metadata
+
+    def load(self) -> pd.DataFrame:
+        return self._dataset.load()
+
+    def save(self, data: pd.DataFrame) -> None:
+        self._dataset.save(data)
+        import mlflow
+
+        if self._logging_activated and mlflow.active_run() is not None:
+            # Missing values as JSON null, which MLflow's table reader expects.
+            mlflow.log_table(data.astype(object).where(data.notna(), None), artifact_file=self._artifact_file)
+
+    def preview(self, nrows: int = 5) -> TablePreview:
+        return TablePreview(self._dataset.preview(nrows))
+
+    # kedro-mlflow switches logging off for the datasets of a pipeline it does not track by
+    # setting this on every catalog entry whose class name starts with "Mlflow"; it reaches
+    # the wrapped artifact dataset through here.
+    @property
+    def _logging_activated(self) -> bool:
+        return self._logging
+
+    @_logging_activated.setter
+    def _logging_activated(self, flag: bool) -> None:
+        self._logging = flag
+        if hasattr(self._dataset, "_logging_activated"):
+            self._dataset._logging_activated = flag
+
+    def _exists(self) -> bool:
+        return self._dataset.exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"dataset": self._dataset._describe(), "artifact_file": self._artifact_file}
 
 
 class MarkdownDataset(text_datasets.TextDataset):
