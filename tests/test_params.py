@@ -27,6 +27,9 @@ def _error(model, raw) -> str:
     return message
 
 
+PACS = {"benchmarks": {"pacs": {"root": "data/01_raw/PACS", "layout": "pacs"}}}
+
+
 @pytest.mark.parametrize(
     ("model", "raw", "expected"),
     [
@@ -157,6 +160,33 @@ def _error(model, raw) -> str:
             OodEvaluationParams,
             {"benchmarks": {}},
             "ood_evaluation.benchmarks={}: Dictionary should have at least 1 item",
+        ),
+        (
+            OodEvaluationParams,
+            {**PACS, "few_shot": {"k": 5}},
+            "ood_evaluation.few_shot.source_domains={}: k > 0 needs domains to draw from",
+        ),
+        (
+            OodEvaluationParams,
+            {**PACS, "few_shot": {"k": 5, "source_domains": {"pacs": ["foto"]}}},
+            "ood_evaluation.few_shot.source_domains.pacs=['foto']: ['foto'] not evaluated domains; "
+            "allowed: ['art_painting', 'cartoon', 'photo', 'sketch']",
+        ),
+        (
+            OodEvaluationParams,
+            {**PACS, "few_shot": {"k": 5, "source_domains": {"vlcs": ["x"]}}},
+            "ood_evaluation.few_shot.source_domains={'vlcs': ['x']}: ['vlcs'] not enabled benchmarks",
+        ),
+        (
+            OodEvaluationParams,
+            {**PACS, "few_shot": {"k": 5, "source_domains": {"pacs": ["art_painting", "cartoon", "photo", "sketch"]}}},
+            "ood_evaluation.few_shot.source_domains={'pacs': ['art_painting', 'cartoon', 'photo', 'sketch']}: leaves "
+            "no evaluated domain",
+        ),
+        (
+            OodEvaluationParams,
+            {**PACS, "few_shot": {"label_weight": 0, "kd_weight": 0}},
+            "ood_evaluation.few_shot.label_weight=0: label_weight and kd_weight are both 0",
         ),
     ],
 )

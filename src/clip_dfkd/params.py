@@ -592,50 +592,41 @@ class OodEvaluationParams(Params):
         return self
 
     def _check_few_shot_sources(self) -> None:
-        """Each source domain is one the evaluation reads, and some evaluated domain is left
-        to score the few-shot student on (checked here where the domains are known without
-        reading the disk; otherwise when the benchmark is indexed)."""
-        enabled = list(self.enabled_benchmarks())
-        if unknown := [name for name in self.few_shot.source_domains if name not in enabled]:
-            raise _bad(
-                "few_shot.source_domains",
-                self.few_shot.source_domains,
-                f"{unknown} not enabled benchmarks; allowed: {enabled}",
-            )
-        held_out = False
-        for name in enabled:
-            known = self.evaluated_domains(name)
-            if known is None:
-                held_out = True  # a folders layout: its domains are found on disk
-                continue
-            sources = self.few_shot.source_domains.get(name, [])
-            if unknown := [domain for domain in sources if domain not in known]:
-                raise _bad(
-                    f"few_shot.source_domains.{name}", sources, f"{unknown} not evaluated domains; allowed: {known}"
+        """The few-shot sources against the domains known without reading the disk (a
+        ``folders`` benchmark's are checked when it is scanned, by the preflight hook)."""
+        if problem := self.few_shot_source_problem(
+            {name: self.evaluated_domains(name) for name in self.enabled_benchmarks()}
+        ):
+            raise _bad(*problem)
+
+    def few_shot_source_problem(self, found: Mapping[str, Sequence[str] | None]) -> tuple[str, Any, str] | None:
+        """Why the few-shot sources do not fit the evaluated domains ``found`` per enabled
+        benchmark (None: not known yet), as ``(key, value, reason)``: a source benchmark that
+        is not enabled, a source domain that is not evaluated, or no domain left to score."""
+        sources = self.few_shot.source_domains
+        if unknown := [name for name in sources if name not in found]:
+            return "few_shot.source_domains", sources, f"{unknown} not enabled benchmarks; allowed: {list(found)}"
+        for name, domains in sources.items():
+            known = found[name]
+            if known is not None and (missing := [domain for domain in domains if domain not in known]):
+                return (
+                    f"few_shot.source_domains.{name}",
+                    domains,
+                    f"{missing} not evaluated domains; allowed: {list(known)}",
                 )
-            held_out = held_out or bool(set(known) - set(sources))
-        if not held_out:
-            raise _bad(
+        if all(known is not None and set(known) <= set(sources.get(name, [])) for name, known in found.items()):
+            return (
                 "few_shot.source_domains",
-                self.few_shot.source_domains,
+                sources,
                 "leaves no evaluated domain to score the few-shot student on; allowed: sources that leave one out",
             )
+        return None
 
-    def few_shot_source_problem(self, found: Mapping[str, Sequence[str]]) -> str | None:
-        """Why the few-shot sources do not fit the domains ``found`` on disk per enabled
-        benchmark (a source that is not among them, or none left to score), or None."""
-        few_shot = self.few_shot
-        for benchmark, domains in few_shot.source_domains.items():
-            if missing := [domain for domain in domains if domain not in found.get(benchmark, [])]:
-                return (
-                    f"ood_evaluation.few_shot.source_domains.{benchmark}={domains!r}: {missing} not evaluated domains; "
-                    f"allowed: {list(found.get(benchmark, []))}"
-                )
-        if all(set(domains) <= set(few_shot.source_domains.get(name, [])) for name, domains in found.items()):
-            return (
-                f"ood_evaluation.few_shot.source_domains={few_shot.source_domains!r}: leaves no evaluated domain to "
-                "score the few-shot student on; allowed: sources that leave one out"
-            )
+    def few_shot_source_error(self, found: Mapping[str, Sequence[str]]) -> str | None:
+        """:meth:`few_shot_source_problem` for the domains found on disk, as one line."""
+        if problem := self.few_shot_source_problem(found):
+            key, value, reason = problem
+            return f"{self.section}.{key}={value!r}: {reason}"
         return None
 
     def evaluated_domains(self, name: str) -> list[str] | None:

@@ -160,7 +160,7 @@ class PreflightHook:
                 except BenchmarkError as exc:
                     problems.append(str(exc))
             if evaluation.few_shot.k and len(found) == len(evaluation.enabled_benchmarks()):
-                problems.append(evaluation.few_shot_source_problem(found))
+                problems.append(evaluation.few_shot_source_error(found))
         if "comparison" in used:
             from clip_dfkd.pipelines.comparison.nodes import comparison_problem  # imports matplotlib: only here
 

@@ -74,7 +74,7 @@ def draw_few_shot(
     if not few_shot.k:
         return benchmark_index.iloc[:0], benchmark_index.iloc[:0]
     found = benchmark_index.groupby("benchmark", sort=False)["domain"].unique()
-    if problem := params.few_shot_source_problem({name: list(domains) for name, domains in found.items()}):
+    if problem := params.few_shot_source_error({name: list(domains) for name, domains in found.items()}):
         raise FewShotError(problem)
     sources = {(b, domain) for b, domains in few_shot.source_domains.items() for domain in domains}
     is_source = pd.Series(
