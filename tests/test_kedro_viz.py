@@ -27,8 +27,9 @@ def viz(new_project):
     from kedro_viz.server import load_and_populate_data
 
     project = StagedDemoProject(new_project("viz"))
-    project.run("ood_evaluation")
+    # Catalog and parameter paths are relative to the project, as in a run.
     with contextlib.chdir(project.path):
+        project.run("ood_evaluation")
         data_access_manager.reset_fields()
         load_and_populate_data(project.path, env="demo")
         yield TestClient(create_api_app_from_project(project.path)), data_access_manager

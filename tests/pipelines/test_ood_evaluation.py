@@ -620,7 +620,8 @@ def test_the_report_says_which_setting_produced_each_row(tmp_path, monkeypatch) 
     assert predictions.groupby("setting").size().to_dict() == {"data-free": 10, "few-shot k=1": 4}
     assert set(per_class_accuracy(predictions)["setting"]) == {"data-free", "few-shot k=1"}
     figure = plot_domain_accuracy(results)
-    assert [text.get_text() for text in figure.axes[0].get_legend().get_texts()] == [
+    assert "photo\n(few-shot source)" in [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == [
         "student (data-free)",
         "student (few-shot k=1)",
         "teacher (zero-shot)",

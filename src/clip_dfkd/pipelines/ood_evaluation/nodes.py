@@ -575,15 +575,24 @@ def plot_domain_accuracy(domain_results: pd.DataFrame) -> Figure:
             offset = (number - (len(bars) - 1) / 2) * width
             drawn = axis.bar(positions + offset, values.to_numpy(float), width, label=label)
             axis.bar_label(drawn, labels=["" if np.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
-        # A domain without readable images has no bars; its tick says why.
+        # A domain without readable images has no bars, a few-shot source no few-shot bar; the
+        # tick says why.
+        scored_in_every_setting = set.intersection(*(set(values.dropna().index) for _, values in bars))
         ticks = [
-            f"{d}\n({NO_READABLE_IMAGE})" if n == 0 else d for d, n in zip(rows.index, rows["images"], strict=True)
+            f"{d}\n({NO_READABLE_IMAGE})"
+            if n == 0
+            else d
+            if d in scored_in_every_setting
+            else f"{d}\n(few-shot source)"
+            for d, n in zip(rows.index, rows["images"], strict=True)
         ]
         axis.set_xticks(positions, ticks, rotation=20)
         axis.set_ylim(0, 1.05)
         axis.set_title(benchmark)
         axis.set_ylabel("top-1 accuracy")
-    axes[0][0].legend(loc="upper left", fontsize=8)
+    # Below the panels: inside, the legend would cover the tallest bars.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
     return figure
 
 
