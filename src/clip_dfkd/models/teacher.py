@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
+from clip_dfkd.imaging import ImageSource, iterate_batches
 from clip_dfkd.models.checkpoints import architecture_mismatch, checkpoint_shapes
 from clip_dfkd.models.errors import ModelNotFoundError
 from clip_dfkd.models.model_configs import building_without_weights, register_project_model_configs
@@ -62,6 +64,36 @@ class ClipTeacher:
         """Zero-shot logits (CLIP's logit scale applied) and the normalised image embeddings."""
         embeddings = self.encode_images(pixels)
         return self.logit_scale * embeddings @ weights.T, embeddings
+
+    def classify_images(
+        self, sources: Sequence[ImageSource], weights: torch.Tensor, batch_size: int, description: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`classify` over every image of ``sources``, in order, decoded in batches (in
+        DataLoader workers when the runtime has them) with a progress bar; both on the CPU.
+
+        Raises:
+            UnreadableImagesError: at the first batch with an image that cannot be decoded.
+        """
+        logits, embeddings = [], []
+        progress = tqdm(total=len(sources), desc=description, unit="img")
+        for indices, ok, (pixels,) in iterate_batches(sources, [self.preprocess], batch_size, self.runtime.num_workers):
+            if not bool(ok.all()):
+                raise UnreadableImagesError(indices[~ok].tolist())
+            batch_logits, batch_embeddings = self.classify(pixels, weights)
+            logits.append(batch_logits.cpu())
+            embeddings.append(batch_embeddings.cpu())
+            progress.update(len(pixels))
+        progress.close()
+        return torch.cat(logits), torch.cat(embeddings)
+
+
+class UnreadableImagesError(ValueError):
+    """Images the teacher was asked to classify that cannot be decoded (``indices`` into its
+    sources); the caller says what to do about them."""
+
+    def __init__(self, indices: list[int]):
+        super().__init__(f"images {indices} cannot be decoded")
+        self.indices = indices
 
 
 def missing_teacher_weights(params: TeacherParams) -> str | None:

@@ -21,6 +21,7 @@ from clip_dfkd.errors import UserError
 from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, iterate_batches, open_rgb
 from clip_dfkd.models import ClipTeacher, StudentClassifier
 from clip_dfkd.models.student import student_fingerprint
+from clip_dfkd.models.teacher import UnreadableImagesError
 from clip_dfkd.params import DATA_FREE, ClassNames, OodEvaluationParams, RuntimeParams, TeacherParams
 from clip_dfkd.promotion import promote_if_better
 from clip_dfkd.runtime import Runtime, seed_everything
@@ -154,15 +155,16 @@ def fine_tune_student(
     paths = shots["path"].tolist()
     targets = [torch.as_tensor(shots["label"].to_numpy(), dtype=torch.long)]
     if few_shot.kd_weight > 0:
-        teacher_targets = torch.empty(len(paths), len(zero_shot_head))
-        for indices, ok, (pixels,) in iterate_batches(paths, [teacher_model.preprocess], params.batch_size):
+        try:
+            teacher_targets, _ = teacher_model.classify_images(
+                paths, zero_shot_head, params.batch_size, "Teacher soft labels"
+            )
+        except UnreadableImagesError as exc:
             # The images were drawn readable; a file changed since is an error, not a gap.
-            if not bool(ok.all()):
-                raise FewShotError(
-                    f"few-shot images became unreadable while fine-tuning: {[paths[i] for i in indices[~ok]]}"
-                )
-            teacher_targets[indices] = teacher_model.classify(pixels, zero_shot_head)[0].float().cpu()
-        targets.append(teacher_targets)
+            raise FewShotError(
+                f"few-shot images became unreadable while fine-tuning: {[paths[i] for i in exc.indices]}"
+            ) from None
+        targets.append(teacher_targets.float())
     seed_everything(few_shot.training.seed)
     tuned = copy.deepcopy(student).cpu()
     if few_shot.layers == "classifier":

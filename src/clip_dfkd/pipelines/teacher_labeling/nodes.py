@@ -7,10 +7,9 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from clip_dfkd.imaging import iterate_batches
 from clip_dfkd.models import ClipTeacher, load_teacher
+from clip_dfkd.models.teacher import UnreadableImagesError
 from clip_dfkd.params import ClassNames, RuntimeParams, TeacherLabelingParams, TeacherParams
 from clip_dfkd.runtime import Runtime
 from clip_dfkd.styles import diversity_metrics
@@ -48,26 +47,19 @@ def label_images(
             f"(first: {missing[0]!r}); rerun `kedro run --pipelines=image_synthesis`"
         )
     sources = [images[image_id] for image_id in manifest["image_id"]]
-    logits_chunks, embedding_chunks = [], []
-    progress = tqdm(total=len(sources), desc="Teacher labelling", unit="img")
-    for _, ok, (pixels,) in iterate_batches(
-        sources, [teacher_model.preprocess], teacher.batch_size, teacher_model.runtime.num_workers
-    ):
-        if not bool(ok.all()):
-            raise ValueError("a synthetic image could not be decoded; delete it and rerun image_synthesis")
-        logits, embeddings = teacher_model.classify(pixels, zero_shot_head)
-        logits_chunks.append(logits.cpu())
-        embedding_chunks.append(embeddings.cpu())
-        progress.update(len(pixels))
-    progress.close()
-    logits = torch.cat(logits_chunks)
+    try:
+        logits, embeddings = teacher_model.classify_images(
+            sources, zero_shot_head, teacher.batch_size, "Teacher labelling"
+        )
+    except UnreadableImagesError:
+        raise ValueError("a synthetic image could not be decoded; delete it and rerun image_synthesis") from None
     probabilities = logits.softmax(dim=-1)
     confidence, prediction = probabilities.max(dim=-1)
 
     labels = manifest[["image_id", "class_name", "class_index", "style", "method"]].copy()
     labels["teacher_logits"] = list(logits.numpy().astype(np.float32))
     labels["teacher_probs"] = list(probabilities.numpy().astype(np.float32))
-    labels["teacher_embedding"] = list(torch.cat(embedding_chunks).numpy().astype(np.float32))
+    labels["teacher_embedding"] = list(embeddings.numpy().astype(np.float32))
     labels["teacher_prediction"] = prediction.numpy()
     labels["teacher_confidence"] = confidence.numpy()
     labels["teacher_agrees"] = labels["teacher_prediction"] == labels["class_index"]
