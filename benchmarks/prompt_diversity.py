@@ -1,6 +1,6 @@
 """Run the offline demo once per prompt method and print the diversity figures it logged:
-mean pairwise cosine similarity of the style prompts' text features and of the teacher's
-embeddings of the images (lower is more diverse), and Contrastive-Prompt's training curve ends.
+mean pairwise cosine distance of the style prompts' text features and of the teacher's
+embeddings of the images (higher is more diverse), and Contrastive-Prompt's training curve ends.
 
     python benchmarks/prompt_diversity.py
 """
@@ -26,12 +26,12 @@ def main() -> None:
             run = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
             metrics = run.data.metrics
             line = (
-                f"{method:<12} prompt_diversity/overall {metrics['prompt_diversity/overall']:.3f}   "
-                f"image_diversity/overall {metrics['image_diversity/overall']:.3f}   ({seconds:.0f} s)"
+                f"{method:<12} prompts/diversity/average {metrics['prompts/diversity/average']:.3f}   "
+                f"images/diversity/average {metrics['images/diversity/average']:.3f}   ({seconds:.0f} s)"
             )
             if method == "contrastive":
                 history = {
-                    name: client.get_metric_history(run.info.run_id, f"prompt_generation.contrastive.{name}")
+                    name: client.get_metric_history(run.info.run_id, f"prompts/contrastive/{name}")
                     for name in ("style_loss", "content_accuracy")
                 }
                 line += "".join(

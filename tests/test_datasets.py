@@ -160,3 +160,41 @@ def test_a_table_is_saved_and_also_logged_as_an_mlflow_table(tmp_path: Path) -> 
     shown = mlflow.artifacts.load_dict(f"runs:/{logged.info.run_id}/ood_evaluation/table.json")
     assert shown == {"columns": ["domain", "student_top1"], "data": [["photo", 0.8], ["night", None]]}
     assert mlflow.MlflowClient().list_artifacts(untracked.info.run_id) == []
+
+
+def test_metrics_are_logged_under_their_section_with_their_steps(tmp_path: Path) -> None:
+    import mlflow
+
+    from clip_dfkd.datasets import MlflowMetricsDataset
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("metrics", artifact_location=(tmp_path / "artifacts").as_uri())
+    dataset = MlflowMetricsDataset(prefix="few_shot/training")
+    history = {"total_loss": [{"value": 0.9, "step": 0}, {"value": 0.4, "step": 1}], "seconds": {"value": 3, "step": 0}}
+
+    with pytest.raises(DatasetError, match=r"^metrics few_shot/training/\*: no active MLflow run"):
+        dataset.save(history)
+    with mlflow.start_run(experiment_id=experiment) as logged:
+        assert not dataset.exists()
+        dataset.save(history)
+        assert dataset.exists()
+        assert dataset.load() == {
+            "total_loss": [{"value": 0.9, "step": 0}, {"value": 0.4, "step": 1}],
+            "seconds": [{"value": 3.0, "step": 0}],
+        }
+    with mlflow.start_run(experiment_id=experiment) as untracked:
+        dataset._logging_activated = False  # as kedro-mlflow switches off a pipeline it does not track
+        dataset.save(history)
+
+    client = mlflow.MlflowClient()
+    assert sorted(client.get_run(logged.info.run_id).data.metrics) == [
+        "few_shot/training/seconds",
+        "few_shot/training/total_loss",
+    ]
+    assert [
+        (m.step, m.value) for m in client.get_metric_history(logged.info.run_id, "few_shot/training/total_loss")
+    ] == [
+        (0, 0.9),
+        (1, 0.4),
+    ]
+    assert client.get_run(untracked.info.run_id).data.metrics == {}

@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from metric_names import undocumented
 
 CHANCE = 1 / 4  # four classes
 # Below the lowest figures measured (module docstring).
@@ -117,11 +118,12 @@ def test_the_run_is_tracked_and_registers_its_student(demo_run: Path) -> None:
     assert params["image_synthesis.backend"] == "inversion"
     assert params["student_distillation.training.epochs"] == "60"
     metrics = run.data.metrics
+    assert undocumented(metrics) == [], "metric names outside README's Metric names table"
     results = _results(demo_run)
     for domain in results.index:
-        logged = metrics[f"ood_evaluation.demo_shapes.{domain}.student_top1"]
+        logged = metrics[f"ood/demo_shapes/{domain}/student_top1"]
         assert logged == pytest.approx(results.loc[domain, "student_top1"]), domain
-    history = client.get_metric_history(run.info.run_id, "student_distillation.total_loss")
+    history = client.get_metric_history(run.info.run_id, "training/total_loss")
     assert [m.step for m in history] == list(range(60))
     assert history[-1].value < history[0].value
     assert EXPECTED_ARTIFACTS <= _artifacts(client, run.info.run_id)
@@ -133,21 +135,25 @@ def test_the_run_is_tracked_and_registers_its_student(demo_run: Path) -> None:
     champion = client.get_model_version_by_alias("clip-dfkd-demo-student", "champion")
     assert champion.version == version.version
     average = results["student_top1"].mean()
-    assert float(champion.tags["ood_evaluation.demo_shapes.average.student_top1"]) == pytest.approx(average, abs=1e-5)
+    assert float(champion.tags["ood/demo_shapes/average/student_top1"]) == pytest.approx(average, abs=1e-5)
     assert champion.description.startswith(
         "A resnet10t classifier of 4 classes (ball, box, tent, kite), distilled from the CLIP teacher "
         "open_clip:clip-dfkd-tiny/"
     )
     assert "\n\n---\n\n# Out-of-distribution evaluation" in champion.description
+    # The run's description: the version it evaluated and why it holds @champion, what it is, the report.
+    assert run.data.tags["mlflow.note.content"] == (
+        f"**clip-dfkd-demo-student version {version.version}**: @champion -> clip-dfkd-demo-student version "
+        f"{version.version} is the first evaluated version: ood/demo_shapes/average/student_top1 = {average:.4f}"
+        f"\n\n{champion.description}"
+    )
     # The logged model carries the final epoch's training metrics and the evaluation, nothing else.
     logged_model = client.get_logged_model(champion.source.removeprefix("models:/"))
     carried = {m.key: m for m in logged_model.metrics}
-    assert carried["student_distillation.total_loss"].step == 59
-    assert carried["student_distillation.total_loss"].value == pytest.approx(history[-1].value)
-    assert carried["ood_evaluation.demo_shapes.night.student_top1"].value == pytest.approx(
-        results.loc["night", "student_top1"]
-    )
-    assert {key.split(".")[0] for key in carried} == {"student_distillation", "ood_evaluation"}
+    assert carried["training/total_loss"].step == 59
+    assert carried["training/total_loss"].value == pytest.approx(history[-1].value)
+    assert carried["ood/demo_shapes/night/student_top1"].value == pytest.approx(results.loc["night", "student_top1"])
+    assert {key.split("/")[0] for key in carried} == {"training", "ood"}
 
 
 def test_the_registered_student_reproduces_the_evaluations_predictions(demo_run: Path, monkeypatch) -> None:

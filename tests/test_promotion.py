@@ -56,8 +56,8 @@ def test_the_first_evaluated_version_becomes_champion_and_carries_its_evaluation
     assert _champion(registry) == "1" and decision["holds_alias"]
     assert decision["reason"].startswith(f"@champion -> {NAME} version 1 is the first evaluated version")
     version = registry.get_model_version(NAME, "1")
-    assert version.tags["ood_evaluation.pacs.average.student_top1"] == "0.6"
-    assert version.tags["ood_evaluation.vlcs.photo.agreement"] == "0.5"
+    assert version.tags["ood/pacs/average/student_top1"] == "0.6"
+    assert version.tags["ood/vlcs/photo/agreement"] == "0.5"
     assert version.description == "# report of version 1"
 
 
@@ -66,10 +66,8 @@ def test_the_champion_stays_on_a_worse_student_and_moves_to_a_better_one(registr
 
     worse = _evaluate("2", _table(0.55, vlcs=0.99))  # better on vlcs, which does not decide
     assert _champion(registry) == "1" and not worse["holds_alias"]
-    assert worse["reason"] == (
-        f"@champion stays on {NAME} version 1: ood_evaluation.pacs.average.student_top1 0.5500 <= 0.6000"
-    )
-    assert registry.get_model_version(NAME, "2").tags["ood_evaluation.pacs.average.student_top1"] == "0.55"
+    assert worse["reason"] == (f"@champion stays on {NAME} version 1: ood/pacs/average/student_top1 0.5500 <= 0.6000")
+    assert registry.get_model_version(NAME, "2").tags["ood/pacs/average/student_top1"] == "0.55"
 
     better = _evaluate("3", _table(0.7))
     assert _champion(registry) == "3" and better["holds_alias"]

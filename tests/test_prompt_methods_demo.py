@@ -11,6 +11,7 @@ import pytest
 from conftest import plumbing_params
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
+from metric_names import undocumented
 
 from clip_dfkd.styles import StyleBank
 
@@ -63,20 +64,21 @@ def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, bac
     assert run.info.status == "FINISHED"
     assert mlflow.active_run() is None  # the next session starts a run of its own
     assert run.data.params["prompt_generation.method"] == method
-    diversity = ("prompt_diversity/overall", "prompt_diversity/ball", "image_diversity/overall", "image_diversity/tent")
-    for metric in diversity:
-        assert -1 <= run.data.metrics[metric] <= 1
-    assert ("prompt_generation.contrastive.style_loss" in run.data.metrics) == (method == "contrastive")
-    assert run.data.metrics["image_synthesis.seconds_per_image"] > 0
+    assert undocumented(run.data.metrics) == [], "metric names outside README's Metric names table"
+    diversity = ("prompts/diversity/average", "prompts/diversity/class/ball", "images/diversity/average")
+    for metric in (*diversity, "images/diversity/class/tent"):
+        assert 0 <= run.data.metrics[metric] <= 2
+    assert ("prompts/contrastive/style_loss" in run.data.metrics) == (method == "contrastive")
+    assert run.data.metrics["synthesis/seconds_per_image"] > 0
     # Every image's rendering time, summed: the stage's real cost, which its node time leaves out.
-    assert run.data.metrics["image_synthesis.render_seconds"] == pytest.approx(
-        run.data.metrics["image_synthesis.seconds_per_image"] * len(manifest)
+    assert run.data.metrics["synthesis/render_seconds"] == pytest.approx(
+        run.data.metrics["synthesis/seconds_per_image"] * len(manifest)
     )
     if backend == "inversion":
         # Each image's final loss in the manifest; the mean loss curve, per logged iteration, in MLflow.
         assert manifest["inversion_loss"].between(0, 10).all()
-        curve = MlflowClient().get_metric_history(run.info.run_id, "image_synthesis.inversion_loss")
+        curve = MlflowClient().get_metric_history(run.info.run_id, "synthesis/inversion_loss")
         assert [m.step for m in curve] == [0, 9]
         assert curve[-1].value < curve[0].value
-        final_loss = run.data.metrics["image_synthesis.inversion_final_loss"]
+        final_loss = run.data.metrics["synthesis/inversion_final_loss"]
         assert final_loss == pytest.approx(manifest["inversion_loss"].mean())

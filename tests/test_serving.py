@@ -51,15 +51,15 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     student = create_student(StudentParams(model_name="test_resnet", image_size=32), CLASSES).eval()
     with mlflow.start_run(experiment_id=experiment):
         for epoch, loss in enumerate([0.9, 0.5, 0.2]):
-            mlflow.log_metric("train.loss", loss, step=epoch)
-        mlflow.log_metric("prompt_diversity", 0.3, step=0)  # another stage's figure, not the model's
+            mlflow.log_metric("training/loss", loss, step=epoch)
+        mlflow.log_metric("prompts/diversity/average", 0.3, step=0)  # another stage's figure, not the model's
         registration = register_student_model(
             student,
             MODEL_NAME,
             "candidate",
             {"student": "test_resnet"},
             description="A test_resnet classifier of three classes.",
-            training_metrics=lambda key: key.startswith("train."),
+            training_metrics=lambda key: key.startswith("training/"),
         )
     png, jpeg = root / "photo.png", root / "photo.jpg"
     _photo(480, 640, seed=0).save(png)
@@ -252,9 +252,9 @@ def test_the_registered_model_carries_its_final_training_metrics_and_a_descripti
     version = client.get_model_version(MODEL_NAME, registered.registration["version"])
     logged = client.get_logged_model(version.source.removeprefix("models:/"))
 
-    assert [(m.key, m.value, m.step) for m in logged.metrics] == [("train.loss", 0.2, 2)]
+    assert [(m.key, m.value, m.step) for m in logged.metrics] == [("training/loss", 0.2, 2)]
     # Linking adds no point to the run's own history.
-    assert [m.value for m in client.get_metric_history(registered.registration["run_id"], "train.loss")] == [
+    assert [m.value for m in client.get_metric_history(registered.registration["run_id"], "training/loss")] == [
         0.9,
         0.5,
         0.2,

@@ -9,7 +9,7 @@ from clip_dfkd.params import ContrastivePromptParams, MixPromptParams
 from clip_dfkd.styles import (
     StyleBank,
     contrastive_prompt_bank,
-    mean_pairwise_cosine,
+    mean_pairwise_cosine_distance,
     mix_prompt_bank,
     mix_style_vector,
     random_prompt_bank,
@@ -146,7 +146,7 @@ def test_bank_round_trips_through_its_file(tiny_text_encoders, tmp_path) -> None
     assert torch.equal(loaded.lookup([bank.names[1]])[0], bank.vectors[1])
 
 
-def test_mean_pairwise_cosine() -> None:
-    assert mean_pairwise_cosine(torch.eye(3)) == pytest.approx(0.0)
-    assert mean_pairwise_cosine(torch.ones(4, 2)) == pytest.approx(1.0)
-    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
+def test_diversity_grows_as_features_spread_apart() -> None:
+    assert mean_pairwise_cosine_distance(torch.ones(4, 2)) == pytest.approx(0.0, abs=1e-6)  # all alike
+    assert mean_pairwise_cosine_distance(torch.eye(3)) == pytest.approx(1.0)  # orthogonal
+    assert mean_pairwise_cosine_distance(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(2.0)  # opposite

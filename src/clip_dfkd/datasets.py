@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, NewType
@@ -93,6 +94,69 @@ class MlflowTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
 
     def _describe(self) -> dict[str, Any]:
         return {"dataset": self._dataset._describe(), "artifact_file": self._artifact_file}
+
+
+# A metric is one {"value", "step"} or a list of them (a history), as kedro-mlflow's datasets take.
+MetricPoints = dict[str, float] | list[dict[str, float]]
+
+
+class MlflowMetricsDataset(AbstractDataset[dict[str, MetricPoints], dict[str, MetricPoints]]):
+    """Metrics of one section of the active MLflow run: ``{"loss": [{"value", "step"}, …]}``
+    saved under ``prefix`` "training" is logged as ``training/loss``. MLflow's UI makes a
+    section of each ``/`` prefix, which kedro-mlflow's metrics datasets (they join with ".")
+    cannot give. Logged in batches, as one request per thousand points."""
+
+    _BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+    def __init__(self, *, prefix: str, metadata: dict[str, Any] | None = None) -> None:
+        self._prefix = prefix.strip("/")
+        self._logging_activated = True
+        self.metadata = metadata
+
+    def load(self) -> dict[str, MetricPoints]:
+        client, run_id = self._client_and_run()
+        section = f"{self._prefix}/"
+        return {
+            key.removeprefix(section): [
+                {"value": m.value, "step": m.step} for m in client.get_metric_history(run_id, key)
+            ]
+            for key in client.get_run(run_id).data.metrics
+            if key.startswith(section)
+        }
+
+    def save(self, data: dict[str, MetricPoints]) -> None:
+        if not self._logging_activated:
+            return
+        from mlflow.entities import Metric
+
+        client, run_id = self._client_and_run()
+        now = int(time.time() * 1000)
+        points = [
+            Metric(f"{self._prefix}/{name}", float(point["value"]), now, int(point["step"]))
+            for name, history in data.items()
+            for point in ([history] if isinstance(history, dict) else history)
+        ]
+        for start in range(0, len(points), self._BATCH):
+            client.log_batch(run_id, metrics=points[start : start + self._BATCH])
+
+    def _client_and_run(self) -> tuple[Any, str]:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:
+            raise DatasetError(f"metrics {self._prefix}/*: no active MLflow run; run them with `kedro run`")
+        return mlflow.MlflowClient(), run.info.run_id
+
+    def _exists(self) -> bool:
+        try:
+            client, run_id = self._client_and_run()
+        except DatasetError:
+            return False
+        section = f"{self._prefix}/"
+        return any(key.startswith(section) for key in client.get_run(run_id).data.metrics)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"prefix": self._prefix}
 
 
 class MarkdownDataset(text_datasets.TextDataset):

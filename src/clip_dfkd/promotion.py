@@ -23,8 +23,9 @@ from clip_dfkd.tracking import describe_version, link_latest_metrics
 
 logger = logging.getLogger(__name__)
 
-# The names ood_evaluation logs its metrics under; the "average" domain decides promotion.
-FIGURE_TAG = "ood_evaluation.{benchmark}.{domain}.{metric}"
+# The names ood_evaluation logs its metrics under (catalog: ood_evaluation_metrics, prefix
+# "ood"); the "average" domain decides promotion.
+FIGURE_TAG = "ood/{benchmark}/{domain}/{metric}"
 
 
 def promote_if_better(

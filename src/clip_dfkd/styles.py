@@ -202,27 +202,29 @@ def contrastive_prompt_bank(
 # --- diversity -------------------------------------------------------------------------
 
 
-def mean_pairwise_cosine(features: torch.Tensor) -> float:
-    """Mean cosine similarity over distinct pairs of rows (lower is more diverse); NaN below two rows."""
+def mean_pairwise_cosine_distance(features: torch.Tensor) -> float:
+    """Mean cosine distance (1 − cosine similarity) over distinct pairs of rows: 0 when all
+    rows point the same way, 1 when they are orthogonal on average; higher is more diverse.
+    NaN below two rows."""
     if len(features) < 2:
         return float("nan")
     normalised = F.normalize(features.float(), dim=-1)
     similarity = normalised @ normalised.T
     n = len(features)
-    return float((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)))
+    return 1.0 - float((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)))
 
 
-def diversity_metrics(name: str, features: torch.Tensor, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
-    """``<name>/<class>``: mean pairwise cosine of the rows of ``features`` that belong to each
-    class (``class_names`` gives each row's class), and ``<name>/overall``: their mean over
-    classes; in the shape kedro-mlflow's metrics datasets log."""
+def diversity_metrics(what: str, features: torch.Tensor, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``class/<class>``: the mean pairwise cosine distance of the rows of ``features`` that
+    belong to each class (``class_names`` gives each row's class), and ``average``: its mean
+    over classes; in the shape the metrics datasets log. ``what`` names the rows in the log."""
     labels = np.asarray(class_names)
     per_class = {
-        class_name: mean_pairwise_cosine(features[torch.from_numpy(labels == class_name)])
+        class_name: mean_pairwise_cosine_distance(features[torch.from_numpy(labels == class_name)])
         for class_name in dict.fromkeys(class_names)
     }
-    overall = float(np.mean(list(per_class.values())))
-    logger.info("%s (mean pairwise cosine, lower is more diverse): %.4f", name, overall)
-    metrics = {f"{name}/overall": {"value": overall, "step": 0}}
-    metrics |= {f"{name}/{slugify(cls)}": {"value": value, "step": 0} for cls, value in per_class.items()}
+    average = float(np.mean(list(per_class.values())))
+    logger.info("Diversity of the %s (mean pairwise cosine distance, higher is more diverse): %.4f", what, average)
+    metrics = {"average": {"value": average, "step": 0}}
+    metrics |= {f"class/{slugify(cls)}": {"value": value, "step": 0} for cls, value in per_class.items()}
     return metrics

@@ -1,10 +1,13 @@
 """What a registered student carries in MLflow besides its weights: the metrics linked to its
-logged model, and the description of its version."""
+logged model, and the description of its version; and the description of the run that
+evaluated it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
@@ -36,5 +39,23 @@ def link_latest_metrics(client: MlflowClient, run_id: str, model_id: str, select
 def describe_version(client: MlflowClient, name: str, version: str, report: str) -> None:
     """Put ``report`` under the version's own description (what the student is), replacing
     the report of an earlier evaluation."""
-    own = (client.get_model_version(name, version).description or "").split(REPORT_SEPARATOR)[0]
+    own = own_description(client, name, version)
     client.update_model_version(name, version, description=own + REPORT_SEPARATOR + report if own else report)
+
+
+def own_description(client: MlflowClient, name: str, version: str) -> str:
+    """What the version is, without the evaluation report under it."""
+    return (client.get_model_version(name, version).description or "").split(REPORT_SEPARATOR)[0]
+
+
+def describe_run(decision: dict[str, Any], report: str) -> None:
+    """The active run's description (the first thing its page shows): which registered
+    version it evaluated and what the promotion decided, what that student is, and the
+    evaluation report. Nothing without an active run."""
+    if mlflow.active_run() is None:
+        return
+    name, version = decision.get("registered_model"), decision.get("version")
+    parts = [f"**{name} version {version}**: {decision['reason']}" if name else decision["reason"]]
+    if name:
+        parts.append(own_description(MlflowClient(), name, version))
+    mlflow.set_tag("mlflow.note.content", "\n\n".join(part for part in parts if part) + REPORT_SEPARATOR + report)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from kedro.validation import ParameterValidationError
+from metric_names import undocumented
 from PIL import Image
 
 from clip_dfkd.benchmarks import BenchmarkError, scan_benchmark
@@ -260,15 +261,16 @@ def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -
     )
     assert (sketch.images, sketch.corrupt_images, sketch.student_top1, sketch.teacher_top1) == (4, 1, 0.25, 0.75)
 
-    table, markdown, metrics = summarise_evaluation(results, params)
+    table, markdown, metrics, few_shot_metrics = summarise_evaluation(results, params)
     average = table[table.domain == "average"].iloc[0]
     assert average.student_top1 == pytest.approx(0.5)
     assert average.teacher_top1 == pytest.approx(0.375)
     assert average.corrupt_images == 1
     assert (average.domains, average.note) == (2, "mean over 2 of 2 domains")
     assert "| toy" in markdown and "average" in markdown
-    assert metrics["toy.sketch.corrupt_images"] == {"value": 1.0, "step": 0}
-    assert metrics["toy.average.student_top1"]["value"] == pytest.approx(0.5)
+    assert metrics["toy/sketch/corrupt_images"] == {"value": 1.0, "step": 0}
+    assert metrics["toy/average/student_top1"]["value"] == pytest.approx(0.5)
+    assert few_shot_metrics == {}
     figure = plot_domain_accuracy(results)
     assert len(figure.axes[0].patches) == 4  # student and teacher bars for two domains
 
@@ -318,14 +320,14 @@ def test_a_domain_without_readable_images_is_warned_and_left_out_of_the_average(
     assert (clipart.images, clipart.note) == (0, "no readable image")
     assert math.isnan(clipart.student_top1) and math.isnan(clipart.agreement)
 
-    table, markdown, metrics = summarise_evaluation(results, params)
+    table, markdown, metrics, _ = summarise_evaluation(results, params)
     average = table[table.domain == "average"].iloc[0]
     assert (average.domains, average.note) == (2, "mean over 2 of 3 domains")
     assert average.student_top1 == pytest.approx(0.5)  # (1.0 + 0.0) / 2, not / 3
     assert table[table.domain == "clipart"].iloc[0].domains == 0
     assert "mean over 2 of 3 domains" in markdown and "no readable image" in markdown
-    assert "toy.clipart.student_top1" not in metrics
-    assert metrics["toy.clipart.corrupt_images"]["value"] == 1.0
+    assert "toy/clipart/student_top1" not in metrics
+    assert metrics["toy/clipart/corrupt_images"]["value"] == 1.0
     figure = plot_domain_accuracy(results)
     assert "clipart\n(no readable image)" in [t.get_text() for t in figure.axes[0].get_xticklabels()]
 
@@ -478,12 +480,12 @@ def test_the_student_teacher_ratio_per_domain_and_over_the_benchmark(tmp_path) -
 
     params = _params({"toy": {"root": str(root)}})
     results, _, _ = _evaluate(params)
-    table, _, metrics = summarise_evaluation(results, params)
+    table, _, metrics, _ = summarise_evaluation(results, params)
 
     # The student always says ball, the teacher tent: photo 0.75 vs 0.25, sketch 0.25 vs 0.75.
     assert results["student_teacher_ratio"].tolist() == [3.0, pytest.approx(1 / 3)]
     assert table[table.domain == "average"].iloc[0].student_teacher_ratio == pytest.approx(1.0)
-    assert metrics["toy.photo.student_teacher_ratio"]["value"] == 3.0
+    assert metrics["toy/photo/student_teacher_ratio"]["value"] == 3.0
 
 
 def test_a_second_evaluation_reads_the_teachers_outputs_from_the_cache(tmp_path) -> None:
@@ -595,7 +597,7 @@ def test_the_report_says_which_setting_produced_each_row(tmp_path, monkeypatch) 
         classes,
         params,
     )
-    table, markdown, metrics = summarise_evaluation(results, params)
+    table, markdown, metrics, few_shot_metrics = summarise_evaluation(results, params)
 
     rows = table.set_index(["setting", "domain"])
     assert list(rows.index) == [
@@ -611,9 +613,9 @@ def test_the_report_says_which_setting_produced_each_row(tmp_path, monkeypatch) 
         0.75,
         1.0,
     ]
-    assert metrics["toy.sketch.student_top1"]["value"] == 0.25
-    assert metrics["few_shot.toy.sketch.student_top1"]["value"] == 0.75
-    assert "few_shot.toy.photo.student_top1" not in metrics  # photo gave the shots
+    assert metrics["toy/sketch/student_top1"]["value"] == 0.25
+    assert few_shot_metrics["toy/sketch/student_top1"]["value"] == 0.75
+    assert "toy/photo/student_top1" not in few_shot_metrics  # photo gave the shots
     assert "**few-shot k=1**: that student fine-tuned on 1 real images per class drawn with seed 0 from toy/photo" in (
         markdown
     )
@@ -660,10 +662,11 @@ def test_the_pipeline_scores_a_few_shot_student_next_to_the_data_free_one(demo_p
     assert "**few-shot k=2**" in (reports / "ood_evaluation.md").read_text()
     client = mlflow.MlflowClient(f"sqlite:///{demo_project.path / 'mlflow.db'}")
     run = client.get_run(run_id)
-    assert run.data.metrics["ood_evaluation.few_shot.demo_shapes.average.student_top1"] == pytest.approx(
+    assert undocumented(run.data.metrics) == [], "metric names outside README's Metric names table"
+    assert run.data.metrics["few_shot/demo_shapes/average/student_top1"] == pytest.approx(
         table.loc[(table["setting"] == "few-shot k=2") & (table["domain"] == "average"), "student_top1"].item()
     )
-    assert [m.step for m in client.get_metric_history(run_id, "few_shot_training.total_loss")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(run_id, "few_shot/training/total_loss")] == [0, 1]
     assert run.data.params["ood_evaluation.few_shot.k"] == "2"
 
 

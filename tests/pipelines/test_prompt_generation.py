@@ -11,7 +11,7 @@ from clip_dfkd.pipelines.prompt_generation.nodes import (
     generate_prompts,
     measure_prompt_diversity,
 )
-from clip_dfkd.styles import StyleBank, mean_pairwise_cosine
+from clip_dfkd.styles import StyleBank, mean_pairwise_cosine_distance
 
 CLASSES = ClassNames.model_validate(["ball", "box", "tent"])
 
@@ -75,7 +75,7 @@ def test_pseudo_word_prompts_reference_one_bank_vector_per_style(tiny_text_encod
     assert bool(history) == (method == "contrastive")
 
 
-def test_diversity_is_the_mean_pairwise_cosine_per_class(tiny_text_encoders) -> None:
+def test_diversity_is_the_mean_pairwise_cosine_distance_per_class(tiny_text_encoders) -> None:
     encoder = tiny_text_encoders["diffusers"]
     params = _params(method="random", num_styles=3)
     bank, _ = build_style_bank(encoder, CLASSES, params)
@@ -84,10 +84,10 @@ def test_diversity_is_the_mean_pairwise_cosine_per_class(tiny_text_encoders) -> 
     metrics, figure = measure_prompt_diversity(table, bank, encoder)
 
     box = table[table.class_name == "box"].drop_duplicates("style")
-    expected = mean_pairwise_cosine(encode_prompts(box, bank, encoder))
-    assert metrics["prompt_diversity/box"]["value"] == pytest.approx(expected, abs=1e-6)
-    per_class = [metrics[f"prompt_diversity/{c}"]["value"] for c in CLASSES]
-    assert metrics["prompt_diversity/overall"]["value"] == pytest.approx(sum(per_class) / 3)
+    expected = mean_pairwise_cosine_distance(encode_prompts(box, bank, encoder))
+    assert metrics["class/box"]["value"] == pytest.approx(expected, abs=1e-6)
+    per_class = [metrics[f"class/{c}"]["value"] for c in CLASSES]
+    assert metrics["average"]["value"] == pytest.approx(sum(per_class) / 3)
     assert len(figure.axes[0].collections) == 3 * 3  # one scatter per style and class
 
 

@@ -143,7 +143,7 @@ def test_pipeline_trains_saves_and_registers_the_student(demo_project) -> None:
     assert version.tags["teacher"].startswith("open_clip:clip-dfkd-tiny/")
     # The saved student is the registered one, by the weights' fingerprint.
     assert registration["fingerprint"] == version.tags["fingerprint"] == student_fingerprint(student)
-    assert math.isfinite(mlflow.get_run(registration["run_id"]).data.metrics["student_distillation.total_loss"])
+    assert math.isfinite(mlflow.get_run(registration["run_id"]).data.metrics["training/total_loss"])
 
 
 def test_student_starts_from_a_local_imagenet_checkpoint(tmp_path) -> None:

@@ -27,6 +27,7 @@ from clip_dfkd.promotion import promote_if_better
 from clip_dfkd.runtime import Runtime, seed_everything
 from clip_dfkd.student_training import AugmentedImages, MetricHistory, fit_student, soft_label_loss
 from clip_dfkd.teacher_cache import TeacherOutputCache, teacher_output_key
+from clip_dfkd.tracking import describe_run
 
 logger = logging.getLogger(__name__)
 
@@ -397,11 +398,13 @@ def _stacked(tables: list[pd.DataFrame], column: str) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["path", column, "error"])
 
 
-def summarise_evaluation(domain_results: pd.DataFrame, params: OodEvaluationParams) -> tuple[pd.DataFrame, str, dict]:
+def summarise_evaluation(
+    domain_results: pd.DataFrame, params: OodEvaluationParams
+) -> tuple[pd.DataFrame, str, dict, dict]:
     """Per-domain rows plus each benchmark's mean over its domains that have readable images,
     per setting (data-free first); the same as Markdown, saying what each setting is; and
-    every figure as an MLflow metric: ``<benchmark>.<domain>.<metric>`` for the data-free
-    student, ``few_shot.<benchmark>.<domain>.<metric>`` for the few-shot one.
+    every figure as an MLflow metric ``<benchmark>/<domain>/<metric>``, those of the
+    data-free student and those of the few-shot one apart (each has its own section).
 
     ``domains`` says how many domains a row's scores cover: 1 for a domain with readable
     images, 0 for one without (its scores are NaN), and for an average the number averaged
@@ -444,15 +447,13 @@ def summarise_evaluation(domain_results: pd.DataFrame, params: OodEvaluationPara
             "",
         ]
     )
-    metrics = {
-        f"{'' if row.setting == DATA_FREE else 'few_shot.'}{row.benchmark}.{row.domain}.{metric}": {
-            "value": float(getattr(row, metric)),
-            "step": 0,
-        }
-        for row in table.itertuples()
-        for metric in [*METRICS, "corrupt_images"]
-        if not pd.isna(getattr(row, metric))
-    }
+    data_free_metrics: dict[str, dict[str, float]] = {}
+    few_shot_metrics: dict[str, dict[str, float]] = {}
+    for row in table.itertuples():
+        section = data_free_metrics if row.setting == DATA_FREE else few_shot_metrics
+        for metric in [*METRICS, "corrupt_images"]:
+            if not pd.isna(value := getattr(row, metric)):
+                section[f"{row.benchmark}/{row.domain}/{metric}"] = {"value": float(value), "step": 0}
     for row in table.itertuples():
         if row.domains:
             logger.info(
@@ -467,7 +468,7 @@ def summarise_evaluation(domain_results: pd.DataFrame, params: OodEvaluationPara
             )
         elif row.domain == "average":
             logger.warning("%s: no domain has a readable image; nothing to average", row.benchmark)
-    return table, markdown, metrics
+    return table, markdown, data_free_metrics, few_shot_metrics
 
 
 def _setting_description(setting: str, params: OodEvaluationParams) -> str:
@@ -640,4 +641,6 @@ def promote_student(
     promotion alias (``champion``) to it only when it beats the version holding it. Only the
     data-free rows score that version; a few-shot student is another model."""
     data_free = evaluation_table[evaluation_table["setting"] == DATA_FREE]
-    return promote_if_better(evaluated_student, data_free, report, params)
+    decision = promote_if_better(evaluated_student, data_free, report, params)
+    describe_run(decision, report)
+    return decision

@@ -116,7 +116,12 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 summarise_evaluation,
                 inputs=["ood_domain_results", "params:ood_evaluation"],
-                outputs=["ood_evaluation_table", "ood_evaluation_report", "ood_evaluation_metrics"],
+                outputs=[
+                    "ood_evaluation_table",
+                    "ood_evaluation_report",
+                    "ood_evaluation_metrics",
+                    "few_shot_evaluation_metrics",
+                ],
                 name="summarise_evaluation",
             ),
             Node(

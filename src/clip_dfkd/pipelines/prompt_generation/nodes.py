@@ -81,7 +81,7 @@ def build_style_bank(
             params.contrastive,
             params.seed,
         )
-        return bank, {f"contrastive.{name}": values for name, values in history.items()}
+        return bank, {f"contrastive/{name}": values for name, values in history.items()}
     else:
         bank = empty_bank(params.method, prompt_encoder)
     return bank, {}
@@ -144,17 +144,17 @@ def encode_prompts(prompts: pd.DataFrame, style_bank: StyleBank, encoder: Pseudo
 def measure_prompt_diversity(
     prompt_table: pd.DataFrame, style_bank: StyleBank, prompt_encoder: PseudoWordEncoder
 ) -> tuple[dict[str, dict[str, float]], Figure]:
-    """Mean pairwise cosine similarity of the style prompts' text features (lower is more
-    diverse), per class and as the mean over classes, and a 2-D PCA of the features coloured
-    by style."""
+    """The diversity of the style prompts' text features (mean pairwise cosine distance,
+    higher is more diverse), per class and as the mean over classes, and a 2-D PCA of the
+    features coloured by style."""
     prompts = prompt_table.drop_duplicates(["class_name", "style", "prompt"]).reset_index(drop=True)
     features = encode_prompts(prompts, style_bank, prompt_encoder)
-    metrics = diversity_metrics("prompt_diversity", features, list(prompts["class_name"]))
-    overall = metrics["prompt_diversity/overall"]["value"]
-    return metrics, _plot_projection(features, prompts, prompt_table["method"].iloc[0], overall)
+    metrics = diversity_metrics("style prompts", features, list(prompts["class_name"]))
+    diversity = metrics["average"]["value"]
+    return metrics, _plot_projection(features, prompts, prompt_table["method"].iloc[0], diversity)
 
 
-def _plot_projection(features: torch.Tensor, prompts: pd.DataFrame, method: str, overall: float) -> Figure:
+def _plot_projection(features: torch.Tensor, prompts: pd.DataFrame, method: str, diversity: float) -> Figure:
     centred = features - features.mean(dim=0)
     _, _, components = torch.linalg.svd(centred, full_matrices=False)
     points = (centred @ components[:2].T).numpy()
@@ -173,7 +173,9 @@ def _plot_projection(features: torch.Tensor, prompts: pd.DataFrame, method: str,
                 marker=markers[c % len(markers)],
                 s=36,
             )
-    axis.set_title(f"Prompt features ({method}): mean pairwise cosine {overall:.3f}", fontsize=10)
+    axis.set_title(
+        f"Prompt features ({method}): diversity {diversity:.3f} (mean pairwise cosine distance)", fontsize=10
+    )
     axis.set_xlabel("PC 1")
     axis.set_ylabel("PC 2")
     # One legend outside the axes, where constrained layout makes room for it.

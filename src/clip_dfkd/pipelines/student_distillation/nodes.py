@@ -125,9 +125,10 @@ def register_student(
             f"A {params.student.model_name} classifier of {len(names)} classes ({shown}), distilled from the CLIP "
             f"teacher {teacher_name} on images synthesised by {generator} from {prompt_generation.method} "
             f"prompts; no real image. Its logged model carries the final epoch's training metrics "
-            f"(student_distillation.*) and, once evaluated, the evaluation's figures."
+            f"(`training/*`) and, once evaluated, the evaluation's figures (`ood/*`)."
         ),
-        training_metrics=lambda key: key.startswith("student_distillation."),
+        # The catalog's student_distillation_metrics section.
+        training_metrics=lambda key: key.startswith("training/"),
         tags={
             "teacher": teacher_name,
             "generator": generator,

@@ -111,7 +111,7 @@ def summarise_labels(labels: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, floa
 
 
 def measure_image_diversity(labels: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """The prompt-diversity metric on the images: mean pairwise cosine similarity of the
+    """The prompt-diversity metric on the images: mean pairwise cosine distance of the
     teacher's embeddings of each class's synthetic images, and its mean over classes."""
     embeddings = torch.from_numpy(np.stack(labels["teacher_embedding"].to_numpy()))
-    return diversity_metrics("image_diversity", embeddings, list(labels["class_name"]))
+    return diversity_metrics("synthetic images", embeddings, list(labels["class_name"]))
