@@ -6,6 +6,7 @@ import contextlib
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,14 +37,24 @@ class Runtime:
                 device = torch.device("mps")
             else:
                 device = torch.device("cpu")
+                if torch.version.cuda and nvidia_driver_present():
+                    logger.warning(
+                        "runtime.device=auto: this machine has an NVIDIA driver but PyTorch (CUDA %s) cannot use "
+                        "its GPU (torch.cuda.is_available() is False; a driver older than the CUDA build is the "
+                        "usual cause), so every model runs on the CPU, many times slower; set runtime.device=cuda "
+                        "to stop instead",
+                        torch.version.cuda,
+                    )
         else:
             if problem := unavailable_device(params):
                 raise UserError(problem)
             device = torch.device(params.device)
         if params.precision == "auto":
-            # Half precision only pays on accelerators; bf16 needs no loss scaling.
+            # Half precision only pays on accelerators; bf16 needs no loss scaling, but GPUs
+            # without bf16 units (T4, V100) only emulate it, slowly: they get fp16.
             if device.type == "cuda":
-                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+                native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+                dtype = torch.bfloat16 if native_bf16 else torch.float16
             else:
                 dtype = torch.float32
         else:
@@ -66,13 +77,19 @@ def unavailable_device(params: RuntimeParams) -> str | None:
     if params.device == "mps":
         available, allowed = torch.backends.mps.is_available(), "auto, cpu"
     else:
-        count = torch.cuda.device_count()
+        # device_count() asks NVML, which counts GPUs that CUDA itself may be unable to use.
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(params.device.partition(":")[2] or 0)
         available = index < count
         allowed = "auto, cpu" + "".join(f", cuda:{n}" for n in range(count)) + (", cuda" if count else "")
     if available:
         return None
     return f"runtime.device={params.device!r}: no such device on this machine; allowed here: {allowed}"
+
+
+def nvidia_driver_present() -> bool:
+    """Whether the NVIDIA kernel driver is loaded (Linux), whatever PyTorch makes of it."""
+    return Path("/proc/driver/nvidia/version").exists()
 
 
 def seed_everything(seed: int) -> None:

@@ -90,6 +90,7 @@ def fit_student(
         shuffle=True,
         drop_last=len(images) > training.batch_size,
         num_workers=runtime.num_workers,
+        persistent_workers=runtime.num_workers > 0,  # workers start once, not once per epoch
         generator=torch.Generator().manual_seed(training.seed),
         pin_memory=runtime.device.type == "cuda",
     )
@@ -116,7 +117,9 @@ def fit_student(
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
         started = time.perf_counter()
-        sums: dict[str, float] = defaultdict(float)
+        # Batch-weighted sums kept on the device: reading a value back each step would make
+        # the CPU wait for the GPU at every step; they are read once per epoch.
+        sums: dict[str, torch.Tensor] = {}
         seen = 0
         for pixels, *targets in loader:
             pixels = pixels.to(runtime.device, non_blocking=True)
@@ -131,13 +134,12 @@ def fit_student(
             scheduler.step()
             batch = len(pixels)
             seen += batch
-            reported = {f"{name}_loss": float(value.detach()) for name, value in losses.items()}
-            reported |= {name: float(value) for name, value in measures.items()}
+            reported = {f"{name}_loss": value.detach() for name, value in losses.items()} | measures
             for name, value in reported.items():
-                sums[name] += value * batch
+                sums[name] = sums.get(name, 0) + value.float() * batch
             progress.update(1)
-            progress.set_postfix(epoch=epoch + 1, loss=f"{reported['total_loss']:.4f}")
-        epoch_metrics = {name: value / seen for name, value in sums.items()}
+        epoch_metrics = {name: value.item() / seen for name, value in sums.items()}
+        progress.set_postfix(epoch=epoch + 1, loss=f"{epoch_metrics['total_loss']:.4f}")
         epoch_metrics["learning_rate"] = scheduler.get_last_lr()[0]
         epoch_metrics["epoch_seconds"] = time.perf_counter() - started
         for name, value in epoch_metrics.items():

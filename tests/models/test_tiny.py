@@ -200,6 +200,30 @@ def test_tiny_stable_diffusion_loads_through_auto_pipeline(tiny_sd_dir: Path) ->
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
 
 
+def test_a_generator_that_ships_a_safety_checker_loads_without_it(tmp_path: Path, tiny_sd_dir: Path, caplog) -> None:
+    import logging
+    import shutil
+
+    from clip_dfkd.models import load_text_to_image
+    from clip_dfkd.params import GeneratorParams, RuntimeParams
+    from clip_dfkd.runtime import Runtime
+
+    # As Stable Diffusion 1.x repositories publish it: a safety checker in the index, whose
+    # weights this copy does not even have (loading it would fail).
+    folder = shutil.copytree(tiny_sd_dir, tmp_path / "sd-with-checker")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+    with caplog.at_level(logging.INFO, logger="clip_dfkd.models.generator"):
+        pipeline = load_text_to_image(
+            GeneratorParams(model_id=str(folder)), Runtime.resolve(RuntimeParams(device="cpu"))
+        )
+
+    assert pipeline.safety_checker is None
+    assert "ships a safety checker; it is not loaded" in caplog.text
+
+
 def test_tiny_stable_diffusion_is_reproducible_per_seed(tmp_path: Path, tiny_sd_dir: Path) -> None:
     rng_state = torch.get_rng_state()
 

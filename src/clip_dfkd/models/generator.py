@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,9 +77,8 @@ def _missing_diffusers_weights(
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 
 
-def unsupported_generator(params: GeneratorParams) -> str | None:
-    """Why the generator is not a pipeline this project can condition, or None (also when
-    its ``model_index.json`` cannot be read here; loading it then tells)."""
+def _model_index(params: GeneratorParams) -> dict[str, Any] | None:
+    """The pipeline's ``model_index.json``, or None when it cannot be read here."""
     import huggingface_hub
 
     if is_local_reference(params.model_id):
@@ -89,8 +89,16 @@ def unsupported_generator(params: GeneratorParams) -> str | None:
         except Exception:  # noqa: BLE001 - not reachable or not cached: the weights check reports it
             return None
     try:
-        index = json.loads(Path(index_file).read_text())
+        return json.loads(Path(index_file).read_text())
     except (OSError, ValueError):
+        return None
+
+
+def unsupported_generator(params: GeneratorParams) -> str | None:
+    """Why the generator is not a pipeline this project can condition, or None (also when
+    its ``model_index.json`` cannot be read here; loading it then tells)."""
+    index = _model_index(params)
+    if index is None:
         return None
     pipeline_class = index.get("_class_name")
     if pipeline_class in SUPPORTED_PIPELINES and "text_encoder" in index and "text_encoder_2" not in index:
@@ -117,9 +125,21 @@ def load_text_to_image(params: GeneratorParams, runtime: Runtime):
     if problem := missing_generator_weights(params):
         raise ModelNotFoundError(problem)
     logger.info("Loading generator %s", params.model_id)
+    if (_model_index(params) or {}).get("safety_checker", [None])[0] is not None:
+        logger.info(
+            "Generator %s ships a safety checker; it is not loaded: it replaces every image it flags with a black "
+            "one, which would leave silent holes in the training images",
+            params.model_id,
+        )
     try:
         pipeline = diffusers.AutoPipelineForText2Image.from_pretrained(
-            pretrained_source(params.model_id), dtype=runtime.dtype, revision=params.revision, variant=params.variant
+            pretrained_source(params.model_id),
+            dtype=runtime.dtype,
+            revision=params.revision,
+            variant=params.variant,
+            # Every supported pipeline (Stable Diffusion 1.x/2.x) takes these two.
+            safety_checker=None,
+            requires_safety_checker=False,
         )
     except OSError as exc:
         if is_local_reference(params.model_id):
