@@ -89,7 +89,12 @@ def demo_asset_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 PLUMBING_BUDGET = {
     "prompt_generation": {"images_per_class_and_style": 3},
     "image_synthesis": {"inversion": {"iterations": 10}},
-    "student_distillation": {"student": {"model_name": "test_resnet"}, "training": {"epochs": 2}},
+    "student_distillation": {
+        "student": {"model_name": "test_resnet"},
+        "training": {"epochs": 2},
+        # A few seconds per registered run; tested by test_serving.py and test_mlflow_server.py.
+        "registry": {"export_onnx": False},
+    },
 }
 
 

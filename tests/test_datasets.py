@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,51 @@ def test_metrics_are_logged_under_their_section_with_their_steps(tmp_path: Path)
         (1, 0.4),
     ]
     assert client.get_run(untracked.info.run_id).data.metrics == {}
+
+
+class _WaitsForTheNextLoader(AbstractDataset[str, str]):
+    """Finishes writing a partition only once the loader of a later partition has run: a
+    save that writes in the loaders' thread, between loaders, never gets there."""
+
+    next_loader_ran = threading.Event()
+
+    def __init__(self, filepath: str) -> None:
+        self._filepath = filepath
+
+    def load(self) -> str:
+        raise AssertionError("never loaded")
+
+    def save(self, data: str) -> None:
+        if not self.next_loader_ran.wait(timeout=20):
+            raise TimeoutError("the next partition was never produced while this one was written")
+        path = Path(self._filepath.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(data)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath}
+
+
+def test_partitions_are_written_while_the_next_one_is_produced(tmp_path: Path) -> None:
+    _WaitsForTheNextLoader.next_loader_ran.clear()
+
+    def second() -> str:
+        _WaitsForTheNextLoader.next_loader_ran.set()
+        return "two"
+
+    dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset=_WaitsForTheNextLoader, filename_suffix=".txt")
+    dataset.save({"a/1": lambda: "one", "a/2": second})
+
+    assert _files(tmp_path) == {"a/1.txt": "one", "a/2.txt": "two"}
+
+
+def test_a_failed_write_fails_the_save_and_leaves_no_complete_file(tmp_path: Path) -> None:
+    calls: list[str] = []
+    dataset = _text(tmp_path, _DiesMidWrite)
+    (tmp_path / "a").mkdir()
+
+    with pytest.raises(DatasetError, match="disk died"):
+        dataset.save({f"a/{n}": _lazy(calls, f"a/{n}", "text") for n in range(40)})
+
+    assert not [path for path in tmp_path.rglob("*.txt") if ".partial" not in path.name]
+    assert len(calls) < 40  # stopped early, not after producing everything

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +242,26 @@ def test_loaders_fail_with_the_same_clear_messages() -> None:
         load_text_to_image(GeneratorParams(model_id="./models/sd"), CPU)
     with pytest.raises(ModelNotFoundError, match=r"checkpoint_path='/nope/resnet18.pth': no such file"):
         create_student(StudentParams(model_name="resnet18", checkpoint_path="/nope/resnet18.pth"), ["a", "b"])
+
+
+def test_unreachable_hub_without_offline_mode_names_every_missing_model_at_once(fresh_project) -> None:
+    """No HF_HUB_OFFLINE, and nothing answers where the hub should be: one quick probe, then
+    the same lines as offline mode (not minutes of retries and a network error)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI")}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{closed}", "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "400"}
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "kedro", "run"], cwd=fresh_project, env=env, capture_output=True, text=True, timeout=240
+    )
+    seconds = time.perf_counter() - started
+
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"The Hugging Face hub (http://127.0.0.1:{closed}) does not answer (ConnectError): working offline" in output
+    assert "teacher: open_clip weights ViT-B-32/openai are not in the local cache" in output
+    assert "image_synthesis.generator.model_id='stabilityai/sd-turbo': not in the local Hugging Face cache" in output
+    print(f"failed in {seconds:.1f} s")
+    assert _outputs(fresh_project) == []

@@ -261,3 +261,29 @@ def test_the_registered_model_carries_its_final_training_metrics_and_a_descripti
     ]
     assert version.description == "A test_resnet classifier of three classes."
     assert client.get_registered_model(MODEL_NAME).description.startswith("Students distilled from a CLIP teacher")
+
+
+def test_the_registered_version_points_at_its_onnx_export(registered) -> None:
+    import mlflow
+    import onnxruntime
+    from mlflow import MlflowClient
+
+    client = MlflowClient(registered.tracking_uri)
+    run_id = registered.registration["run_id"]
+    version = client.get_model_version(MODEL_NAME, registered.registration["version"])
+
+    assert version.tags["onnx_uri"] == f"runs:/{run_id}/student_onnx/student.onnx"
+    assert sorted(a.path for a in client.list_artifacts(run_id, "student_onnx")) == [
+        "student_onnx/student.onnx",
+        "student_onnx/student.preprocessing.json",
+    ]
+    # What a deployment downloads by the tag answers the student's own probabilities.
+    onnx_file = mlflow.artifacts.download_artifacts(
+        version.tags["onnx_uri"], dst_path=str(registered.root / "onnx"), tracking_uri=registered.tracking_uri
+    )
+    transform = registered.student.eval_transform()
+    pixels = torch.stack([transform(open_rgb(f)) for f in registered.files])
+    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = registered.student(pixels).softmax(-1).numpy()
+    np.testing.assert_allclose(session.run(["probabilities"], {"pixels": pixels.numpy()})[0], expected, atol=1e-4)

@@ -18,3 +18,10 @@ def tracking_uri(database: str = "mlflow.db") -> str:
         return uri
     root = find_kedro_project(Path.cwd()) or Path.cwd()
     return f"sqlite:///{(root / database).resolve()}"
+
+
+def artifact_location(tracking: str, folder: str = "mlartifacts") -> str | None:
+    """Where a new experiment keeps its artifacts: ``folder`` in the project when tracking in
+    a local store; with a tracking server, None: the server's own artifact store, which
+    everyone who uses the server can read (a folder on one client machine would not be)."""
+    return None if tracking.startswith(("http://", "https://", "databricks")) else folder

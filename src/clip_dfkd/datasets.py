@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import collections
 import io
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, NewType
 
@@ -175,6 +177,10 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Call
     partitions whose file already exists are skipped without calling their lazy loader, so
     an expensive producer (the image generator) only runs for what is missing.
 
+    Partitions are written by ``writer_threads`` threads while the next lazy loader runs, so
+    a producer on the GPU does not wait for PNG encoding (zlib releases the GIL); at most
+    ``4 × writer_threads`` produced partitions wait for a writer.
+
     Built on public APIs only (a composed ``PartitionedDataset`` for listing and loading,
     fsspec and ``AbstractDataset.from_config`` for saving): subclassing ``PartitionedDataset``
     would tie it to that class's private members.
@@ -186,11 +192,15 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Call
         path: str,
         dataset: str | type[AbstractDataset] | dict[str, Any],
         filename_suffix: str = "",
+        writer_threads: int = 4,
         metadata: dict[str, Any] | None = None,
     ) -> None:
+        if writer_threads < 1:
+            raise DatasetError(f"writer_threads={writer_threads!r}: allowed: 1 or more")
         self._path = path
         self._dataset = dataset if isinstance(dataset, dict) else {"type": dataset}
         self._filename_suffix = filename_suffix
+        self._writer_threads = writer_threads
         self._filesystem, self._root = fsspec.core.url_to_fs(path)
         self._partitions = PartitionedDataset(path=path, dataset=self._dataset, filename_suffix=filename_suffix)
         self.metadata = metadata
@@ -202,15 +212,28 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Call
         return partitions
 
     def save(self, data: dict[str, Any]) -> None:
-        for partition_id, partition_data in sorted(data.items()):
-            final_path = self._partition_path(partition_id)
-            if self._filesystem.exists(final_path):
-                continue
-            staging_path = final_path.removesuffix(self._filename_suffix) + _PARTIAL + self._filename_suffix
-            config = {**self._dataset, "filepath": self._filesystem.unstrip_protocol(staging_path)}
-            writer = AbstractDataset.from_config(f"{partition_id}{_PARTIAL}", config)
-            writer.save(partition_data() if callable(partition_data) else partition_data)
-            self._filesystem.mv(staging_path, final_path)
+        waiting: collections.deque[Future] = collections.deque()
+        with ThreadPoolExecutor(self._writer_threads, thread_name_prefix="partition-writer") as writers:
+            try:
+                for partition_id, partition_data in sorted(data.items()):
+                    final_path = self._partition_path(partition_id)
+                    if self._filesystem.exists(final_path):
+                        continue
+                    value = partition_data() if callable(partition_data) else partition_data
+                    waiting.append(writers.submit(self._write, partition_id, final_path, value))
+                    while waiting and (waiting[0].done() or len(waiting) > 4 * self._writer_threads):
+                        waiting.popleft().result()  # the first failed write stops the save
+                while waiting:
+                    waiting.popleft().result()
+            finally:
+                for write in waiting:
+                    write.cancel()
+
+    def _write(self, partition_id: str, final_path: str, value: Any) -> None:
+        staging_path = final_path.removesuffix(self._filename_suffix) + _PARTIAL + self._filename_suffix
+        config = {**self._dataset, "filepath": self._filesystem.unstrip_protocol(staging_path)}
+        AbstractDataset.from_config(f"{partition_id}{_PARTIAL}", config).save(value)
+        self._filesystem.mv(staging_path, final_path)
 
     def preview(self, images: int = 12, columns: int = 6, size: int = 96) -> ImagePreview:
         """A grid of the first ``images`` complete partitions (as images, ``size`` pixels
@@ -248,7 +271,12 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Call
         return bool(self._complete_partitions())
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": self._path, "dataset": self._dataset, "filename_suffix": self._filename_suffix}
+        return {
+            "path": self._path,
+            "dataset": self._dataset,
+            "filename_suffix": self._filename_suffix,
+            "writer_threads": self._writer_threads,
+        }
 
 
 class StudentModelDataset(AbstractDataset[StudentClassifier, StudentClassifier]):

@@ -17,7 +17,11 @@ from kedro.framework.hooks import hook_impl
 from kedro_mlflow.framework.hooks import MlflowHook
 from pydantic import BaseModel
 
+from clip_dfkd.errors import UserError
+
 logger = logging.getLogger(__name__)
+
+_SERVER_PROBE_SECONDS = 5.0
 
 # The stages of a full `kedro run`, which the run name calls "all stages".
 ALL_STAGES = "__default__"
@@ -31,6 +35,15 @@ class TypedParamsMlflowHook(MlflowHook):
     false`` in ``mlflow.yml`` (see the comment there and tests/test_mlflow_hook.py)."""
 
     @hook_impl
+    def after_context_created(self, context) -> None:
+        """kedro-mlflow's setup, after checking that a tracking server answers: MLflow would
+        retry for minutes before failing with a connection error."""
+        uri = (context.config_loader["mlflow"].get("server") or {}).get("mlflow_tracking_uri")
+        if problem := tracking_server_problem(uri):
+            raise UserError(problem)
+        super().after_context_created(context)
+
+    @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         """kedro-mlflow's run, named after what runs and tagged so that runs can be told
         apart and reproduced: the env, the exact command, the project version and the git
@@ -41,7 +54,7 @@ class TypedParamsMlflowHook(MlflowHook):
         if not self._is_mlflow_enabled or mlflow.active_run() is None:
             return
         parameters = catalog.load("parameters")
-        mlflow.set_tags(run_tags(run_params))
+        mlflow.set_tags(run_tags(run_params) | shard_tags(pipeline, catalog))
         mlflow.set_tag("mlflow.runName", run_name(run_params, parameters, pipeline))
 
     @hook_impl
@@ -80,7 +93,10 @@ def run_name(run_params: dict[str, Any], parameters: dict[str, Any], pipeline) -
     if "prompt_generation" in ran:
         parts.append(f"{_plain(parameters.get('prompt_generation'))['method']} prompts")
     if "image_synthesis" in ran:
-        parts.append(_plain(parameters.get("image_synthesis"))["backend"])
+        synthesis = _plain(parameters.get("image_synthesis"))
+        parts.append(synthesis["backend"])
+        if synthesis.get("num_shards", 1) > 1:
+            parts.append(f"shard {synthesis.get('shard_index', 0)}/{synthesis['num_shards']}")
     if "ood_evaluation" in ran:
         k = _plain(parameters.get("ood_evaluation")).get("few_shot", {}).get("k", 0)
         if k:
@@ -104,6 +120,44 @@ def run_tags(run_params: dict[str, Any]) -> dict[str, str]:
     if commit := _git_commit(project):
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def tracking_server_problem(uri: str | None) -> str | None:
+    """Why the MLflow tracking server at ``uri`` cannot be used (nothing answers in a few
+    seconds), or None; only http(s) URIs are servers."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        # Any answer counts: a server behind authentication answers 401 here.
+        requests.get(f"{uri.rstrip('/')}/health", timeout=_SERVER_PROBE_SECONDS)
+    except requests.RequestException as exc:
+        return (
+            f"MLflow tracking URI {uri!r}: no server answers there ({type(exc).__name__}); start it "
+            "(`mlflow server ...`) or point MLFLOW_TRACKING_URI (or server.mlflow_tracking_uri in mlflow.yml) at one "
+            "that runs"
+        )
+    return None
+
+
+def shard_tags(pipeline, catalog) -> dict[str, str]:
+    """A sharded synthesis run's shard (``k/N``) and the group its sibling runs share: a hash
+    of every image the N shards render together, so the runs of one sharded job find each
+    other (``tags.synthesis_shard_group = '…'``) without being told."""
+    if "params:image_synthesis" not in pipeline.inputs():
+        return {}
+    synthesis = catalog.load("params:image_synthesis")
+    if synthesis.num_shards == 1:
+        return {}
+    from clip_dfkd.naming import stable_hash
+    from clip_dfkd.pipelines.image_synthesis.nodes import build_manifest
+
+    plan = build_manifest(catalog.load("prompt_table"), synthesis, catalog.load("params:teacher"))
+    return {
+        "synthesis_shard": f"{synthesis.shard_index}/{synthesis.num_shards}",
+        "synthesis_shard_group": stable_hash(list(plan["image_id"]), synthesis.num_shards, length=12),
+    }
 
 
 def _env(run_params: dict[str, Any]) -> str:

@@ -24,3 +24,8 @@ def stable_seed(*parts: Any) -> int:
     """A 31-bit seed derived from ``parts``; unlike ``base + row index`` it does not change
     for existing images when a class or style is added."""
     return int(stable_hash(*parts, length=8), 16) & 0x7FFFFFFF
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """Which of ``num_shards`` shards ``key`` belongs to, the same in every process."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:16], 16) % num_shards

@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     RootModel,
@@ -321,6 +322,10 @@ class GeneratorParams(Params):
     negative_prompt: str = ""
     height: PositiveInt = 512
     width: PositiveInt = 512
+    # The VAE decodes the batch one image at a time (slicing) or in overlapping tiles (tiling,
+    # for large images): less memory, the same images up to rounding.
+    vae_slicing: bool = False
+    vae_tiling: bool = False
 
     @field_validator("scheduler")
     @classmethod
@@ -386,9 +391,23 @@ class InversionParams(Params):
         return self
 
 
+class RayExecutorParams(Params):
+    """Where and how wide Ray renders: ``address`` null starts a Ray on this machine, ``auto``
+    joins the cluster this machine belongs to, ``ray://<head>:10001`` a remote one. Each actor
+    loads one generator (or teacher, for inversion) and renders whole batches."""
+
+    address: str | None = None
+    num_actors: PositiveInt = 1
+    # null: one GPU per actor when the Ray cluster has GPUs, none otherwise.
+    num_gpus_per_actor: float | None = Field(default=None, ge=0.0)
+    num_cpus_per_actor: float = Field(default=1.0, gt=0.0)
+
+
 class ImageSynthesisParams(Params):
     """``diffusion`` samples a diffusers text-to-image ``generator``; ``inversion`` optimises
-    each image against the teacher and needs no generator."""
+    each image against the teacher and needs no generator. ``num_shards``/``shard_index``
+    make a run render only its share of the images (see README, "Scaling out"); ``executor``
+    ``ray`` renders on Ray actors instead of in this process."""
 
     section: ClassVar[str] = "image_synthesis"
 
@@ -397,6 +416,20 @@ class ImageSynthesisParams(Params):
     inversion: InversionParams = InversionParams()
     batch_size: PositiveInt = 4
     sample_grid_columns: PositiveInt = 8
+    num_shards: PositiveInt = 1
+    shard_index: NonNegativeInt = 0
+    executor: Literal["local", "ray"] = "local"
+    ray: RayExecutorParams = RayExecutorParams()
+
+    @model_validator(mode="after")
+    def _shard_index_in_range(self) -> ImageSynthesisParams:
+        if self.shard_index >= self.num_shards:
+            raise _bad(
+                "shard_index",
+                self.shard_index,
+                f"outside [0, {self.num_shards}) for num_shards={self.num_shards}; allowed: 0..{self.num_shards - 1}",
+            )
+        return self
 
     @model_validator(mode="after")
     def _diffusion_needs_a_generator(self) -> ImageSynthesisParams:
@@ -477,6 +510,8 @@ class TrainingParams(Params):
 class RegistryParams(Params):
     model_name: str = Field(default="clip-dfkd-student", min_length=1)
     alias: str = Field(default="candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    # Also log the student as ONNX beside the registered model (a few seconds per run).
+    export_onnx: bool = True
 
 
 class StudentDistillationParams(Params):

@@ -30,6 +30,7 @@ from clip_dfkd.params import (
     TeacherParams,
 )
 from clip_dfkd.pipeline_registry import STAGES
+from clip_dfkd.rendering import ray_executor_problem
 from clip_dfkd.runtime import unavailable_device
 from clip_dfkd.styles import saved_bank_dim
 
@@ -63,11 +64,31 @@ def _saved_bank_problem(
 
 
 def _synthesis_problem(params: ImageSynthesisParams) -> str | None:
+    if params.executor == "ray" and (problem := ray_executor_problem(params.ray)):
+        return problem
     if params.backend == "diffusion":
         return missing_generator_weights(params.generator) or unsupported_generator(params.generator)
     if params.inversion.parameterization == "latent":
         return missing_decoder_weights(params.inversion.decoder)
     return None
+
+
+def _shard_run_problem(params: ImageSynthesisParams, pipeline) -> str | None:
+    """A sharded run may only render: its manifest, metrics and sample grid would hold one
+    shard, and N runs would overwrite each other's (and rerun any earlier stage N times)."""
+    if params.num_shards == 1:
+        return None
+    from clip_dfkd.pipelines.image_synthesis.pipeline import create_pipeline
+
+    rendering = {node.name for node in create_pipeline().to_outputs("synthetic_images").nodes}
+    if not {node.name for node in pipeline.nodes} - rendering:
+        return None
+    shard = f"image_synthesis.num_shards={params.num_shards},image_synthesis.shard_index=<k>"
+    return (
+        f"image_synthesis.num_shards={params.num_shards}: a sharded run renders synthetic_images only; run "
+        f"`kedro run --pipelines=image_synthesis --to-outputs=synthetic_images --params={shard}` for each k, "
+        "then `kedro run --pipelines=image_synthesis` once, which finds every image on disk and writes the manifest"
+    )
 
 
 # Saved artefacts that carry the class list they were made for.
@@ -131,7 +152,8 @@ class PreflightHook:
         if "teacher" in used:
             problems.append(missing_teacher_weights(catalog.load("params:teacher")))
         if "image_synthesis" in used:
-            problems.append(_synthesis_problem(catalog.load("params:image_synthesis")))
+            synthesis = catalog.load("params:image_synthesis")
+            problems += [_synthesis_problem(synthesis), _shard_run_problem(synthesis, pipeline)]
         if "prompt_generation" in used:
             problems.append(
                 _saved_bank_problem(

@@ -44,11 +44,13 @@ from PIL import Image, UnidentifiedImageError
 import clip_dfkd
 from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, open_rgb
 from clip_dfkd.models.student import StudentClassifier
+from clip_dfkd.onnx_export import export_onnx, synthetic_pixels
 from clip_dfkd.tracking import MODEL_STEP, link_latest_metrics
 
 logger = logging.getLogger(__name__)
 
 _STUDENT_ARTIFACT = "student"
+_ONNX_ARTIFACT, _ONNX_FILE = "student_onnx", "student.onnx"
 INPUT_COLUMNS = ("image", "path")
 
 SIGNATURE = ModelSignature(
@@ -137,16 +139,30 @@ def register_student_model(
     tags: dict[str, str],
     description: str,
     training_metrics: Callable[[str], bool],
+    onnx: bool = True,
 ) -> dict[str, str]:
     """Log ``student`` to the active MLflow run as a pyfunc model carrying the latest point of
     the run's ``training_metrics`` (the final epoch's), register a new version of
-    ``registered_name`` with ``tags`` and ``description`` and move ``alias`` to it."""
+    ``registered_name`` with ``tags`` and ``description`` and move ``alias`` to it.
+
+    With ``onnx``, the run also gets the student as ONNX under ``student_onnx/``
+    (``student.onnx`` and ``student.preprocessing.json``, see :mod:`clip_dfkd.onnx_export`),
+    and the version a tag ``onnx_uri`` with its ``runs:/`` URI."""
     with tempfile.TemporaryDirectory() as scratch:
         student_dir = Path(scratch) / _STUDENT_ARTIFACT
         student.save_pretrained(student_dir)
         size = student.config["image_size"]
+        example_image = Image.new("RGB", (size, size), (127, 127, 127))
         example = io.BytesIO()
-        Image.new("RGB", (size, size), (127, 127, 127)).save(example, format="PNG")
+        example_image.save(example, format="PNG")
+        # Exported before the model is registered, so that an export failing its parity check
+        # leaves no version behind. Checked on the input example and a few synthetic images:
+        # this function gets no real ones.
+        if onnx:
+            sample = torch.cat([student.eval_transform()(example_image)[None], synthetic_pixels(student)])
+            onnx_dir = Path(scratch) / _ONNX_ARTIFACT
+            export_onnx(student, onnx_dir / _ONNX_FILE, sample)
+            mlflow.log_artifacts(str(onnx_dir), artifact_path=_ONNX_ARTIFACT)
         info = mlflow.pyfunc.log_model(
             name="student",
             # Models from code: MLflow stores the script, not a pickle of the object.
@@ -177,6 +193,10 @@ def register_student_model(
     )
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, value)
+    if onnx:
+        # runs:/ resolves wherever the run's artifacts are stored: mlflow.artifacts.download_artifacts(uri).
+        onnx_uri = f"runs:/{info.run_id}/{_ONNX_ARTIFACT}/{_ONNX_FILE}"
+        client.set_model_version_tag(registered_name, version, "onnx_uri", onnx_uri)
     client.set_registered_model_alias(registered_name, alias, version)
     uri = f"models:/{registered_name}@{alias}"
     logger.info("Registered %s version %s as %s", registered_name, version, uri)

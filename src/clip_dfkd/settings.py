@@ -10,7 +10,7 @@ quiet_library_warnings()
 
 from kedro.config import OmegaConfigLoader  # noqa: E402
 
-from clip_dfkd.config_resolvers import tracking_uri  # noqa: E402
+from clip_dfkd.config_resolvers import artifact_location, tracking_uri  # noqa: E402
 from clip_dfkd.hooks import DemoAssetsHook, TypedParamsMlflowHook  # noqa: E402
 from clip_dfkd.preflight import PreflightHook  # noqa: E402
 
@@ -29,5 +29,8 @@ CONFIG_LOADER_ARGS = {
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]},
     # conf/demo/mlflow.yml overrides single keys of conf/base/mlflow.yml.
     "merge_strategy": {"mlflow": "soft"},
-    "custom_resolvers": {"clip_dfkd.tracking_uri": tracking_uri},
+    "custom_resolvers": {
+        "clip_dfkd.tracking_uri": tracking_uri,
+        "clip_dfkd.artifact_location": artifact_location,
+    },
 }

@@ -291,3 +291,32 @@ def test_failed_builds_keep_the_previous_output(tmp_path: Path, monkeypatch: pyt
     assert checkpoint.read_bytes() == checkpoint_bytes
     assert {path.name: path.read_bytes() for path in tokenizer_dir.iterdir()} == tokenizer_files
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.safetensors", "tokenizer"]
+
+
+def test_vae_slicing_and_tiling_reach_the_vae_and_keep_the_images(tiny_sd_dir: Path) -> None:
+    from clip_dfkd.models import load_text_to_image
+    from clip_dfkd.params import GeneratorParams, RuntimeParams
+    from clip_dfkd.runtime import Runtime
+
+    cpu = Runtime.resolve(RuntimeParams(device="cpu"))
+    plain = load_text_to_image(GeneratorParams(model_id=str(tiny_sd_dir)), cpu)
+    sliced = load_text_to_image(GeneratorParams(model_id=str(tiny_sd_dir), vae_slicing=True, vae_tiling=True), cpu)
+
+    assert (plain.vae.use_slicing, plain.vae.use_tiling) == (False, False)
+    assert (sliced.vae.use_slicing, sliced.vae.use_tiling) == (True, True)
+    images = [
+        np.stack(
+            [
+                np.asarray(image, dtype=np.int16)
+                for image in pipe(
+                    ["a photo of a dog", "a sketch of a cat"],
+                    num_inference_steps=2,
+                    height=32,
+                    width=32,
+                    generator=[torch.Generator().manual_seed(seed) for seed in (1, 2)],
+                ).images
+            ]
+        )
+        for pipe in (plain, sliced)
+    ]
+    assert np.abs(images[0] - images[1]).max() <= 1  # the same images, up to rounding

@@ -5,14 +5,20 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from kedro.io import DatasetError
 from PIL import Image
 
-from clip_dfkd.params import ImageSynthesisParams, TeacherParams
+from clip_dfkd.cli import user_error_message
+from clip_dfkd.datasets import ResumablePartitionedDataset
+from clip_dfkd.params import ImageSynthesisParams, RuntimeParams, TeacherParams
 from clip_dfkd.pipelines.image_synthesis.nodes import build_manifest
+from clip_dfkd.rendering import DiffusionRenderer, LocalImages
 
 
 def _prompt_table() -> pd.DataFrame:
@@ -161,3 +167,29 @@ def test_run_killed_with_sigkill_resumes_to_exactly_one_complete_image_each(fres
     if backend == "inversion":
         # Images from the killed run kept their losses: each PNG carries its own.
         assert manifest["inversion_loss"].gt(0).all()
+
+
+def test_out_of_memory_while_rendering_is_reported_as_itself(tmp_path) -> None:
+    """Not as Kedro's "Failed while saving data": which stage, which batch size, what to lower."""
+
+    class ExhaustedRenderer(DiffusionRenderer):
+        def _load(self) -> None:
+            pass
+
+        def _render(self, rows):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    params = ImageSynthesisParams.model_validate({"generator": {"model_id": "some/model"}, "batch_size": 8})
+    manifest = build_manifest(_prompt_table(), params, TEACHER)
+    ids = list(manifest["image_id"])
+    images = LocalImages(ExhaustedRenderer(manifest, None, params, RuntimeParams(), None), ids, params.batch_size)
+    dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset="pillow.ImageDataset", filename_suffix=".png")
+
+    with pytest.raises(DatasetError) as error:
+        dataset.save({image_id: partial(images.image, image_id) for image_id in ids})
+
+    assert user_error_message(error.value) == (
+        "image_synthesis: out of device memory rendering a batch of 2 images (diffusion, 512x512); lower "
+        "image_synthesis.batch_size (now 8) or set image_synthesis.generator.vae_slicing=true"
+    )
+    assert not list(tmp_path.rglob("*.png"))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from clip_dfkd.models.errors import ModelNotFoundError
+from clip_dfkd.models.hub import hub_reachable
 from clip_dfkd.params import GeneratorParams, InversionDecoderParams
 from clip_dfkd.runtime import Runtime
 
@@ -63,7 +64,7 @@ def _missing_diffusers_weights(
 
     if is_local_reference(model_id):
         return None if Path(model_id, marker).expanduser().is_file() else not_a_folder
-    if not huggingface_hub.is_offline_mode():
+    if hub_reachable():
         return None  # diffusers downloads it on first use
     try:
         huggingface_hub.snapshot_download(model_id, revision=revision, local_files_only=True)
@@ -153,6 +154,11 @@ def load_text_to_image(params: GeneratorParams, runtime: Runtime):
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
     # The synthesis node shows one progress bar over all images instead of one per batch.
     pipeline.set_progress_bar_config(disable=True)
+    # Decoding a whole batch of 512 px latents at once can need more memory than the UNet.
+    if params.vae_slicing:
+        pipeline.vae.enable_slicing()
+    if params.vae_tiling:
+        pipeline.vae.enable_tiling()
     pipeline.to(runtime.device)
     if runtime.compile:
         pipeline.unet = torch.compile(pipeline.unet)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from clip_dfkd.imaging import ImageSource, iterate_batches
 from clip_dfkd.models.checkpoints import architecture_mismatch, checkpoint_shapes
 from clip_dfkd.models.errors import ModelNotFoundError
+from clip_dfkd.models.hub import hub_reachable
 from clip_dfkd.models.model_configs import building_without_weights, register_project_model_configs
 from clip_dfkd.params import TeacherParams, looks_like_path
 from clip_dfkd.runtime import Runtime
@@ -100,7 +101,6 @@ def missing_teacher_weights(params: TeacherParams) -> str | None:
     """Why the teacher's weights cannot be loaded here, or None when they can (or may still
     be downloaded). Cheap: reads the disk and the Hugging Face cache, never the network; a
     checkpoint file must also fit ``params.model_name``."""
-    import huggingface_hub
     import open_clip
 
     if looks_like_path(params.pretrained):
@@ -111,7 +111,7 @@ def missing_teacher_weights(params: TeacherParams) -> str | None:
             "open_clip checkpoint (.pt/.bin/.safetensors) or a tag of "
             f"open_clip.list_pretrained_tags_by_model({params.model_name!r})"
         )
-    if not huggingface_hub.is_offline_mode():
+    if hub_reachable():
         return None  # open_clip downloads it on first use
     try:
         # With HF_HUB_OFFLINE set this only looks in the cache.

@@ -43,7 +43,7 @@ _TINY_SD_TEXT_WIDTH = 32
 
 # Stable Diffusion 1.x's noise schedule (runwayml/stable-diffusion-v1-5 scheduler_config.json),
 # so schedulers swapped in with ``from_config`` behave as they would on the real model.
-_SD1_SCHEDULER_CONFIG = {
+SD1_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -257,7 +257,7 @@ def build_tiny_stable_diffusion(output_dir: Path, seed: int = 0) -> Path:
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             unet=unet,
-            scheduler=PNDMScheduler(**_SD1_SCHEDULER_CONFIG),
+            scheduler=PNDMScheduler(**SD1_SCHEDULER_CONFIG),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -12,20 +11,14 @@ import matplotlib
 matplotlib.use("Agg")  # nodes draw off-screen, also on machines with a display
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
 from kedro.io import DatasetError
 from matplotlib.figure import Figure
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
-from tqdm.auto import tqdm
 
-from clip_dfkd.models import ClipTeacher, load_text_to_image
-from clip_dfkd.models.generator import load_latent_decoder
-from clip_dfkd.models.inversion import invert, start_images
-from clip_dfkd.models.text_encoders import HFCLIPTextEncoder, OpenClipTextEncoder
-from clip_dfkd.naming import slugify, stable_hash
+from clip_dfkd.models import ClipTeacher
+from clip_dfkd.naming import shard_of, slugify, stable_hash
 from clip_dfkd.params import ImageSynthesisParams, RuntimeParams, TeacherParams
-from clip_dfkd.runtime import Runtime
+from clip_dfkd.rendering import LocalImages, RayImages, create_renderer, read_record
 from clip_dfkd.styles import StyleBank
 
 logger = logging.getLogger(__name__)
@@ -87,152 +80,14 @@ def build_manifest(prompt_table: pd.DataFrame, params: ImageSynthesisParams, tea
     return manifest.sort_values("image_id", ignore_index=True)
 
 
-class _BatchRenderer:
-    """Renders manifest rows in batches, on demand.
-
-    Kedro saves the image partitions in sorted id order and calls one lazy loader per image;
-    the first call for a batch renders the whole batch (each image from its own seed, so it
-    does not depend on its batch mates), the rest are served from memory. Models are only
-    loaded when some image is actually missing.
-    """
-
-    def __init__(self, manifest: pd.DataFrame, style_bank: StyleBank, params: ImageSynthesisParams):
-        self._rows = manifest.set_index("image_id")
-        self._style_bank = style_bank
-        self._params = params
-        ids = list(self._rows.index)
-        self._batches = [ids[i : i + params.batch_size] for i in range(0, len(ids), params.batch_size)]
-        self._batch_of = {image_id: n for n, batch in enumerate(self._batches) for image_id in batch}
-        self._rendered: dict[str, Image.Image] = {}
-        self._progress: tqdm | None = None
-
-    def image(self, image_id: str) -> Image.Image:
-        if image_id not in self._rendered:
-            self._rendered.clear()
-            if self._progress is None:
-                self._load()
-                self._progress = tqdm(total=len(self._rows), desc="Rendering missing images", unit="img")
-            batch = self._batches[self._batch_of[image_id]]
-            rows = self._rows.loc[batch]
-            started = time.perf_counter()
-            images, records = self._render(rows)
-            seconds = (time.perf_counter() - started) / len(batch)
-            for image, record, row in zip(images, records, rows.itertuples(), strict=True):
-                _attach_record(
-                    image,
-                    {
-                        "image_id": row.Index,
-                        "prompt": row.prompt,
-                        "seed": int(row.seed),
-                        "render_seconds": seconds,
-                        **record,
-                    },
-                )
-            self._rendered = dict(zip(batch, images, strict=True))
-            self._progress.update(len(batch))
-        return self._rendered.pop(image_id)
-
-    def _style_vectors(self, rows: pd.DataFrame) -> torch.Tensor | None:
-        vector_ids = rows["style_vector_id"].dropna()
-        return self._style_bank.lookup(list(vector_ids)) if len(vector_ids) else None
-
-    def _load(self) -> None:
-        raise NotImplementedError
-
-    def _render(self, rows: pd.DataFrame) -> tuple[list[Image.Image], list[dict[str, Any]]]:
-        """The rows' images and, per image, what its synthesis measured."""
-        raise NotImplementedError
-
-
-class DiffusionRenderer(_BatchRenderer):
-    """A diffusers text-to-image pipeline, conditioned on each row's prompt embedding."""
-
-    def __init__(self, manifest, style_bank, params, runtime_params: RuntimeParams, teacher_model: ClipTeacher):
-        super().__init__(manifest, style_bank, params)
-        self._runtime_params = runtime_params
-
-    def _load(self) -> None:
-        self._pipeline = load_text_to_image(self._params.generator, Runtime.resolve(self._runtime_params))
-        self._encoder = HFCLIPTextEncoder(self._pipeline.text_encoder, self._pipeline.tokenizer, "generator")
-
-    def _render(self, rows: pd.DataFrame) -> tuple[list[Image.Image], list[dict[str, Any]]]:
-        generator = self._params.generator
-        guided = generator.guidance_scale > 1
-        # The pipeline's own prompt encoding, with each row's pseudo-word spliced in; the
-        # result goes in as embeddings, so "[S*]" never reaches the pipeline as text.
-        with torch.no_grad(), self._encoder.splice(self._style_vectors(rows)):
-            prompt_embeds, negative_prompt_embeds = self._pipeline.encode_prompt(
-                prompt=self._encoder.stand_in(list(rows["prompt"])),
-                device=self._pipeline.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=guided,
-                negative_prompt=[generator.negative_prompt] * len(rows) if guided else None,
-            )
-        images = self._pipeline(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            num_inference_steps=generator.num_inference_steps,
-            guidance_scale=generator.guidance_scale,
-            height=generator.height,
-            width=generator.width,
-            # CPU generators give the same starting noise on every device.
-            generator=[torch.Generator("cpu").manual_seed(int(seed)) for seed in rows["seed"]],
-        ).images
-        return images, [{} for _ in images]
-
-
-class InversionRenderer(_BatchRenderer):
-    """Teacher-guided inversion: each row's image optimised until the teacher sees its prompt
-    (pseudo-words spliced into the teacher's own text tower)."""
-
-    def __init__(self, manifest, style_bank, params, runtime_params: RuntimeParams, teacher_model: ClipTeacher):
-        super().__init__(manifest, style_bank, params)
-        self._teacher = teacher_model
-
-    def _load(self) -> None:
-        inversion = self._params.inversion
-        runtime = self._teacher.runtime
-        self._decoder = (
-            load_latent_decoder(inversion.decoder, runtime) if inversion.parameterization == "latent" else None
-        )
-        self._encoder = OpenClipTextEncoder(self._teacher.model, self._teacher.tokenizer, self._teacher.name)
-
-    def _render(self, rows: pd.DataFrame) -> tuple[list[Image.Image], list[dict[str, Any]]]:
-        teacher = self._teacher
-        with torch.no_grad():
-            text = self._encoder.encode(list(rows["prompt"]), self._style_vectors(rows))
-        start, generators = start_images(self._params.inversion, list(rows["seed"]), self._decoder)
-        visual = teacher.model.visual
-
-        def encode_image(pixels: torch.Tensor) -> torch.Tensor:
-            with teacher.runtime.autocast():
-                return teacher.model.encode_image(pixels)
-
-        result = invert(
-            encode_image,
-            text,
-            start,
-            generators,
-            self._params.inversion,
-            input_size=visual.image_size[0] if isinstance(visual.image_size, tuple | list) else visual.image_size,
-            mean=visual.preprocess_cfg["mean"],
-            std=visual.preprocess_cfg["std"],
-        )
-        images = [Image.fromarray(pixels.numpy()) for pixels in result.images]
-        records = [
-            {
-                "inversion_loss": float(result.losses[row]),
-                "inversion_loss_curve": dict(
-                    zip(result.logged_iterations, result.loss_history[:, row].tolist(), strict=True)
-                ),
-            }
-            for row in range(len(images))
-        ]
-        return images, records
-
-
-_RECORD_KEY = "clip-dfkd"
-_RENDERERS = {"diffusion": DiffusionRenderer, "inversion": InversionRenderer}
+def select_shard(plan: pd.DataFrame, num_shards: int, shard_index: int) -> pd.DataFrame:
+    """The plan rows of shard ``shard_index``. A hash of each ``image_id`` picks its shard, so
+    the shards are disjoint, together hold the whole plan, and an image stays in its shard
+    when rows are added."""
+    if num_shards == 1:
+        return plan
+    mine = [shard_of(image_id, num_shards) == shard_index for image_id in plan["image_id"]]
+    return plan[mine].reset_index(drop=True)
 
 
 def synthesize_images(
@@ -249,11 +104,17 @@ def synthesize_images(
     images on disk are never rendered again and a killed run loses at most one batch. Each
     PNG carries its synthesis record (see ``record_synthesis``).
     """
-    plan = build_manifest(prompt_table, params, teacher)
-    renderer = _RENDERERS[params.backend](plan, style_bank, params, runtime, teacher_model)
-    images = {image_id: partial(renderer.image, image_id) for image_id in plan["image_id"]}
+    plan = select_shard(build_manifest(prompt_table, params, teacher), params.num_shards, params.shard_index)
+    image_ids = list(plan["image_id"])
+    if params.executor == "ray":
+        on_demand = RayImages(plan, style_bank, params, runtime, teacher)
+    else:
+        renderer = create_renderer(plan, style_bank, params, runtime, teacher_model)
+        on_demand = LocalImages(renderer, image_ids, params.batch_size)
+    images = {image_id: partial(on_demand.image, image_id) for image_id in image_ids}
     source = params.generator.model_id if params.backend == "diffusion" else teacher_model.name
-    logger.info("%d images to synthesise by %s (%s)", len(images), params.backend, source)
+    shard = f", shard {params.shard_index} of {params.num_shards}" if params.num_shards > 1 else ""
+    logger.info("%d images to synthesise by %s (%s%s)", len(images), params.backend, source, shard)
     return images, plan
 
 
@@ -267,7 +128,7 @@ def record_synthesis(
     missing = sorted(set(plan["image_id"]) - set(images))
     if missing:
         raise DatasetError(f"synthetic_images lacks {len(missing)} planned images, e.g. {missing[0]}")
-    records = pd.DataFrame([_read_record(images[image_id]()) for image_id in plan["image_id"]], index=plan.index)
+    records = pd.DataFrame([read_record(images[image_id]()) for image_id in plan["image_id"]], index=plan.index)
     if "render_seconds" not in records:
         # PNGs written before images carried records: nothing measured to report.
         logger.warning("synthetic images carry no synthesis record; no synthesis metrics")
@@ -294,19 +155,6 @@ def record_synthesis(
         seconds,
     )
     return manifest, metrics
-
-
-def _attach_record(image: Image.Image, record: dict[str, Any]) -> None:
-    # Pillow writes an image's own ``encoderinfo`` when it saves it: the record travels with
-    # the image through the partitioned dataset into a PNG text chunk.
-    text = PngInfo()
-    text.add_text(_RECORD_KEY, json.dumps(record))
-    image.encoderinfo = {"pnginfo": text}
-
-
-def _read_record(image: Image.Image) -> dict[str, Any]:
-    text = image.info.get(_RECORD_KEY)
-    return json.loads(text) if text else {}
 
 
 def plot_sample_grid(

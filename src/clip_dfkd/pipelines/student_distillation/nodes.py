@@ -121,6 +121,7 @@ def register_student(
         student,
         registered_name=params.registry.model_name,
         alias=params.registry.alias,
+        onnx=params.registry.export_onnx,
         description=(
             f"A {params.student.model_name} classifier of {len(names)} classes ({shown}), distilled from the CLIP "
             f"teacher {teacher_name} on images synthesised by {generator} from {prompt_generation.method} "

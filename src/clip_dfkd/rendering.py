@@ -1,0 +1,401 @@
+"""Rendering synthesis manifest rows into images, in this process or on Ray actors.
+
+A renderer turns a list of manifest rows into images, loading its models on first use. The
+image synthesis stage hands Kedro one lazy loader per image; :class:`OnDemandImages` serves
+those loaders batch by batch, rendering a batch when its first image is asked for, either
+here (:class:`LocalImages`) or streamed from Ray actors (:class:`RayImages`). Batches are
+fixed slices of the sorted manifest and every image is drawn from its own seed, so a
+manifest gives the same pixels whichever executor or Ray worker renders it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from clip_dfkd.errors import UserError
+from clip_dfkd.models import ClipTeacher, load_teacher, load_text_to_image
+from clip_dfkd.models.generator import load_latent_decoder
+from clip_dfkd.models.inversion import invert, start_images
+from clip_dfkd.models.text_encoders import HFCLIPTextEncoder, OpenClipTextEncoder
+from clip_dfkd.params import ImageSynthesisParams, RayExecutorParams, RuntimeParams, TeacherParams
+from clip_dfkd.runtime import Runtime
+from clip_dfkd.styles import StyleBank
+
+logger = logging.getLogger(__name__)
+
+RECORD_KEY = "clip-dfkd"  # the PNG text chunk that carries an image's synthesis record
+
+
+class RenderingOutOfMemoryError(UserError, RuntimeError):
+    """A batch that did not fit on the device; the message says what to lower."""
+
+
+class Renderer:
+    """Renders manifest rows (indexed by ``image_id``) into images and, per image, a record
+    of its synthesis (prompt, seed, seconds, and what the backend measured)."""
+
+    def __init__(self, manifest: pd.DataFrame, style_bank: StyleBank, params: ImageSynthesisParams):
+        self._rows = manifest.set_index("image_id")
+        self._style_bank = style_bank
+        self._params = params
+        self._loaded = False
+
+    def render(self, image_ids: list[str]) -> list[tuple[Image.Image, dict[str, Any]]]:
+        if not self._loaded:
+            self._load()
+            self._loaded = True
+        rows = self._rows.loc[image_ids]
+        started = time.perf_counter()
+        try:
+            images, measured = self._render(rows)
+        except torch.OutOfMemoryError:
+            raise RenderingOutOfMemoryError(self._out_of_memory(len(image_ids))) from None
+        seconds = (time.perf_counter() - started) / len(image_ids)
+        records = [
+            {"image_id": row.Index, "prompt": row.prompt, "seed": int(row.seed), "render_seconds": seconds, **extra}
+            for row, extra in zip(rows.itertuples(), measured, strict=True)
+        ]
+        return list(zip(images, records, strict=True))
+
+    def _out_of_memory(self, batch_size: int) -> str:
+        params = self._params
+        size = (
+            f"{params.generator.width}x{params.generator.height}"
+            if params.backend == "diffusion"
+            else f"{params.inversion.image_size}x{params.inversion.image_size}, {params.inversion.cutouts} cutouts"
+        )
+        also = ""
+        if params.backend == "diffusion" and not params.generator.vae_slicing:
+            also = " or set image_synthesis.generator.vae_slicing=true"
+        return (
+            f"image_synthesis: out of device memory rendering a batch of {batch_size} images ({params.backend}, "
+            f"{size}); lower image_synthesis.batch_size (now {params.batch_size}){also}"
+        )
+
+    def _style_vectors(self, rows: pd.DataFrame) -> torch.Tensor | None:
+        vector_ids = rows["style_vector_id"].dropna()
+        return self._style_bank.lookup(list(vector_ids)) if len(vector_ids) else None
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _render(self, rows: pd.DataFrame) -> tuple[list[Image.Image], list[dict[str, Any]]]:
+        """The rows' images and, per image, what its synthesis measured."""
+        raise NotImplementedError
+
+
+class DiffusionRenderer(Renderer):
+    """A diffusers text-to-image pipeline, conditioned on each row's prompt embedding."""
+
+    def __init__(self, manifest, style_bank, params, runtime_params: RuntimeParams, teacher_model: ClipTeacher | None):
+        super().__init__(manifest, style_bank, params)
+        self._runtime_params = runtime_params
+
+    def _load(self) -> None:
+        self._pipeline = load_text_to_image(self._params.generator, Runtime.resolve(self._runtime_params))
+        self._encoder = HFCLIPTextEncoder(self._pipeline.text_encoder, self._pipeline.tokenizer, "generator")
+
+    def _render(self, rows: pd.DataFrame) -> tuple[list[Image.Image], list[dict[str, Any]]]:
+        generator = self._params.generator
+        guided = generator.guidance_scale > 1
+        # The pipeline's own prompt encoding, with each row's pseudo-word spliced in; the
+        # result goes in as embeddings, so "[S*]" never reaches the pipeline as text.
+        with torch.no_grad(), self._encoder.splice(self._style_vectors(rows)):
+            prompt_embeds, negative_prompt_embeds = self._pipeline.encode_prompt(
+                prompt=self._encoder.stand_in(list(rows["prompt"])),
+                device=self._pipeline.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guided,
+                negative_prompt=[generator.negative_prompt] * len(rows) if guided else None,
+            )
+        images = self._pipeline(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            num_inference_steps=generator.num_inference_steps,
+            guidance_scale=generator.guidance_scale,
+            height=generator.height,
+            width=generator.width,
+            # CPU generators give the same starting noise on every device.
+            generator=[torch.Generator("cpu").manual_seed(int(seed)) for seed in rows["seed"]],
+        ).images
+        return images, [{} for _ in images]
+
+
+class InversionRenderer(Renderer):
+    """Teacher-guided inversion: each row's image optimised until the teacher sees its prompt
+    (pseudo-words spliced into the teacher's own text tower)."""
+
+    def __init__(self, manifest, style_bank, params, runtime_params: RuntimeParams, teacher_model: ClipTeacher | None):
+        super().__init__(manifest, style_bank, params)
+        self._teacher = teacher_model
+
+    def _load(self) -> None:
+        inversion = self._params.inversion
+        runtime = self._teacher.runtime
+        self._decoder = (
+            load_latent_decoder(inversion.decoder, runtime) if inversion.parameterization == "latent" else None
+        )
+        self._encoder = OpenClipTextEncoder(self._teacher.model, self._teacher.tokenizer, self._teacher.name)
+
+    def _render(self, rows: pd.DataFrame) -> tuple[list[Image.Image], list[dict[str, Any]]]:
+        teacher = self._teacher
+        with torch.no_grad():
+            text = self._encoder.encode(list(rows["prompt"]), self._style_vectors(rows))
+        start, generators = start_images(self._params.inversion, list(rows["seed"]), self._decoder)
+        visual = teacher.model.visual
+
+        def encode_image(pixels: torch.Tensor) -> torch.Tensor:
+            with teacher.runtime.autocast():
+                return teacher.model.encode_image(pixels)
+
+        result = invert(
+            encode_image,
+            text,
+            start,
+            generators,
+            self._params.inversion,
+            input_size=visual.image_size[0] if isinstance(visual.image_size, tuple | list) else visual.image_size,
+            mean=visual.preprocess_cfg["mean"],
+            std=visual.preprocess_cfg["std"],
+        )
+        images = [Image.fromarray(pixels.numpy()) for pixels in result.images]
+        records = [
+            {
+                "inversion_loss": float(result.losses[row]),
+                "inversion_loss_curve": dict(
+                    zip(result.logged_iterations, result.loss_history[:, row].tolist(), strict=True)
+                ),
+            }
+            for row in range(len(images))
+        ]
+        return images, records
+
+
+_RENDERERS: dict[str, type[Renderer]] = {"diffusion": DiffusionRenderer, "inversion": InversionRenderer}
+
+
+def create_renderer(
+    manifest: pd.DataFrame,
+    style_bank: StyleBank,
+    params: ImageSynthesisParams,
+    runtime: RuntimeParams,
+    teacher_model: ClipTeacher | None,
+) -> Renderer:
+    return _RENDERERS[params.backend](manifest, style_bank, params, runtime, teacher_model)
+
+
+def _create_renderer_in_worker(
+    manifest: pd.DataFrame,
+    style_bank: StyleBank,
+    params: ImageSynthesisParams,
+    runtime: RuntimeParams,
+    teacher: TeacherParams,
+) -> Renderer:
+    """A renderer in a Ray worker, which loads its own teacher (inversion renders with it)."""
+    teacher_model = load_teacher(teacher, Runtime.resolve(runtime)) if params.backend == "inversion" else None
+    return create_renderer(manifest, style_bank, params, runtime, teacher_model)
+
+
+def attach_record(image: Image.Image, record: dict[str, Any]) -> Image.Image:
+    # Pillow writes an image's own ``encoderinfo`` when it saves it: the record travels with
+    # the image through the partitioned dataset into a PNG text chunk.
+    text = PngInfo()
+    text.add_text(RECORD_KEY, json.dumps(record))
+    image.encoderinfo = {"pnginfo": text}
+    return image
+
+
+def read_record(image: Image.Image) -> dict[str, Any]:
+    text = image.info.get(RECORD_KEY)
+    return json.loads(text) if text else {}
+
+
+class OnDemandImages:
+    """Serves one image at a time, rendering the batch it belongs to when it is first asked for.
+
+    Kedro saves the image partitions in sorted id order and calls one lazy loader per
+    missing image; a batch's first call renders the whole batch, the rest are served from
+    memory. Nothing is loaded or started until some image is actually missing.
+    """
+
+    def __init__(self, image_ids: list[str], batch_size: int):
+        self._batches = [image_ids[i : i + batch_size] for i in range(0, len(image_ids), batch_size)]
+        self._batch_of = {image_id: n for n, batch in enumerate(self._batches) for image_id in batch}
+        self._rendered: dict[str, Image.Image] = {}
+        self._progress: tqdm | None = None
+
+    def image(self, image_id: str) -> Image.Image:
+        if image_id not in self._rendered:
+            self._rendered.clear()
+            if self._progress is None:
+                self._progress = tqdm(total=len(self._batch_of), desc="Rendering missing images", unit="img")
+            batch = self._batch_of[image_id]
+            rendered = self._render_batch(batch)
+            self._rendered = {
+                image_id: attach_record(image, record)
+                for image_id, (image, record) in zip(self._batches[batch], rendered, strict=True)
+            }
+            self._progress.update(len(rendered))
+        return self._rendered.pop(image_id)
+
+    def _render_batch(self, batch: int) -> list[tuple[Image.Image, dict[str, Any]]]:
+        raise NotImplementedError
+
+
+class LocalImages(OnDemandImages):
+    """Renders in this process."""
+
+    def __init__(self, renderer: Renderer, image_ids: list[str], batch_size: int):
+        super().__init__(image_ids, batch_size)
+        self._renderer = renderer
+
+    def _render_batch(self, batch: int) -> list[tuple[Image.Image, dict[str, Any]]]:
+        return self._renderer.render(self._batches[batch])
+
+
+class _RayRenderActor:
+    """One renderer (one generator, or one teacher for inversion) per Ray actor."""
+
+    def __init__(self, create: Callable[[], Renderer], batches: list[list[str]]):
+        self._renderer = create()
+        self._batches = batches
+
+    def __call__(self, items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        columns: dict[str, list] = {"batch": [], "pixels": [], "record": []}
+        for batch in items["batch"].tolist():
+            for image, record in self._renderer.render(self._batches[batch]):
+                columns["batch"].append(batch)
+                columns["pixels"].append(np.asarray(image.convert("RGB")))
+                columns["record"].append(json.dumps(record))
+        return {
+            "batch": np.asarray(columns["batch"]),
+            "pixels": np.stack(columns["pixels"]),
+            "record": np.asarray(columns["record"]),
+        }
+
+
+class RayImages(OnDemandImages):
+    """Renders on Ray actors (Ray Data ``map_batches``, one render batch per task), streamed
+    back in manifest order.
+
+    The first image asked for starts one job over its batch and every later one; batches
+    whose images turn out to be on disk already (never asked for) are dropped on arrival.
+    """
+
+    def __init__(
+        self,
+        manifest: pd.DataFrame,
+        style_bank: StyleBank,
+        params: ImageSynthesisParams,
+        runtime: RuntimeParams,
+        teacher: TeacherParams,
+    ):
+        super().__init__(list(manifest["image_id"]), params.batch_size)
+        self._worker_inputs = (manifest, style_bank, params, runtime, teacher)
+        self._ray = params.ray
+        self._stream: Iterator[tuple[int, list[tuple[Image.Image, dict[str, Any]]]]] | None = None
+        self._started_ray = False
+
+    def _render_batch(self, batch: int) -> list[tuple[Image.Image, dict[str, Any]]]:
+        if self._stream is None:
+            self._stream = self._start(batch)
+        for arrived, rendered in self._stream:
+            if arrived == batch:
+                if batch == len(self._batches) - 1:
+                    self._stop()
+                return rendered
+        self._stop()
+        raise RuntimeError(f"Ray returned no images for batch {batch} ({self._batches[batch][0]}, ...)")
+
+    def _start(self, first_batch: int) -> Iterator[tuple[int, list[tuple[Image.Image, dict[str, Any]]]]]:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self._ray.address, include_dashboard=False, log_to_driver=False)
+            self._started_ray = True
+        gpus = self._ray.num_gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        logger.info(
+            "Rendering on %d Ray actor(s) with %g GPU and %g CPU each (Ray at %s)",
+            self._ray.num_actors,
+            gpus,
+            self._ray.num_cpus_per_actor,
+            self._ray.address or "this machine",
+        )
+        context = ray.data.DataContext.get_current()
+        # Images come back in manifest order, as Kedro asks for them.
+        context.execution_options.preserve_order = True
+        todo = list(range(first_batch, len(self._batches)))
+        rows = ray.data.from_items([{"batch": n} for n in todo], override_num_blocks=len(todo))
+        rendered = rows.map_batches(
+            _RayRenderActor,
+            fn_constructor_kwargs={
+                "create": partial(_create_renderer_in_worker, *self._worker_inputs),
+                "batches": self._batches,
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=self._ray.num_actors),
+            num_gpus=gpus,
+            num_cpus=self._ray.num_cpus_per_actor,
+        )
+        return self._by_batch(rendered.iter_rows())
+
+    @staticmethod
+    def _by_batch(rows: Iterator[dict[str, Any]]) -> Iterator[tuple[int, list[tuple[Image.Image, dict[str, Any]]]]]:
+        current, images = None, []
+        for row in rows:
+            batch = int(row["batch"])
+            if current is not None and batch != current:
+                yield current, images
+                images = []
+            current = batch
+            images.append((Image.fromarray(np.asarray(row["pixels"])), json.loads(row["record"])))
+        if current is not None:
+            yield current, images
+
+    def _stop(self) -> None:
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+
+def ray_executor_problem(params: RayExecutorParams) -> str | None:
+    """Why ``image_synthesis.executor: ray`` cannot run here, or None: Ray is not installed, or
+    nothing answers at ``image_synthesis.ray.address`` (checked with one quick connection,
+    where ``ray.init`` would wait for minutes)."""
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        return (
+            "image_synthesis.executor='ray': Ray is not installed; allowed: pip install -e '.[ray]', or executor local"
+        )
+    address = params.address
+    if address is None or address == "auto":
+        return None
+    parsed = urlsplit(address if "://" in address else f"tcp://{address}")
+    key = f"image_synthesis.ray.address={address!r}"
+    if not parsed.hostname or not parsed.port:
+        return f"{key}: not host:port; allowed: null (a Ray on this machine), auto, <head>:6379 or ray://<head>:10001"
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=5):
+            return None
+    except OSError as exc:
+        return f"{key}: nothing answers there ({exc.strerror or exc}); start the cluster or fix the address"
