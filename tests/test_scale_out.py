@@ -111,10 +111,10 @@ def test_a_sharded_run_of_more_than_rendering_is_refused_in_one_line(project) ->
         _render(project, {"num_shards": 2, "shard_index": 1}, pipelines=["image_synthesis"])
     # (One line per problem: a missing prompt table would be another.)
     assert (
-        "image_synthesis.num_shards=2: a sharded run renders synthetic_images only; run `kedro run "
+        "image_synthesis.num_shards=2: a sharded run renders synthetic_images only; run `kedro run --env=demo "
         "--pipelines=image_synthesis --to-outputs=synthetic_images --params=image_synthesis.num_shards=2,"
-        "image_synthesis.shard_index=<k>` for each k, then `kedro run --pipelines=image_synthesis` once, which "
-        "finds every image on disk and writes the manifest"
+        "image_synthesis.shard_index=<k>` for each k, then `kedro run --env=demo --pipelines=image_synthesis` once, "
+        "which finds every image on disk and writes the manifest"
     ) in str(error.value).splitlines()
 
 

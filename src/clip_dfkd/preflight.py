@@ -73,7 +73,7 @@ def _synthesis_problem(params: ImageSynthesisParams) -> str | None:
     return None
 
 
-def _shard_run_problem(params: ImageSynthesisParams, pipeline) -> str | None:
+def _shard_run_problem(params: ImageSynthesisParams, pipeline, env: str | None) -> str | None:
     """A sharded run may only render: its manifest, metrics and sample grid would hold one
     shard, and N runs would overwrite each other's (and rerun any earlier stage N times)."""
     if params.num_shards == 1:
@@ -83,11 +83,12 @@ def _shard_run_problem(params: ImageSynthesisParams, pipeline) -> str | None:
     rendering = {node.name for node in create_pipeline().to_outputs("synthetic_images").nodes}
     if not {node.name for node in pipeline.nodes} - rendering:
         return None
+    run = f"kedro run{f' --env={env}' if env else ''} --pipelines=image_synthesis"
     shard = f"image_synthesis.num_shards={params.num_shards},image_synthesis.shard_index=<k>"
     return (
         f"image_synthesis.num_shards={params.num_shards}: a sharded run renders synthetic_images only; run "
-        f"`kedro run --pipelines=image_synthesis --to-outputs=synthetic_images --params={shard}` for each k, "
-        "then `kedro run --pipelines=image_synthesis` once, which finds every image on disk and writes the manifest"
+        f"`{run} --to-outputs=synthetic_images --params={shard}` for each k, then `{run}` once, which finds every "
+        "image on disk and writes the manifest"
     )
 
 
@@ -153,7 +154,7 @@ class PreflightHook:
             problems.append(missing_teacher_weights(catalog.load("params:teacher")))
         if "image_synthesis" in used:
             synthesis = catalog.load("params:image_synthesis")
-            problems += [_synthesis_problem(synthesis), _shard_run_problem(synthesis, pipeline)]
+            problems += [_synthesis_problem(synthesis), _shard_run_problem(synthesis, pipeline, run_params.get("env"))]
         if "prompt_generation" in used:
             problems.append(
                 _saved_bank_problem(
