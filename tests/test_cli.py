@@ -194,7 +194,14 @@ def test_ctrl_c_leaves_the_mlflow_run_killed(fresh_project: Path) -> None:
     images = fresh_project / "data/03_primary/synthetic_images"
     with (fresh_project / "out.log").open("w") as out, (fresh_project / "err.log").open("w") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "kedro", "run", "--env=demo"], cwd=fresh_project, env=_env(), stdout=out, stderr=err
+            [sys.executable, "-m", "kedro", "run", "--env=demo"],
+            cwd=fresh_project,
+            env=_env(),
+            stdout=out,
+            stderr=err,
+            # Ctrl-C as in a terminal, also when the tests were started as a background job
+            # (a shell without job control starts those with SIGINT ignored, and children inherit it).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             # Image synthesis (240 images, most of a minute) runs inside the MLflow run.
