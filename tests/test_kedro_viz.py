@@ -64,7 +64,7 @@ def test_the_stages_are_groups_and_the_datasets_sit_in_their_layers(viz) -> None
     groups = set(graph["modular_pipelines"]) - {"__root__"}
     layers = {node["name"]: node.get("layer") for node in graph["nodes"] if node["type"] == "data"}
 
-    assert groups == {*STAGES, "teacher"}
+    assert groups == set(STAGES)
     assert graph["layers"] == [layer for layer in DATA_LAYERS if layer in graph["layers"]]
     assert {"02_intermediate", "03_primary", "04_feature", "06_models", "08_reporting"} <= set(graph["layers"])
     assert layers["teacher_labels"] == "04_feature" and layers["student_model"] == "06_models"

@@ -183,6 +183,7 @@ def distillation_inputs(demo_run: Path):
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
+    from clip_dfkd.models import load_teacher
     from clip_dfkd.params import (
         ClassNames,
         OodEvaluationParams,
@@ -190,7 +191,7 @@ def distillation_inputs(demo_run: Path):
         StudentDistillationParams,
         TeacherParams,
     )
-    from clip_dfkd.pipelines.teacher_labeling.nodes import build_zero_shot_head, load_teacher_model
+    from clip_dfkd.runtime import Runtime
 
     bootstrap_project(demo_run)
     # Catalog and parameter paths are relative to the project, as in a run.
@@ -206,7 +207,7 @@ def distillation_inputs(demo_run: Path):
         teacher_cache = catalog.load("ood_teacher_cache")
     runtime = RuntimeParams.model_validate(parameters["runtime"])
     teacher_params = TeacherParams.model_validate(parameters["teacher"])
-    teacher = load_teacher_model(teacher_params, runtime)
+    teacher = load_teacher(teacher_params, Runtime.resolve(runtime))
     classes = ClassNames.model_validate(parameters["classes"])
     inputs = {
         "images": images,
@@ -214,7 +215,7 @@ def distillation_inputs(demo_run: Path):
         "manifest": manifest,
         "teacher": teacher,
         "teacher_params": teacher_params,
-        "head": build_zero_shot_head(teacher, classes, teacher_params),
+        "head": teacher.zero_shot_weights(list(classes), teacher_params.templates),
         "classes": classes,
         "runtime": runtime,
         "student": student,
@@ -247,11 +248,10 @@ def _evaluate(inputs, student) -> pd.DataFrame:
     index, listed_skips = index_benchmarks(inputs["classes"], inputs["evaluation"])
     teacher = predict_teacher(
         index,
-        inputs["teacher"],
-        inputs["head"],
         inputs["classes"],
         inputs["teacher_params"],
         inputs["evaluation"],
+        inputs["runtime"],
         inputs["teacher_cache"],
     )
     predictions = predict_student(index, student, inputs["evaluation"], inputs["runtime"])
@@ -285,15 +285,15 @@ def _student_of_a_shuffled_head(inputs):
 
 def _labels_from_a_shuffled_head(inputs) -> pd.DataFrame:
     from clip_dfkd.params import TeacherLabelingParams
-    from clip_dfkd.pipelines.teacher_labeling.nodes import label_images
+    from clip_dfkd.pipelines.teacher_labeling.nodes import teacher_labels
 
     head = torch.roll(inputs["head"], 1, dims=0)  # the zero-shot head's classes in another order
-    return label_images(
+    return teacher_labels(
         inputs["images"],
         inputs["manifest"],
         inputs["teacher"],
         head,
-        inputs["teacher_params"],
+        inputs["teacher_params"].batch_size,
         TeacherLabelingParams(),
     )
 
@@ -377,7 +377,9 @@ def _few_shot_top1(inputs, student, rotate_shot_labels: bool) -> pd.Series:
     shots, held_out = draw_few_shot(index, inputs["classes"], evaluation)
     if rotate_shot_labels:
         shots = shots.assign(label=(shots["label"] + 1) % len(inputs["classes"]))
-    tuned, _ = fine_tune_student(student, shots, inputs["teacher"], inputs["head"], evaluation, inputs["runtime"])
+    tuned, _ = fine_tune_student(
+        student, shots, inputs["classes"], inputs["teacher_params"], evaluation, inputs["runtime"]
+    )
     scored = held_out.merge(predict_student(held_out, tuned, evaluation, inputs["runtime"]), on="path")
     return (scored["student_label"] == scored["label"]).groupby(scored["domain"]).mean()
 

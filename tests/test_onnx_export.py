@@ -41,15 +41,16 @@ DRAWINGS_PER_CLASS_AND_STYLE = 30  # the student's training set: 4 classes x 3 s
 def student(demo_project, demo_assets) -> StudentClassifier:
     """A test_resnet distilled from the demo teacher by the pipeline's own train_student, on
     drawings of the teacher's training styles that the teacher labelled (seconds on a CPU)."""
+    from clip_dfkd.models import load_teacher
     from clip_dfkd.params import ClassNames, RuntimeParams, StudentDistillationParams, TeacherParams
     from clip_dfkd.pipelines.student_distillation.nodes import train_student
-    from clip_dfkd.pipelines.teacher_labeling.nodes import build_zero_shot_head, load_teacher_model
+    from clip_dfkd.runtime import Runtime
 
     parameters = demo_project.catalog().load("parameters")
     teacher_params = TeacherParams.model_validate(parameters["teacher"])
     classes = ClassNames.model_validate(parameters["classes"])
     runtime = RuntimeParams(device="cpu")
-    teacher = load_teacher_model(teacher_params, runtime)
+    teacher = load_teacher(teacher_params, Runtime.resolve(runtime))
     rng = random.Random("onnx-export-test")  # drawing seeds apart from the benchmark's
     drawings = {
         f"{class_name}-{style}-{n}": partial(draw, class_name, style, rng.randrange(2**31), demo_assets.image_size)
@@ -57,7 +58,7 @@ def student(demo_project, demo_assets) -> StudentClassifier:
         for style in demo_assets.teacher_training.styles
         for n in range(DRAWINGS_PER_CLASS_AND_STYLE)
     }
-    head = build_zero_shot_head(teacher, classes, teacher_params)
+    head = teacher.zero_shot_weights(list(classes), teacher_params.templates)
     logits, embeddings = teacher.classify_images(list(drawings.values()), head, 64, "Labelling drawings")
     labels = pd.DataFrame(
         {

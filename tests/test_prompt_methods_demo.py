@@ -4,16 +4,56 @@ every prompt method and both synthesis backends."""
 from __future__ import annotations
 
 import contextlib
+import gc
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import plumbing_params
+from kedro.framework.hooks import hook_impl
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from metric_names import undocumented
 
 from clip_dfkd.styles import StyleBank
+
+
+class ModelsLeftBehind:
+    """At each stage boundary (a node of another namespace than the last), the teachers,
+    generators, text encoders and prompt encoders still alive that this run loaded."""
+
+    def __init__(self):
+        self.left_behind: list[tuple[str, list[str]]] = []
+        self.stages_seen = 0
+        self._stage = None
+
+    @staticmethod
+    def _alive() -> list[object]:
+        import open_clip
+        from diffusers import DiffusionPipeline, ModelMixin
+        from transformers import PreTrainedModel
+
+        from clip_dfkd.models import ClipTeacher
+        from clip_dfkd.models.text_encoders import PseudoWordEncoder
+
+        kinds = (ClipTeacher, PseudoWordEncoder, DiffusionPipeline, ModelMixin, PreTrainedModel, open_clip.CLIP)
+        gc.collect()
+        return [thing for thing in gc.get_objects() if isinstance(thing, kinds)]
+
+    @hook_impl
+    def before_pipeline_run(self) -> None:
+        # Strong references, so that no id is reused by a model of this run.
+        self._before = {id(thing): thing for thing in self._alive()}
+
+    @hook_impl(trylast=True)  # after the project's own hooks have run
+    def before_node_run(self, node) -> None:
+        if node.namespace == self._stage:
+            return
+        self._stage = node.namespace
+        self.stages_seen += 1
+        alive = [type(thing).__name__ for thing in self._alive() if id(thing) not in self._before]
+        if alive:
+            self.left_behind.append((node.name, alive))
 
 
 @pytest.fixture(scope="module")
@@ -25,22 +65,22 @@ def project(new_project) -> Path:
 
 @pytest.mark.parametrize("backend", ["diffusion", "inversion"])
 @pytest.mark.parametrize("method", ["vanilla", "mix", "random", "contrastive"])
-def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, backend: str, monkeypatch) -> None:
+def test_every_prompt_method_runs_the_whole_demo(project: Path, method: str, backend: str) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    from clip_dfkd.pipelines.teacher_labeling import nodes as teacher_nodes
-
-    teacher_loads = []
-    load_teacher = teacher_nodes.load_teacher
-    monkeypatch.setattr(teacher_nodes, "load_teacher", lambda *a: teacher_loads.append(a) or load_teacher(*a))
     bootstrap_project(project)
     runtime_params = plumbing_params({"prompt_generation": {"method": method}, "image_synthesis": {"backend": backend}})
+    models = ModelsLeftBehind()
     with KedroSession.create(project_path=project, env="demo", runtime_params=runtime_params) as session:
+        session._hook_manager.register(models)
         session.run()
 
-    # One teacher, loaded once, serves prompt generation, inversion, labeling and evaluation.
-    assert len(teacher_loads) == 1
+    # The teacher, the generator and the prompt encoder live only in the node that loads them:
+    # none is left when the next stage starts (synthesis never shares the device with the
+    # teacher, nor training with either).
+    assert models.stages_seen >= 5
+    assert models.left_behind == []
     bank = StyleBank.load(project / "data/02_intermediate/style_bank.safetensors")
     manifest = pd.read_parquet(project / "data/03_primary/synthesis_manifest.parquet")
     assert len(manifest) == 36

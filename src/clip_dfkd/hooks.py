@@ -1,5 +1,5 @@
-"""Project hooks: typed parameters in MLflow and the demo's assets (the checks that read the
-disk before a run are in :mod:`clip_dfkd.preflight`)."""
+"""Project hooks: typed parameters in MLflow, the demo's assets and device memory between
+nodes (the checks that read the disk before a run are in :mod:`clip_dfkd.preflight`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from kedro_mlflow.framework.hooks import MlflowHook
 from pydantic import BaseModel
 
 from clip_dfkd.errors import UserError
+from clip_dfkd.runtime import release_device_memory
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,20 @@ class DemoAssetsHook:
         from clip_dfkd.demo import DemoAssetsParams, ensure_demo_assets
 
         ensure_demo_assets(DemoAssetsParams.model_validate(raw), Path(run_params["project_path"]))
+
+
+class DeviceMemoryHook:
+    """Models live inside the node that loads them; before each node (and after the run) the
+    device memory of those that are gone is handed back, so a stage starts with the GPU free
+    of the last one's models and cache."""
+
+    @hook_impl
+    def before_node_run(self) -> None:
+        release_device_memory()
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        release_device_memory()
 
 
 def run_name(run_params: dict[str, Any], parameters: dict[str, Any], pipeline) -> str:

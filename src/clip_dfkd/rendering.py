@@ -27,7 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from clip_dfkd.errors import UserError
-from clip_dfkd.models import ClipTeacher, load_teacher, load_text_to_image
+from clip_dfkd.models import load_teacher, load_text_to_image
 from clip_dfkd.models.generator import load_latent_decoder
 from clip_dfkd.models.inversion import invert, start_images
 from clip_dfkd.models.text_encoders import HFCLIPTextEncoder, OpenClipTextEncoder
@@ -48,10 +48,19 @@ class Renderer:
     """Renders manifest rows (indexed by ``image_id``) into images and, per image, a record
     of its synthesis (prompt, seed, seconds, and what the backend measured)."""
 
-    def __init__(self, manifest: pd.DataFrame, style_bank: StyleBank, params: ImageSynthesisParams):
+    def __init__(
+        self,
+        manifest: pd.DataFrame,
+        style_bank: StyleBank,
+        params: ImageSynthesisParams,
+        runtime_params: RuntimeParams,
+        teacher_params: TeacherParams,
+    ):
         self._rows = manifest.set_index("image_id")
         self._style_bank = style_bank
         self._params = params
+        self._runtime_params = runtime_params
+        self._teacher_params = teacher_params
         self._loaded = False
 
     def render(self, image_ids: list[str]) -> list[tuple[Image.Image, dict[str, Any]]]:
@@ -101,10 +110,6 @@ class Renderer:
 class DiffusionRenderer(Renderer):
     """A diffusers text-to-image pipeline, conditioned on each row's prompt embedding."""
 
-    def __init__(self, manifest, style_bank, params, runtime_params: RuntimeParams, teacher_model: ClipTeacher | None):
-        super().__init__(manifest, style_bank, params)
-        self._runtime_params = runtime_params
-
     def _load(self) -> None:
         self._pipeline = load_text_to_image(self._params.generator, Runtime.resolve(self._runtime_params))
         self._encoder = HFCLIPTextEncoder(self._pipeline.text_encoder, self._pipeline.tokenizer, "generator")
@@ -139,17 +144,14 @@ class InversionRenderer(Renderer):
     """Teacher-guided inversion: each row's image optimised until the teacher sees its prompt
     (pseudo-words spliced into the teacher's own text tower)."""
 
-    def __init__(self, manifest, style_bank, params, runtime_params: RuntimeParams, teacher_model: ClipTeacher | None):
-        super().__init__(manifest, style_bank, params)
-        self._teacher = teacher_model
-
     def _load(self) -> None:
         inversion = self._params.inversion
-        runtime = self._teacher.runtime
+        runtime = Runtime.resolve(self._runtime_params)
+        self._teacher = load_teacher(self._teacher_params, runtime)
         self._decoder = (
             load_latent_decoder(inversion.decoder, runtime) if inversion.parameterization == "latent" else None
         )
-        self._encoder = OpenClipTextEncoder(self._teacher.model, self._teacher.tokenizer, self._teacher.name)
+        self._encoder = OpenClipTextEncoder(self._teacher.model, self._teacher.tokenizer, self._teacher.name, runtime)
 
     def _render(self, rows: pd.DataFrame) -> tuple[list[Image.Image], list[dict[str, Any]]]:
         teacher = self._teacher
@@ -193,21 +195,11 @@ def create_renderer(
     style_bank: StyleBank,
     params: ImageSynthesisParams,
     runtime: RuntimeParams,
-    teacher_model: ClipTeacher | None,
-) -> Renderer:
-    return _RENDERERS[params.backend](manifest, style_bank, params, runtime, teacher_model)
-
-
-def _create_renderer_in_worker(
-    manifest: pd.DataFrame,
-    style_bank: StyleBank,
-    params: ImageSynthesisParams,
-    runtime: RuntimeParams,
     teacher: TeacherParams,
 ) -> Renderer:
-    """A renderer in a Ray worker, which loads its own teacher (inversion renders with it)."""
-    teacher_model = load_teacher(teacher, Runtime.resolve(runtime)) if params.backend == "inversion" else None
-    return create_renderer(manifest, style_bank, params, runtime, teacher_model)
+    """The backend's renderer; it loads its models (the generator, or the teacher for
+    inversion) when it first renders, and they go when it goes."""
+    return _RENDERERS[params.backend](manifest, style_bank, params, runtime, teacher)
 
 
 def attach_record(image: Image.Image, record: dict[str, Any]) -> Image.Image:
@@ -345,7 +337,7 @@ class RayImages(OnDemandImages):
         rendered = rows.map_batches(
             _RayRenderActor,
             fn_constructor_kwargs={
-                "create": partial(_create_renderer_in_worker, *self._worker_inputs),
+                "create": partial(create_renderer, *self._worker_inputs),
                 "batches": self._batches,
             },
             batch_size=1,

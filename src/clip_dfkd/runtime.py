@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 from dataclasses import dataclass
@@ -68,6 +69,22 @@ class Runtime:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def release_device_memory() -> None:
+    """Return the accelerator memory that no live tensor uses to the driver.
+
+    A node's models are dropped when the node returns (or, for synthesis, once its images are
+    saved), but PyTorch's caching allocator keeps their blocks reserved for this process;
+    emptying the cache hands them back, so other processes on the GPU and ``nvidia-smi`` see
+    what the run really holds. A no-op until a GPU has been used.
+    """
+    if torch.cuda.is_initialized():
+        gc.collect()  # models caught in reference cycles hold their tensors until collected
+        torch.cuda.empty_cache()
+    elif torch.backends.mps.is_available() and torch.mps.current_allocated_memory() > 0:
+        gc.collect()
+        torch.mps.empty_cache()
 
 
 def unavailable_device(params: RuntimeParams) -> str | None:

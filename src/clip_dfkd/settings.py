@@ -11,12 +11,12 @@ quiet_library_warnings()
 from kedro.config import OmegaConfigLoader  # noqa: E402
 
 from clip_dfkd.config_resolvers import artifact_location, tracking_uri  # noqa: E402
-from clip_dfkd.hooks import DemoAssetsHook, TypedParamsMlflowHook  # noqa: E402
+from clip_dfkd.hooks import DemoAssetsHook, DeviceMemoryHook, TypedParamsMlflowHook  # noqa: E402
 from clip_dfkd.preflight import PreflightHook  # noqa: E402
 
 # Pluggy calls the last registered hook first: demo assets exist before the preflight
 # checks look for them.
-HOOKS = (TypedParamsMlflowHook(), PreflightHook(), DemoAssetsHook())
+HOOKS = (TypedParamsMlflowHook(), PreflightHook(), DemoAssetsHook(), DeviceMemoryHook())
 
 # kedro-mlflow's own hook is replaced by TypedParamsMlflowHook above. Kedro matches the
 # distribution's metadata name, which kedro-mlflow publishes as "kedro_mlflow".

@@ -439,7 +439,7 @@ def write_images(folder: Path, count: int, size: int, seed: int) -> list[Path]:
     return paths
 
 
-def _synthesis_node(count: int, params, teacher, bench: Bench):
+def _synthesis_node(count: int, params, bench: Bench):
     """The image_synthesis stage's node ``synthesize_images`` on ``count`` vanilla prompts
     (made by prompt_generation's ``generate_prompts``): lazy images by ``image_id``, as Kedro
     gets them, and the plan, sorted as they are rendered."""
@@ -453,32 +453,33 @@ def _synthesis_node(count: int, params, teacher, bench: Bench):
     prompt_params = PromptGenerationParams(method="vanilla", styles=list(STYLES), images_per_class_and_style=per_cell)
     prompts = generate_prompts(ClassNames(list(CLASSES)), prompt_params, bank).head(count)
     teacher_params = bench.models.teacher_params(bench.preset.teachers[0])
-    return synthesize_images(prompts, bank, teacher, params, teacher_params, bench.runtime_params)
+    return synthesize_images(prompts, bank, params, teacher_params, bench.runtime_params)
 
 
 @contextlib.contextmanager
-def _generator_loader(pipeline) -> Iterator[dict[str, Any]]:
-    """While active, the project's ``load_text_to_image`` (wherever a module imported it)
-    returns ``pipeline`` instead of loading one, or, when ``pipeline`` is None, loads as usual;
-    either way the yielded dict gets the pipeline under ``"pipeline"``."""
+def _preloaded(loader: str, model) -> Iterator[dict[str, Any]]:
+    """While active, the project's ``loader`` (``load_text_to_image`` or ``load_teacher``,
+    wherever a module imported it) returns ``model`` instead of loading one, or, when ``model``
+    is None, loads as usual; either way the yielded dict gets the model under ``"model"``.
+    Full-size models with random weights have no files to load from."""
     import clip_dfkd.pipelines.image_synthesis.nodes  # noqa: F401 - imports whatever module renders
-    from clip_dfkd.models import generator
+    from clip_dfkd import models
 
-    original = generator.load_text_to_image
+    original = getattr(models, loader)
     loaded: dict[str, Any] = {}
 
     def load(params, runtime):
-        loaded["pipeline"] = pipeline if pipeline is not None else original(params, runtime)
-        return loaded["pipeline"]
+        loaded["model"] = model if model is not None else original(params, runtime)
+        return loaded["model"]
 
     modules = [
         module
         for name, module in list(sys.modules.items())
-        if name.startswith("clip_dfkd") and getattr(module, "load_text_to_image", None) is original
+        if name.startswith("clip_dfkd") and getattr(module, loader, None) is original
     ]
     with contextlib.ExitStack() as stack:
         for module in modules:
-            stack.enter_context(mock.patch.object(module, "load_text_to_image", load))
+            stack.enter_context(mock.patch.object(module, loader, load))
         yield loaded
 
 
@@ -672,8 +673,8 @@ class Bench:
         )
         params = ImageSynthesisParams(backend="diffusion", generator=generator, batch_size=preset.synthesis_batch)
         batch = preset.synthesis_batch
-        with _generator_loader(preloaded) as loaded:
-            images, plan = _synthesis_node(batch + preset.synthesis_images, params, None, self)
+        with _preloaded("load_text_to_image", preloaded) as loaded:
+            images, plan = _synthesis_node(batch + preset.synthesis_images, params, self)
             ids = list(plan["image_id"])
             warm_ids, timed_ids = ids[:batch], ids[batch:]
 
@@ -681,7 +682,7 @@ class Bench:
                 return [images[image_id]() for image_id in image_ids]
 
             project(warm_ids)  # loads the pipeline and warms it up
-        pipe = loaded["pipeline"]
+        pipe = loaded["model"]
         rows = plan.set_index("image_id")
 
         def bare(image_ids=timed_ids):
@@ -773,13 +774,16 @@ class Bench:
         )
         params = ImageSynthesisParams(backend="inversion", inversion=inversion, batch_size=preset.inversion_batch)
         batch = preset.inversion_batch
-        images, plan = _synthesis_node(batch + preset.inversion_images, params, teacher, self)
-        ids = list(plan["image_id"])
-        warm_ids, timed_ids = ids[:batch], ids[batch:]
-        prompts = dict(zip(plan["image_id"], plan["prompt"], strict=True))
+        with _preloaded("load_teacher", teacher):
+            images, plan = _synthesis_node(batch + preset.inversion_images, params, self)
+            ids = list(plan["image_id"])
+            warm_ids, timed_ids = ids[:batch], ids[batch:]
+            prompts = dict(zip(plan["image_id"], plan["prompt"], strict=True))
 
-        def project(image_ids=timed_ids):
-            return [images[image_id]() for image_id in image_ids]
+            def project(image_ids=timed_ids):
+                return [images[image_id]() for image_id in image_ids]
+
+            project(warm_ids)  # the renderer takes the teacher here
 
         def bare(image_ids=timed_ids):
             rendered = []
@@ -788,7 +792,6 @@ class Bench:
                 rendered += bare_inversion(teacher.model, teacher.tokenizer, chunk_prompts, inversion, teacher.runtime)
             return rendered
 
-        project(warm_ids)
         bare(warm_ids)
         project_m, bare_m = self._compare(project, bare, len(timed_ids))
         self.rows.append(

@@ -6,6 +6,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pandas as pd
 import pytest
@@ -176,19 +177,33 @@ class _ConstantStudent(torch.nn.Module):
 
 
 class _ConstantTeacher:
-    """Always predicts ``index``; counts the images it classifies."""
+    """Always predicts ``index``; counts the times it is loaded and the images it classifies."""
 
     def __init__(self, index: int):
         self.index = index
         self.preprocess = _ConstantStudent(0).eval_transform()
         self.runtime = Runtime(torch.device("cpu"), torch.float32)
+        self.loads = 0
         self.classified = 0
+
+    def zero_shot_weights(self, class_names, templates):
+        return None
 
     def classify(self, pixels, head):
         self.classified += len(pixels)
         logits = torch.zeros(len(pixels), 3)
         logits[:, self.index] = 1
         return logits, None
+
+
+def _loaded_as(teacher: _ConstantTeacher):
+    """While active, the evaluation's nodes load ``teacher`` as their teacher."""
+
+    def load(params, runtime):
+        teacher.loads += 1
+        return teacher
+
+    return mock.patch("clip_dfkd.pipelines.ood_evaluation.nodes.load_teacher", load)
 
 
 TEACHER = TeacherParams.model_construct(
@@ -205,14 +220,13 @@ def _evaluate(
     """The evaluation's nodes in the pipeline's order, with constant models."""
     classes = ClassNames.model_validate(CLASSES)
     index, listed_skips = index_benchmarks(classes, params)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, _loaded_as(teacher or _ConstantTeacher(2)):
         teacher_predictions = predict_teacher(
             index,
-            teacher or _ConstantTeacher(2),
-            None,
             classes,
             teacher_params,
             params,
+            RuntimeParams(device="cpu"),
             cache or TeacherOutputCache(Path(scratch)),
         )
     student_predictions = predict_student(index, _ConstantStudent(0), params, RuntimeParams(device="cpu"))
@@ -498,6 +512,7 @@ def test_a_second_evaluation_reads_the_teachers_outputs_from_the_cache(tmp_path)
     second = _evaluate(params, cache, second_teacher)
 
     assert first_teacher.classified == 5 and second_teacher.classified == 0
+    assert (first_teacher.loads, second_teacher.loads) == (1, 0)  # all cached: no teacher loaded
     for before, after in zip(first, second, strict=True):
         pd.testing.assert_frame_equal(before, after)
 
@@ -581,9 +596,8 @@ def test_the_report_says_which_setting_produced_each_row(tmp_path, monkeypatch) 
     params = _few_shot_params(root, k=1)
     cpu = RuntimeParams(device="cpu")
     index, listed_skips = index_benchmarks(classes, params)
-    teacher = predict_teacher(
-        index, _ConstantTeacher(2), None, classes, TEACHER, params, TeacherOutputCache(tmp_path / "cache")
-    )
+    with _loaded_as(_ConstantTeacher(2)):
+        teacher = predict_teacher(index, classes, TEACHER, params, cpu, TeacherOutputCache(tmp_path / "cache"))
     _, held_out = draw_few_shot(index, classes, params)
 
     # The data-free student always says ball, the few-shot one tent, the teacher tent.

@@ -6,10 +6,10 @@ import torch
 
 from clip_dfkd.params import ClassNames, PromptGenerationParams
 from clip_dfkd.pipelines.prompt_generation.nodes import (
-    build_style_bank,
     encode_prompts,
     generate_prompts,
-    measure_prompt_diversity,
+    prompt_diversity,
+    style_bank_from,
 )
 from clip_dfkd.styles import StyleBank, mean_pairwise_cosine_distance
 
@@ -62,7 +62,7 @@ def test_seeds_are_reproducible_and_do_not_shift_when_classes_are_added() -> Non
 @pytest.mark.parametrize("method", ["mix", "random", "contrastive"])
 def test_pseudo_word_prompts_reference_one_bank_vector_per_style(tiny_text_encoders, method) -> None:
     params = _params(method=method, contrastive={"iterations": 3})
-    bank, history = build_style_bank(tiny_text_encoders["diffusers"], CLASSES, params)
+    bank, history = style_bank_from(tiny_text_encoders["diffusers"], CLASSES, params)
 
     table = generate_prompts(CLASSES, params, bank)
 
@@ -78,10 +78,10 @@ def test_pseudo_word_prompts_reference_one_bank_vector_per_style(tiny_text_encod
 def test_diversity_is_the_mean_pairwise_cosine_distance_per_class(tiny_text_encoders) -> None:
     encoder = tiny_text_encoders["diffusers"]
     params = _params(method="random", num_styles=3)
-    bank, _ = build_style_bank(encoder, CLASSES, params)
+    bank, _ = style_bank_from(encoder, CLASSES, params)
     table = generate_prompts(CLASSES, params, bank)
 
-    metrics, figure = measure_prompt_diversity(table, bank, encoder)
+    metrics, figure = prompt_diversity(table, bank, encoder)
 
     box = table[table.class_name == "box"].drop_duplicates("style")
     expected = mean_pairwise_cosine_distance(encode_prompts(box, bank, encoder))
@@ -93,10 +93,10 @@ def test_diversity_is_the_mean_pairwise_cosine_distance_per_class(tiny_text_enco
 
 def test_a_saved_bank_is_reused_instead_of_trained(tiny_text_encoders, tmp_path) -> None:
     encoder = tiny_text_encoders["diffusers"]
-    trained, _ = build_style_bank(encoder, CLASSES, _params(method="contrastive", contrastive={"iterations": 3}))
+    trained, _ = style_bank_from(encoder, CLASSES, _params(method="contrastive", contrastive={"iterations": 3}))
     trained.save(tmp_path / "bank.safetensors")
 
-    reused, history = build_style_bank(
+    reused, history = style_bank_from(
         encoder, CLASSES, _params(method="contrastive", contrastive={"bank_path": str(tmp_path / "bank.safetensors")})
     )
 
@@ -113,3 +113,32 @@ def test_pipeline_writes_the_prompt_table(demo_project) -> None:
     assert set(table["class_name"]) == {"ball", "box", "tent", "kite"}
     assert StyleBank.load(demo_project.path / "data/02_intermediate/style_bank.safetensors").names == []
     assert (demo_project.path / "data/08_reporting/prompt_diversity.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("backend", ["diffusion", "inversion"])
+def test_the_prompt_encoder_runs_in_the_runtimes_precision(demo_assets, backend) -> None:
+    from clip_dfkd.params import ImageSynthesisParams, RuntimeParams, TeacherParams
+    from clip_dfkd.pipelines.prompt_generation.nodes import load_prompt_encoder
+
+    synthesis = ImageSynthesisParams.model_validate(
+        {"backend": backend, "generator": {"model_id": demo_assets.generator_dir}}
+    )
+    teacher = TeacherParams(
+        model_name="clip-dfkd-tiny", pretrained=demo_assets.teacher_checkpoint, templates=["{class_name}"]
+    )
+    encoder = load_prompt_encoder(synthesis, teacher, RuntimeParams(device="cpu", precision="bf16"))
+    computed_in = []
+    model = encoder.text_encoder if backend == "diffusion" else encoder.model
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    handles = [linear.register_forward_hook(lambda m, i, o: computed_in.append(o.dtype)) for linear in linears]
+    vector = torch.randn(encoder.dim, requires_grad=True)
+
+    features = encoder.encode(["a [S*] style of a ball"], vector[None])
+    features.sum().backward()
+    for handle in handles:
+        handle.remove()
+
+    assert computed_in and set(computed_in) == {torch.bfloat16}
+    # What Contrastive-Prompt trains stays float32: its features, its vectors and their gradients.
+    assert features.dtype == torch.float32 and vector.grad is not None and vector.grad.dtype == torch.float32
+    assert all(parameter.dtype == torch.float32 for parameter in encoder.embedding.parameters())

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_dfkd.models import load_teacher
-from clip_dfkd.params import ClassNames, RuntimeParams, TeacherLabelingParams, TeacherParams
-from clip_dfkd.pipelines.teacher_labeling.nodes import build_zero_shot_head, label_images, summarise_labels
+from clip_dfkd.params import RuntimeParams, TeacherLabelingParams, TeacherParams
+from clip_dfkd.pipelines.teacher_labeling.nodes import summarise_labels, teacher_labels
 from clip_dfkd.runtime import Runtime
 
 CLASSES = ["ball", "box", "tent"]
@@ -49,7 +49,7 @@ def _images(n: int) -> tuple[dict, pd.DataFrame]:
 
 
 def test_zero_shot_head_is_the_normalised_mean_of_template_embeddings(teacher, teacher_params) -> None:
-    head = build_zero_shot_head(teacher, ClassNames.model_validate(CLASSES), teacher_params)
+    head = teacher.zero_shot_weights(CLASSES, teacher_params.templates)
 
     assert head.shape == (3, 32)
     assert torch.allclose(head.norm(dim=-1), torch.ones(3), atol=1e-5)
@@ -60,10 +60,10 @@ def test_zero_shot_head_is_the_normalised_mean_of_template_embeddings(teacher, t
 
 
 def test_labels_hold_scaled_logits_probabilities_and_unit_embeddings(teacher, teacher_params) -> None:
-    head = build_zero_shot_head(teacher, ClassNames.model_validate(CLASSES), teacher_params)
+    head = teacher.zero_shot_weights(CLASSES, teacher_params.templates)
     images, manifest = _images(10)
 
-    labels = label_images(images, manifest, teacher, head, teacher_params, TeacherLabelingParams())
+    labels = teacher_labels(images, manifest, teacher, head, teacher_params.batch_size, TeacherLabelingParams())
 
     pixels = teacher.preprocess(images["img-3"]()).unsqueeze(0)
     with torch.no_grad():
@@ -79,12 +79,12 @@ def test_labels_hold_scaled_logits_probabilities_and_unit_embeddings(teacher, te
 
 
 def test_filter_drops_disagreeing_and_unconfident_images(teacher, teacher_params) -> None:
-    head = build_zero_shot_head(teacher, ClassNames.model_validate(CLASSES), teacher_params)
+    head = teacher.zero_shot_weights(CLASSES, teacher_params.templates)
     images, manifest = _images(12)
     threshold = 0.6
     params = TeacherLabelingParams.model_validate({"filter": {"enabled": True, "min_confidence": threshold}})
 
-    labels = label_images(images, manifest, teacher, head, teacher_params, params)
+    labels = teacher_labels(images, manifest, teacher, head, teacher_params.batch_size, params)
     summary, metrics = summarise_labels(labels)
 
     expected = labels["teacher_agrees"] & (labels["teacher_confidence"] >= threshold)
@@ -95,12 +95,12 @@ def test_filter_drops_disagreeing_and_unconfident_images(teacher, teacher_params
 
 
 def test_missing_images_are_an_error_that_says_what_to_rerun(teacher, teacher_params) -> None:
-    head = build_zero_shot_head(teacher, ClassNames.model_validate(CLASSES), teacher_params)
+    head = teacher.zero_shot_weights(CLASSES, teacher_params.templates)
     images, manifest = _images(4)
     del images["img-2"]
 
     with pytest.raises(ValueError, match=r"lacks 1 of the 4 images .*'img-2'.*--pipelines=image_synthesis"):
-        label_images(images, manifest, teacher, head, teacher_params, TeacherLabelingParams())
+        teacher_labels(images, manifest, teacher, head, teacher_params.batch_size, TeacherLabelingParams())
 
 
 def test_pipeline_labels_every_synthetic_image(demo_project) -> None:

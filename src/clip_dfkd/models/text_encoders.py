@@ -38,8 +38,9 @@ class PseudoWordEncoder(ABC):
 
     name: str
 
-    def __init__(self, embedding: nn.Embedding):
+    def __init__(self, embedding: nn.Embedding, runtime: Runtime | None):
         self.embedding = embedding
+        self.runtime = runtime
         bos_word_eos = self.tokenize([_STAND_IN])[0]
         self.placeholder_id = int(bos_word_eos[1])
         self._end_id = int(self.tokenize([""])[0][1])
@@ -101,10 +102,12 @@ class PseudoWordEncoder(ABC):
     def encode(self, texts: Sequence[str], vectors: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled text features (float32) of ``texts``; ``vectors`` fill their ``[S*]`` in order.
 
-        Differentiable with respect to ``vectors``.
+        Runs in the runtime's mixed precision (weights and ``vectors`` stay float32, so
+        Contrastive-Prompt's updates do too). Differentiable with respect to ``vectors``.
         """
         ids = self.tokenize(self.stand_in(texts)).to(self.device)
-        with self.splice(vectors):
+        autocast = self.runtime.autocast() if self.runtime is not None else contextlib.nullcontext()
+        with self.splice(vectors), autocast:
             return self.pooled_features(ids).float()
 
     @abstractmethod
@@ -119,11 +122,11 @@ class PseudoWordEncoder(ABC):
 class HFCLIPTextEncoder(PseudoWordEncoder):
     """A ``transformers.CLIPTextModel`` with its ``CLIPTokenizer`` (Stable Diffusion's encoder)."""
 
-    def __init__(self, text_encoder: nn.Module, tokenizer, name: str):
+    def __init__(self, text_encoder: nn.Module, tokenizer, name: str, runtime: Runtime | None = None):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.name = name
-        super().__init__(text_encoder.get_input_embeddings())
+        super().__init__(text_encoder.get_input_embeddings(), runtime)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(
@@ -141,12 +144,12 @@ class HFCLIPTextEncoder(PseudoWordEncoder):
 class OpenClipTextEncoder(PseudoWordEncoder):
     """open_clip's text tower (the teacher's encoder); features are CLIP's projected text embeddings."""
 
-    def __init__(self, model: nn.Module, tokenizer, name: str):
+    def __init__(self, model: nn.Module, tokenizer, name: str, runtime: Runtime | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         tower = model if hasattr(model, "token_embedding") else model.text
-        super().__init__(tower.token_embedding)
+        super().__init__(tower.token_embedding, runtime)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
@@ -175,7 +178,7 @@ def load_generator_text_encoder(params: GeneratorParams, runtime: Runtime) -> HF
             "Stable Diffusion 1.x/2.x-style pipeline"
         ) from exc
     text_encoder.to(runtime.device).eval().requires_grad_(False)
-    return HFCLIPTextEncoder(text_encoder, tokenizer, name=f"{params.model_id}/text_encoder")
+    return HFCLIPTextEncoder(text_encoder, tokenizer, f"{params.model_id}/text_encoder", runtime)
 
 
 def generator_embedding_dim(params: GeneratorParams) -> int | None:

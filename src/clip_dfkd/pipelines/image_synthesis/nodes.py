@@ -15,7 +15,6 @@ from kedro.io import DatasetError
 from matplotlib.figure import Figure
 from PIL import Image
 
-from clip_dfkd.models import ClipTeacher
 from clip_dfkd.naming import shard_of, slugify, stable_hash
 from clip_dfkd.params import ImageSynthesisParams, RuntimeParams, TeacherParams
 from clip_dfkd.rendering import LocalImages, RayImages, create_renderer, read_record
@@ -93,7 +92,6 @@ def select_shard(plan: pd.DataFrame, num_shards: int, shard_index: int) -> pd.Da
 def synthesize_images(
     prompt_table: pd.DataFrame,
     style_bank: StyleBank,
-    teacher_model: ClipTeacher,
     params: ImageSynthesisParams,
     teacher: TeacherParams,
     runtime: RuntimeParams,
@@ -109,10 +107,12 @@ def synthesize_images(
     if params.executor == "ray":
         on_demand = RayImages(plan, style_bank, params, runtime, teacher)
     else:
-        renderer = create_renderer(plan, style_bank, params, runtime, teacher_model)
+        renderer = create_renderer(plan, style_bank, params, runtime, teacher)
         on_demand = LocalImages(renderer, image_ids, params.batch_size)
     images = {image_id: partial(on_demand.image, image_id) for image_id in image_ids}
-    source = params.generator.model_id if params.backend == "diffusion" else teacher_model.name
+    source = (
+        params.generator.model_id if params.backend == "diffusion" else f"{teacher.model_name}/{teacher.pretrained}"
+    )
     shard = f", shard {params.shard_index} of {params.num_shards}" if params.num_shards > 1 else ""
     logger.info("%d images to synthesise by %s (%s%s)", len(images), params.backend, source, shard)
     return images, plan

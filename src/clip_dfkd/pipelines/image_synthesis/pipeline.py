@@ -2,13 +2,10 @@ from kedro.pipeline import Node, Pipeline
 
 from clip_dfkd.pipelines import namespaced
 from clip_dfkd.pipelines.image_synthesis.nodes import plot_sample_grid, record_synthesis, synthesize_images
-from clip_dfkd.pipelines.teacher_labeling.pipeline import TEACHER_LOADER, create_teacher_pipeline
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    # The inversion backend optimises images against the teacher; a run loads it once and
-    # shares it with teacher labeling.
-    return create_teacher_pipeline().only_nodes(TEACHER_LOADER) + namespaced(
+    return namespaced(
         "image_synthesis",
         [
             Node(
@@ -16,7 +13,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "prompt_table",
                     "style_bank",
-                    "teacher_model",
                     "params:image_synthesis",
                     "params:teacher",
                     "params:runtime",

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from functools import partial
 from typing import Any
 
 import matplotlib
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from clip_dfkd.benchmarks import scan_benchmark
 from clip_dfkd.errors import UserError
 from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, iterate_batches, open_rgb
-from clip_dfkd.models import ClipTeacher, StudentClassifier
+from clip_dfkd.models import ClipTeacher, StudentClassifier, load_teacher
 from clip_dfkd.models.student import student_fingerprint
 from clip_dfkd.models.teacher import UnreadableImagesError
 from clip_dfkd.params import DATA_FREE, ClassNames, OodEvaluationParams, RuntimeParams, TeacherParams
@@ -139,8 +140,8 @@ def _readable(path: str) -> bool:
 def fine_tune_student(
     student: StudentClassifier,
     shots: pd.DataFrame,
-    teacher_model: ClipTeacher,
-    zero_shot_head: torch.Tensor,
+    classes: ClassNames,
+    teacher: TeacherParams,
     params: OodEvaluationParams,
     runtime: RuntimeParams,
 ) -> tuple[StudentClassifier, MetricHistory]:
@@ -156,16 +157,7 @@ def fine_tune_student(
     paths = shots["path"].tolist()
     targets = [torch.as_tensor(shots["label"].to_numpy(), dtype=torch.long)]
     if few_shot.kd_weight > 0:
-        try:
-            teacher_targets, _ = teacher_model.classify_images(
-                paths, zero_shot_head, params.batch_size, "Teacher soft labels"
-            )
-        except UnreadableImagesError as exc:
-            # The images were drawn readable; a file changed since is an error, not a gap.
-            raise FewShotError(
-                f"few-shot images became unreadable while fine-tuning: {[paths[i] for i in exc.indices]}"
-            ) from None
-        targets.append(teacher_targets.float())
+        targets.append(_teacher_soft_labels(paths, classes, teacher, params.batch_size, resolved))
     seed_everything(few_shot.training.seed)
     tuned = copy.deepcopy(student).cpu()
     if few_shot.layers == "classifier":
@@ -199,13 +191,29 @@ def fine_tune_student(
     return tuned.requires_grad_(True), history
 
 
+def _teacher_soft_labels(
+    paths: list[str], classes: ClassNames, teacher: TeacherParams, batch_size: int, runtime: Runtime
+) -> torch.Tensor:
+    """The teacher's zero-shot logits on ``paths``; the teacher is loaded for this alone and
+    released before the student trains."""
+    teacher_model = load_teacher(teacher, runtime)
+    head = teacher_model.zero_shot_weights(list(classes), teacher.templates)
+    try:
+        logits, _ = teacher_model.classify_images(paths, head, batch_size, "Teacher soft labels")
+    except UnreadableImagesError as exc:
+        # The images were drawn readable; a file changed since is an error, not a gap.
+        raise FewShotError(
+            f"few-shot images became unreadable while fine-tuning: {[paths[i] for i in exc.indices]}"
+        ) from None
+    return logits.float()
+
+
 def predict_teacher(
     benchmark_index: pd.DataFrame,
-    teacher_model: ClipTeacher,
-    zero_shot_head: torch.Tensor,
     classes: ClassNames,
     teacher: TeacherParams,
     params: OodEvaluationParams,
+    runtime: RuntimeParams,
     cache: TeacherOutputCache,
 ) -> pd.DataFrame:
     """The teacher's zero-shot class index per benchmark image (``path, teacher_label,
@@ -213,25 +221,26 @@ def predict_teacher(
 
     Each domain's outputs are cached under a key of everything they depend on (the teacher's
     model, weights, templates and precision, the class list, and every file's path, size and
-    modification time), so evaluating another student runs no teacher pass; any change
-    makes a new key."""
+    modification time), so evaluating another student runs no teacher pass (nor loads the
+    teacher); any change makes a new key. The teacher is loaded at the first domain not in the
+    cache and released when the node returns."""
+    resolved = Runtime.resolve(runtime)
+    teacher_model: ClipTeacher | None = None
     tables = []
     for (benchmark, domain), rows in _domains(benchmark_index):
         paths = rows["path"].tolist()
-        key = teacher_output_key(teacher, teacher_model.runtime, list(classes), paths)
+        key = teacher_output_key(teacher, resolved, list(classes), paths)
         if (cached := cache.get(key)) is not None:
             logger.info("%s/%s: teacher outputs from the cache (%s)", benchmark, domain, key[:12])
             tables.append(cached)
             continue
-
-        def classify(pixels: torch.Tensor) -> torch.Tensor:
-            logits, _ = teacher_model.classify(pixels, zero_shot_head)
-            return logits.argmax(-1)
-
+        if teacher_model is None:
+            teacher_model = load_teacher(teacher, resolved)
+            zero_shot_head = teacher_model.zero_shot_weights(list(classes), teacher.templates)
         table = _predict(
             paths,
             teacher_model.preprocess,
-            classify,
+            partial(_zero_shot_labels, teacher_model, zero_shot_head),
             params.batch_size,
             teacher_model.runtime,
             f"teacher {benchmark}/{domain}",
@@ -240,6 +249,11 @@ def predict_teacher(
         cache.put(key, table)
         tables.append(table)
     return _stacked(tables, "teacher_label")
+
+
+def _zero_shot_labels(teacher_model: ClipTeacher, zero_shot_head: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    logits, _ = teacher_model.classify(pixels, zero_shot_head)
+    return logits.argmax(-1)
 
 
 def predict_student(

@@ -15,11 +15,10 @@ from clip_dfkd.pipelines.ood_evaluation.nodes import (
     score_domains,
     summarise_evaluation,
 )
-from clip_dfkd.pipelines.teacher_labeling.pipeline import create_teacher_pipeline
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return create_teacher_pipeline() + namespaced(
+    return namespaced(
         "ood_evaluation",
         [
             Node(
@@ -39,8 +38,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "student_model",
                     "few_shot_images",
-                    "teacher_model",
-                    "zero_shot_head",
+                    "params:classes",
+                    "params:teacher",
                     "params:ood_evaluation",
                     "params:runtime",
                 ],
@@ -51,11 +50,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 predict_teacher,
                 inputs=[
                     "ood_benchmark_index",
-                    "teacher_model",
-                    "zero_shot_head",
                     "params:classes",
                     "params:teacher",
                     "params:ood_evaluation",
+                    "params:runtime",
                     "ood_teacher_cache",
                 ],
                 outputs="ood_teacher_predictions",

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from clip_dfkd.models import ClipTeacher
+from clip_dfkd.models import load_teacher
 from clip_dfkd.models.text_encoders import (
     PLACEHOLDER,
     OpenClipTextEncoder,
@@ -18,7 +18,7 @@ from clip_dfkd.models.text_encoders import (
     load_generator_text_encoder,
 )
 from clip_dfkd.naming import slugify, stable_seed
-from clip_dfkd.params import ClassNames, ImageSynthesisParams, PromptGenerationParams, RuntimeParams
+from clip_dfkd.params import ClassNames, ImageSynthesisParams, PromptGenerationParams, RuntimeParams, TeacherParams
 from clip_dfkd.runtime import Runtime
 from clip_dfkd.styles import (
     StyleBank,
@@ -47,16 +47,31 @@ PROMPT_COLUMNS = {
 
 
 def load_prompt_encoder(
-    teacher_model: ClipTeacher, image_synthesis: ImageSynthesisParams, runtime: RuntimeParams
+    image_synthesis: ImageSynthesisParams, teacher: TeacherParams, runtime: RuntimeParams
 ) -> PseudoWordEncoder:
     """The text encoder that conditions synthesis, in whose embedding space pseudo-words live:
-    the generator's for ``diffusion``, the teacher's own text tower for ``inversion``."""
+    the generator's for ``diffusion``, the teacher's own text tower for ``inversion``. Each node
+    that needs it loads its own, so it is gone when the node returns (not held on the device
+    while synthesis renders)."""
+    resolved = Runtime.resolve(runtime)
     if image_synthesis.backend == "inversion":
-        return OpenClipTextEncoder(teacher_model.model, teacher_model.tokenizer, teacher_model.name)
-    return load_generator_text_encoder(image_synthesis.generator, Runtime.resolve(runtime))
+        teacher_model = load_teacher(teacher, resolved)
+        return OpenClipTextEncoder(teacher_model.model, teacher_model.tokenizer, teacher_model.name, resolved)
+    return load_generator_text_encoder(image_synthesis.generator, resolved)
 
 
 def build_style_bank(
+    classes: ClassNames,
+    params: PromptGenerationParams,
+    image_synthesis: ImageSynthesisParams,
+    teacher: TeacherParams,
+    runtime: RuntimeParams,
+) -> tuple[StyleBank, dict[str, list[dict[str, float]]]]:
+    """:func:`style_bank_from` the prompt encoder (:func:`load_prompt_encoder`)."""
+    return style_bank_from(load_prompt_encoder(image_synthesis, teacher, runtime), classes, params)
+
+
+def style_bank_from(
     prompt_encoder: PseudoWordEncoder, classes: ClassNames, params: PromptGenerationParams
 ) -> tuple[StyleBank, dict[str, list[dict[str, float]]]]:
     """The method's pseudo-words (none for ``vanilla``) and, for ``contrastive``, its loss curves."""
@@ -142,6 +157,17 @@ def encode_prompts(prompts: pd.DataFrame, style_bank: StyleBank, encoder: Pseudo
 
 
 def measure_prompt_diversity(
+    prompt_table: pd.DataFrame,
+    style_bank: StyleBank,
+    image_synthesis: ImageSynthesisParams,
+    teacher: TeacherParams,
+    runtime: RuntimeParams,
+) -> tuple[dict[str, dict[str, float]], Figure]:
+    """:func:`prompt_diversity` in the prompt encoder (:func:`load_prompt_encoder`)."""
+    return prompt_diversity(prompt_table, style_bank, load_prompt_encoder(image_synthesis, teacher, runtime))
+
+
+def prompt_diversity(
     prompt_table: pd.DataFrame, style_bank: StyleBank, prompt_encoder: PseudoWordEncoder
 ) -> tuple[dict[str, dict[str, float]], Figure]:
     """The diversity of the style prompts' text features (mean pairwise cosine distance,

@@ -17,24 +17,31 @@ from clip_dfkd.styles import diversity_metrics
 logger = logging.getLogger(__name__)
 
 
-def load_teacher_model(teacher: TeacherParams, runtime: RuntimeParams) -> ClipTeacher:
-    return load_teacher(teacher, Runtime.resolve(runtime))
-
-
-def build_zero_shot_head(teacher_model: ClipTeacher, classes: ClassNames, teacher: TeacherParams) -> torch.Tensor:
-    """Class weights ``(num_classes, embedding_dim)`` from the prompt-template ensemble."""
-    return teacher_model.zero_shot_weights(list(classes), teacher.templates)
-
-
 def label_images(
+    images: dict[str, Callable[[], Image.Image]],
+    manifest: pd.DataFrame,
+    classes: ClassNames,
+    teacher: TeacherParams,
+    params: TeacherLabelingParams,
+    runtime: RuntimeParams,
+) -> pd.DataFrame:
+    """:func:`teacher_labels` from the teacher, loaded for this node alone: it is released
+    when the node returns, so it never shares the device with the generator or the student."""
+    teacher_model = load_teacher(teacher, Runtime.resolve(runtime))
+    head = teacher_model.zero_shot_weights(list(classes), teacher.templates)
+    return teacher_labels(images, manifest, teacher_model, head, teacher.batch_size, params)
+
+
+def teacher_labels(
     images: dict[str, Callable[[], Image.Image]],
     manifest: pd.DataFrame,
     teacher_model: ClipTeacher,
     zero_shot_head: torch.Tensor,
-    teacher: TeacherParams,
+    batch_size: int,
     params: TeacherLabelingParams,
 ) -> pd.DataFrame:
-    """Teacher logits, probabilities and normalised embeddings for every manifest image.
+    """Teacher logits, probabilities and normalised embeddings for every manifest image, by
+    the zero-shot head ``(num_classes, embedding_dim)`` (:meth:`ClipTeacher.zero_shot_weights`).
 
     With ``filter.enabled``, rows the teacher does not recognise as their intended class (or
     recognises with less than ``min_confidence``) get ``kept = False``; they stay in the table
@@ -48,9 +55,7 @@ def label_images(
         )
     sources = [images[image_id] for image_id in manifest["image_id"]]
     try:
-        logits, embeddings = teacher_model.classify_images(
-            sources, zero_shot_head, teacher.batch_size, "Teacher labelling"
-        )
+        logits, embeddings = teacher_model.classify_images(sources, zero_shot_head, batch_size, "Teacher labelling")
     except UnreadableImagesError:
         raise ValueError("a synthetic image could not be decoded; delete it and rerun image_synthesis") from None
     probabilities = logits.softmax(dim=-1)

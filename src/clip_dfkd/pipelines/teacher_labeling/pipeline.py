@@ -1,43 +1,11 @@
 from kedro.pipeline import Node, Pipeline
 
 from clip_dfkd.pipelines import namespaced
-from clip_dfkd.pipelines.teacher_labeling.nodes import (
-    build_zero_shot_head,
-    label_images,
-    load_teacher_model,
-    measure_image_diversity,
-    summarise_labels,
-)
-
-# The node that loads the teacher, for stages that need the teacher but not its head.
-TEACHER_LOADER = "teacher.load_teacher_model"
-
-
-def create_teacher_pipeline() -> Pipeline:
-    """The loaded teacher and its zero-shot head (namespace ``teacher``), shared in memory by
-    every stage that needs them; summing pipelines merges these identical nodes, so one run
-    loads the teacher once."""
-    return namespaced(
-        "teacher",
-        [
-            Node(
-                load_teacher_model,
-                inputs=["params:teacher", "params:runtime"],
-                outputs="teacher_model",
-                name="load_teacher_model",
-            ),
-            Node(
-                build_zero_shot_head,
-                inputs=["teacher_model", "params:classes", "params:teacher"],
-                outputs="zero_shot_head",
-                name="build_zero_shot_head",
-            ),
-        ],
-    )
+from clip_dfkd.pipelines.teacher_labeling.nodes import label_images, measure_image_diversity, summarise_labels
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return create_teacher_pipeline() + namespaced(
+    return namespaced(
         "teacher_labeling",
         [
             Node(
@@ -45,10 +13,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "synthetic_images",
                     "synthesis_manifest",
-                    "teacher_model",
-                    "zero_shot_head",
+                    "params:classes",
                     "params:teacher",
                     "params:teacher_labeling",
+                    "params:runtime",
                 ],
                 outputs="teacher_labels",
                 name="label_images",
