@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import ray
 import torch
 from conftest import StagedDemoProject
 from PIL import Image
@@ -135,9 +136,14 @@ def test_two_ray_workers_render_the_bytes_this_process_renders(project, backend)
         torch.set_num_threads(threads)
     local = _files(project.path)
     shutil.rmtree(project.path / IMAGES)
+    # The last batch (2 images) on disk already: Ray is never asked for it, and must still stop.
+    for name in sorted(local)[-2:]:
+        (project.path / IMAGES / name).parent.mkdir(parents=True, exist_ok=True)
+        (project.path / IMAGES / name).write_bytes(local[name])
 
     _render(project, {**synthesis, "executor": "ray", "ray": {"num_actors": 2, "num_gpus_per_actor": 0}}, **stages)
 
+    assert not ray.is_initialized()  # the local Ray the run started, and its actors, are gone
     assert len(local) == 12
     on_ray = _files(project.path)
     assert on_ray.keys() == local.keys()

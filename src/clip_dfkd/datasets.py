@@ -181,6 +181,9 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Call
     a producer on the GPU does not wait for PNG encoding (zlib releases the GIL); at most
     ``4 × writer_threads`` produced partitions wait for a writer.
 
+    Saved data with a ``close()`` (the image synthesis stage's lazy images) is closed once
+    saved, or when the save fails, so that its producer lets go of its models at once.
+
     Built on public APIs only (a composed ``PartitionedDataset`` for listing and loading,
     fsspec and ``AbstractDataset.from_config`` for saving): subclassing ``PartitionedDataset``
     would tie it to that class's private members.
@@ -228,6 +231,8 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Call
             finally:
                 for write in waiting:
                     write.cancel()
+                if close := getattr(data, "close", None):
+                    close()
 
     def _write(self, partition_id: str, final_path: str, value: Any) -> None:
         staging_path = final_path.removesuffix(self._filename_suffix) + _PARTIAL + self._filename_suffix

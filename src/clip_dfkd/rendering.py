@@ -230,6 +230,17 @@ class OnDemandImages:
         self._rendered: dict[str, Image.Image] = {}
         self._progress: tqdm | None = None
 
+    def loaders(self) -> LazyImages:
+        """One lazy loader per image, keyed by ``image_id``, as Kedro saves them."""
+        return LazyImages({image_id: partial(self.image, image_id) for image_id in self._batch_of}, self.close)
+
+    def close(self) -> None:
+        """Let go of the models (or Ray workers) once every missing image has been saved;
+        the last batch on disk already is never asked for, so this is the only end signal."""
+        self._rendered.clear()
+        if self._progress is not None:
+            self._progress.close()
+
     def image(self, image_id: str) -> Image.Image:
         if image_id not in self._rendered:
             self._rendered.clear()
@@ -248,6 +259,15 @@ class OnDemandImages:
         raise NotImplementedError
 
 
+class LazyImages(dict):
+    """Lazy loaders keyed by ``image_id`` with a ``close`` that the resumable partitioned
+    dataset calls once it has saved them (see :meth:`OnDemandImages.close`)."""
+
+    def __init__(self, loaders: dict[str, Callable[[], Image.Image]], close: Callable[[], None]):
+        super().__init__(loaders)
+        self.close = close
+
+
 class LocalImages(OnDemandImages):
     """Renders in this process."""
 
@@ -257,6 +277,10 @@ class LocalImages(OnDemandImages):
 
     def _render_batch(self, batch: int) -> list[tuple[Image.Image, dict[str, Any]]]:
         return self._renderer.render(self._batches[batch])
+
+    def close(self) -> None:
+        super().close()
+        self._renderer = None  # with it, the generator or teacher it loaded
 
 
 class _RayRenderActor:
@@ -359,6 +383,11 @@ class RayImages(OnDemandImages):
             images.append((Image.fromarray(np.asarray(row["pixels"])), json.loads(row["record"])))
         if current is not None:
             yield current, images
+
+    def close(self) -> None:
+        super().close()
+        self._stream = None  # ends the Ray Data job, and with it the actors
+        self._stop()
 
     def _stop(self) -> None:
         if self._started_ray:

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -25,7 +25,8 @@ from clip_dfkd.atomic import atomic_directory, atomic_file
 from clip_dfkd.models.model_configs import building_without_weights, register_project_model_configs
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 TINY_CLIP_MODEL_NAME = "clip-dfkd-tiny"
 
@@ -204,8 +205,7 @@ def build_tiny_stable_diffusion(output_dir: Path, seed: int = 0) -> Path:
         ``output_dir``, loadable with ``StableDiffusionPipeline.from_pretrained`` and
         ``AutoPipelineForText2Image.from_pretrained``.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     output_dir = Path(output_dir)
     with atomic_directory(output_dir) as staging:
@@ -237,33 +237,49 @@ def build_tiny_stable_diffusion(output_dir: Path, seed: int = 0) -> Path:
                 latent_channels=4,
             )
         with _seeded(seed):
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(tokenizer),
-                    max_position_embeddings=_CLIP_CONTEXT_LENGTH,
-                    hidden_size=_TINY_SD_TEXT_WIDTH,
-                    intermediate_size=37,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    projection_dim=_TINY_SD_TEXT_WIDTH,
-                    # CLIPTextModel pools the prompt embedding at the first eos_token_id.
-                    pad_token_id=tokenizer.pad_token_id,
-                    bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
+            text_encoder = sd1_text_encoder(
+                tokenizer,
+                hidden_size=_TINY_SD_TEXT_WIDTH,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
             )
-        pipeline = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=PNDMScheduler(**SD1_SCHEDULER_CONFIG),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(staging, safe_serialization=True)
+        sd1_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(staging, safe_serialization=True)
     return output_dir
+
+
+def sd1_text_encoder(tokenizer: CLIPTokenizer, **sizes: Any) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder of ``sizes`` (``CLIPTextConfig`` fields) for
+    ``tokenizer``'s vocabulary and SD 1.x's 77-token context."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=_CLIP_CONTEXT_LENGTH,
+        projection_dim=sizes["hidden_size"],
+        # CLIPTextModel pools the prompt embedding at the first eos_token_id.
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sizes,
+    )
+    return CLIPTextModel(config)
+
+
+def sd1_pipeline(unet, vae, text_encoder, tokenizer) -> StableDiffusionPipeline:
+    """SD 1.x components as a pipeline with SD 1.x's noise schedule and no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD1_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _write_clip_tokenizer(directory: Path) -> CLIPTokenizer:

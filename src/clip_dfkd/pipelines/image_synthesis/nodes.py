@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import matplotlib
@@ -109,7 +108,7 @@ def synthesize_images(
     else:
         renderer = create_renderer(plan, style_bank, params, runtime, teacher)
         on_demand = LocalImages(renderer, image_ids, params.batch_size)
-    images = {image_id: partial(on_demand.image, image_id) for image_id in image_ids}
+    images = on_demand.loaders()
     source = (
         params.generator.model_id if params.backend == "diffusion" else f"{teacher.model_name}/{teacher.pretrained}"
     )
