@@ -326,6 +326,10 @@ class GeneratorParams(Params):
     # for large images): less memory, the same images up to rounding.
     vae_slicing: bool = False
     vae_tiling: bool = False
+    # A diffusers AutoencoderTiny (hub id or folder; madebyollin/taesd for SD 1.x/2.x) decodes
+    # in place of the pipeline's VAE: for few-step generators the full VAE's decode is a large
+    # share of each image's time. Other pixels, so it is part of every image's id.
+    tiny_vae: str | None = None
 
     @field_validator("scheduler")
     @classmethod

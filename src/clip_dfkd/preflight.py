@@ -18,7 +18,12 @@ from pydantic import BaseModel
 
 from clip_dfkd.benchmarks import BenchmarkError, scan_benchmark
 from clip_dfkd.errors import UserError
-from clip_dfkd.models.generator import missing_decoder_weights, missing_generator_weights, unsupported_generator
+from clip_dfkd.models.generator import (
+    missing_decoder_weights,
+    missing_generator_weights,
+    missing_tiny_vae_weights,
+    unsupported_generator,
+)
 from clip_dfkd.models.student import StudentClassifier, missing_student_weights
 from clip_dfkd.models.teacher import missing_teacher_weights, teacher_token_embedding_dim
 from clip_dfkd.models.text_encoders import generator_embedding_dim
@@ -67,7 +72,11 @@ def _synthesis_problem(params: ImageSynthesisParams) -> str | None:
     if params.executor == "ray" and (problem := ray_executor_problem(params.ray)):
         return problem
     if params.backend == "diffusion":
-        return missing_generator_weights(params.generator) or unsupported_generator(params.generator)
+        return (
+            missing_generator_weights(params.generator)
+            or unsupported_generator(params.generator)
+            or missing_tiny_vae_weights(params.generator)
+        )
     if params.inversion.parameterization == "latent":
         return missing_decoder_weights(params.inversion.decoder)
     return None

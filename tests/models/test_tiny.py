@@ -320,3 +320,55 @@ def test_vae_slicing_and_tiling_reach_the_vae_and_keep_the_images(tiny_sd_dir: P
         for pipe in (plain, sliced)
     ]
     assert np.abs(images[0] - images[1]).max() <= 1  # the same images, up to rounding
+
+
+def _tiny_autoencoder_tiny(folder: Path, latent_channels: int = 4) -> Path:
+    """A randomly initialised AutoencoderTiny that decodes the tiny generator's 16x16 latents
+    into 32x32 images (TAESD's layout, two blocks)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(
+        encoder_block_out_channels=(16, 16),
+        decoder_block_out_channels=(16, 16),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=latent_channels,
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_a_tiny_vae_decodes_in_place_of_the_pipelines_own(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    from diffusers import AutoencoderTiny
+
+    from clip_dfkd.models import load_text_to_image
+    from clip_dfkd.models.errors import ModelNotFoundError
+    from clip_dfkd.params import GeneratorParams, ImageSynthesisParams, RuntimeParams
+    from clip_dfkd.preflight import _synthesis_problem
+    from clip_dfkd.runtime import Runtime
+
+    cpu = Runtime.resolve(RuntimeParams(device="cpu"))
+    params = GeneratorParams(model_id=str(tiny_sd_dir), tiny_vae=str(_tiny_autoencoder_tiny(tmp_path / "taesd")))
+    pipe = load_text_to_image(params, cpu)
+    seeds = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    prompts = ["a photo of a dog", "a sketch of a cat"]
+    latents = pipe(prompts, num_inference_steps=2, height=32, width=32, generator=seeds, output_type="latent").images
+    seeds = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    images = pipe(prompts, num_inference_steps=2, height=32, width=32, generator=seeds).images
+
+    assert isinstance(pipe.vae, AutoencoderTiny)
+    with torch.no_grad():
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    expected = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    assert images[0].size == (32, 32)
+    assert np.abs(np.stack([np.asarray(image, dtype=np.int16) for image in images]) - expected).max() <= 1
+
+    # Bad settings stop in one line, before any work.
+    missing = ImageSynthesisParams(generator=params.model_copy(update={"tiny_vae": str(tmp_path / "nowhere")}))
+    assert _synthesis_problem(missing) == (
+        f"image_synthesis.generator.tiny_vae={str(tmp_path / 'nowhere')!r}: no config.json there; allowed: null, a "
+        "diffusers AutoencoderTiny folder (saved with save_pretrained) or a hub id such as madebyollin/taesd"
+    )
+    eight_channels = params.model_copy(update={"tiny_vae": str(_tiny_autoencoder_tiny(tmp_path / "taesd8", 8))})
+    with pytest.raises(ModelNotFoundError, match=r"decodes 8-channel latents, .* UNet makes 4; allowed: a tiny VAE"):
+        load_text_to_image(eight_channels, cpu)

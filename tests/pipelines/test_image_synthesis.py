@@ -52,10 +52,13 @@ def test_manifest_ids_change_exactly_when_the_recipe_changes() -> None:
     base = build_manifest(_prompt_table(), _params(), TEACHER)
     same = build_manifest(_prompt_table(), _params(), TEACHER)
     more_steps = build_manifest(_prompt_table(), _params(num_inference_steps=8), TEACHER)
+    tiny_vae = build_manifest(_prompt_table(), _params(tiny_vae="madebyollin/taesd"), TEACHER)
+    sliced = build_manifest(_prompt_table(), _params(vae_slicing=True), TEACHER)  # the same images
 
-    assert base["image_id"].tolist() == same["image_id"].tolist()
+    assert base["image_id"].tolist() == same["image_id"].tolist() == sliced["image_id"].tolist()
     assert base["image_id"].str.startswith("dog/dog-photo-000").all()
     assert not set(base["image_id"]) & set(more_steps["image_id"])
+    assert not set(base["image_id"]) & set(tiny_vae["image_id"])
     row = base.iloc[0]
     assert (row.generator_model_id, row.num_inference_steps, row.height, row.seed) == ("some/model", 4, 512, 11)
 

@@ -41,6 +41,21 @@ def missing_generator_weights(params: GeneratorParams) -> str | None:
     )
 
 
+def missing_tiny_vae_weights(params: GeneratorParams) -> str | None:
+    """Why ``generator.tiny_vae`` cannot be loaded here, or None (as above, and None when unset)."""
+    if params.tiny_vae is None:
+        return None
+    key = "image_synthesis.generator.tiny_vae"
+    return _missing_diffusers_weights(
+        params.tiny_vae,
+        None,
+        "config.json",
+        f"{key}={params.tiny_vae!r}: no config.json there; allowed: null, a diffusers AutoencoderTiny folder "
+        "(saved with save_pretrained) or a hub id such as madebyollin/taesd",
+        _download_hint(key, params.tiny_vae),
+    )
+
+
 def missing_decoder_weights(params: InversionDecoderParams) -> str | None:
     """Why the inversion's latent decoder cannot be loaded here, or None (as above)."""
     key = "image_synthesis.inversion.decoder.model_id"
@@ -132,6 +147,8 @@ def load_text_to_image(params: GeneratorParams, runtime: Runtime):
             "one, which would leave silent holes in the training images",
             params.model_id,
         )
+    # Given in place of the pipeline's own VAE, which is then never loaded.
+    replaced = {"vae": _load_tiny_vae(params, runtime)} if params.tiny_vae is not None else {}
     try:
         pipeline = diffusers.AutoPipelineForText2Image.from_pretrained(
             pretrained_source(params.model_id),
@@ -141,6 +158,7 @@ def load_text_to_image(params: GeneratorParams, runtime: Runtime):
             # Every supported pipeline (Stable Diffusion 1.x/2.x) takes these two.
             safety_checker=None,
             requires_safety_checker=False,
+            **replaced,
         )
     except OSError as exc:
         if is_local_reference(params.model_id):
@@ -149,6 +167,12 @@ def load_text_to_image(params: GeneratorParams, runtime: Runtime):
                 f"incomplete ({str(exc).splitlines()[0]})"
             ) from exc
         raise ModelNotFoundError(_download_hint("image_synthesis.generator.model_id", params.model_id)) from exc
+    if replaced and replaced["vae"].config.latent_channels != pipeline.unet.config.in_channels:
+        raise ModelNotFoundError(
+            f"image_synthesis.generator.tiny_vae={params.tiny_vae!r}: decodes "
+            f"{replaced['vae'].config.latent_channels}-channel latents, {params.model_id}'s UNet makes "
+            f"{pipeline.unet.config.in_channels}; allowed: a tiny VAE made for this generator family"
+        )
     if params.scheduler is not None:
         scheduler_class = getattr(diffusers, params.scheduler)
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
@@ -163,6 +187,21 @@ def load_text_to_image(params: GeneratorParams, runtime: Runtime):
     if runtime.compile:
         pipeline.unet = torch.compile(pipeline.unet)
     return pipeline
+
+
+def _load_tiny_vae(params: GeneratorParams, runtime: Runtime):
+    import diffusers
+
+    if problem := missing_tiny_vae_weights(params):
+        raise ModelNotFoundError(problem)
+    logger.info("Decoding with the tiny VAE %s instead of %s's own", params.tiny_vae, params.model_id)
+    try:
+        return diffusers.AutoencoderTiny.from_pretrained(pretrained_source(params.tiny_vae), dtype=runtime.dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"image_synthesis.generator.tiny_vae={params.tiny_vae!r}: not a loadable AutoencoderTiny "
+            f"({str(exc).splitlines()[0]})"
+        ) from exc
 
 
 DECODER_CLASSES = ("AutoencoderKL", "VQModel")

@@ -38,6 +38,8 @@ def synthesis_recipe(params: ImageSynthesisParams, teacher: TeacherParams) -> di
             "negative_prompt": generator.negative_prompt,
             "height": generator.height,
             "width": generator.width,
+            # Only when set: ids made before the switch existed stay valid.
+            **({"tiny_vae": generator.tiny_vae} if generator.tiny_vae is not None else {}),
         }
     inversion = params.inversion.model_dump(mode="json")
     decoder = inversion.pop("decoder") or {}
