@@ -372,3 +372,18 @@ def test_a_tiny_vae_decodes_in_place_of_the_pipelines_own(tiny_sd_dir: Path, tmp
     eight_channels = params.model_copy(update={"tiny_vae": str(_tiny_autoencoder_tiny(tmp_path / "taesd8", 8))})
     with pytest.raises(ModelNotFoundError, match=r"decodes 8-channel latents, .* UNet makes 4; allowed: a tiny VAE"):
         load_text_to_image(eight_channels, cpu)
+
+
+def test_the_generators_attention_runs_through_sdpa(tiny_sd_dir: Path) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from clip_dfkd.models import load_text_to_image
+    from clip_dfkd.params import GeneratorParams, RuntimeParams
+    from clip_dfkd.runtime import Runtime
+
+    pipe = load_text_to_image(GeneratorParams(model_id=str(tiny_sd_dir)), Runtime.resolve(RuntimeParams(device="cpu")))
+
+    # torch's scaled_dot_product_attention (flash / memory-efficient kernels on a GPU).
+    processors = {**pipe.unet.attn_processors, **pipe.vae.attn_processors}
+    assert processors and all(isinstance(processor, AttnProcessor2_0) for processor in processors.values())
+    assert pipe.text_encoder.config._attn_implementation == "sdpa"
