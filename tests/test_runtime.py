@@ -69,3 +69,64 @@ def test_asking_for_cuda_that_sees_a_gpu_it_cannot_use_fails_before_any_work(mon
         UserError, match=r"^runtime.device='cuda': no such device on this machine; allowed here: auto, cpu$"
     ):
         Runtime.resolve(RuntimeParams(device="cuda"))
+
+
+def test_channels_last_is_on_for_cuda_by_default_and_can_be_set(monkeypatch) -> None:
+    assert Runtime.resolve(RuntimeParams(device="cpu")).memory_format == torch.contiguous_format
+    assert Runtime.resolve(RuntimeParams(device="cpu", channels_last=True)).memory_format == torch.channels_last
+    _gpu(monkeypatch, native_bf16=True)
+    assert Runtime.resolve(RuntimeParams(device="auto")).memory_format == torch.channels_last
+    assert Runtime.resolve(RuntimeParams(device="auto", channels_last=False)).memory_format == torch.contiguous_format
+
+
+def test_the_student_trains_and_predicts_in_channels_last_and_comes_back_contiguous(tmp_path) -> None:
+    import pandas as pd
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from clip_dfkd.models.student import StudentClassifier, create_student
+    from clip_dfkd.params import AugmentationParams, OodEvaluationParams, StudentParams, TrainingParams
+    from clip_dfkd.pipelines.ood_evaluation.nodes import predict_student
+    from clip_dfkd.student_training import AugmentedImages, fit_student
+
+    torch.manual_seed(0)
+    student = create_student(StudentParams(model_name="test_resnet", image_size=32), ["ball", "box"], None)
+    paths = []
+    for n in range(4):
+        Image.new("RGB", (32, 32), (60 * n, 0, 0)).save(tmp_path / f"{n}.png")
+        paths.append(str(tmp_path / f"{n}.png"))
+    images = AugmentedImages(paths, [torch.tensor([0, 1, 0, 1])], student.train_transform(AugmentationParams()))
+    training_layouts = _first_conv_layouts(student)
+    runtime = Runtime.resolve(RuntimeParams(device="cpu", channels_last=True))
+
+    def step_loss(logits, embedding, targets):
+        return {"total": F.cross_entropy(logits, targets[0])}, {}
+
+    fit_student(student, images, step_loss, TrainingParams(epochs=1, batch_size=2), runtime, "test")
+    assert all(weight.is_contiguous() for weight in student.parameters())  # the usual layout, to save and export
+    student.save_pretrained(tmp_path / "student")
+    loaded = StudentClassifier.from_pretrained(tmp_path / "student")
+    scoring_layouts = _first_conv_layouts(loaded)
+    predictions = predict_student(
+        pd.DataFrame({"path": paths, "benchmark": "toy", "domain": "photo", "label": [0, 1, 0, 1]}),
+        loaded,
+        OodEvaluationParams.model_validate({"benchmarks": {"toy": {"root": str(tmp_path)}}, "batch_size": 2}),
+        RuntimeParams(device="cpu", channels_last=True),
+    )
+
+    assert len(predictions) == 4
+    assert training_layouts == scoring_layouts == [True, True]
+
+
+def _first_conv_layouts(student: torch.nn.Module) -> list[bool]:
+    """Filled, per forward pass, with whether the first convolution's input and weight were
+    channels-last."""
+    layouts: list[bool] = []
+    first_conv = next(module for module in student.modules() if isinstance(module, torch.nn.Conv2d))
+    first_conv.register_forward_pre_hook(
+        lambda module, inputs: layouts.append(
+            inputs[0].is_contiguous(memory_format=torch.channels_last)
+            and module.weight.is_contiguous(memory_format=torch.channels_last)
+        )
+    )
+    return layouts

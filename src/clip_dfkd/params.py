@@ -165,6 +165,9 @@ class RuntimeParams(Params):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     compile: bool = False
     num_workers: int = Field(default=0, ge=0)
+    # The student's convolutions in channels-last layout, which tensor cores run without
+    # transposing; null: on CUDA only.
+    channels_last: bool | None = None
 
     @field_validator("device")
     @classmethod

@@ -28,6 +28,8 @@ class Runtime:
     dtype: torch.dtype
     compile: bool = False
     num_workers: int = 0
+    # Of the student's weights and input batches (the CLIP towers have no convolutions to speak of).
+    memory_format: torch.memory_format = torch.contiguous_format
 
     @classmethod
     def resolve(cls, params: RuntimeParams) -> Runtime:
@@ -60,7 +62,9 @@ class Runtime:
                 dtype = torch.float32
         else:
             dtype = _DTYPES[params.precision]
-        runtime = cls(device, dtype, params.compile, params.num_workers)
+        channels_last = params.channels_last if params.channels_last is not None else device.type == "cuda"
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        runtime = cls(device, dtype, params.compile, params.num_workers, memory_format)
         logger.info("Running models on %s in %s", device, str(dtype).removeprefix("torch."))
         return runtime
 

@@ -83,7 +83,7 @@ def fit_student(
     Returns per-epoch means over the images: each loss as ``<name>_loss``, each reported
     measure under its name, the final ``learning_rate`` and ``epoch_seconds``.
     """
-    student.to(runtime.device)
+    student.to(runtime.device, memory_format=runtime.memory_format)
     loader = DataLoader(
         images,
         batch_size=min(training.batch_size, len(images)),
@@ -122,7 +122,7 @@ def fit_student(
         sums: dict[str, torch.Tensor] = {}
         seen = 0
         for pixels, *targets in loader:
-            pixels = pixels.to(runtime.device, non_blocking=True)
+            pixels = pixels.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
             targets = [target.to(runtime.device, non_blocking=True) for target in targets]
             with runtime.autocast():
                 logits, embedding = forward(pixels)
@@ -152,5 +152,5 @@ def fit_student(
             ", ".join(f"{name} {value:.4f}" for name, value in epoch_metrics.items() if name != "epoch_seconds"),
         )
     progress.close()
-    student.cpu().eval()
+    student.to("cpu", memory_format=torch.contiguous_format).eval()
     return dict(history)

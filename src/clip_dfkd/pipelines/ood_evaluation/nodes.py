@@ -262,11 +262,12 @@ def predict_student(
     """The student's class index per benchmark image (``path, student_label, error``), in
     mixed precision on an accelerator, decoding in DataLoader workers."""
     resolved = Runtime.resolve(runtime)
-    student = student.to(resolved.device).eval()
+    student = student.to(resolved.device, memory_format=resolved.memory_format).eval()
 
     def classify(pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(resolved.device, non_blocking=True, memory_format=resolved.memory_format)
         with resolved.autocast():
-            return student(pixels.to(resolved.device, non_blocking=True)).argmax(-1)
+            return student(pixels).argmax(-1)
 
     transform = student.eval_transform()
     tables = [
