@@ -32,7 +32,7 @@ from clip_dfkd.models.generator import load_latent_decoder
 from clip_dfkd.models.inversion import invert, start_images
 from clip_dfkd.models.text_encoders import HFCLIPTextEncoder, OpenClipTextEncoder
 from clip_dfkd.params import ImageSynthesisParams, RayExecutorParams, RuntimeParams, TeacherParams
-from clip_dfkd.runtime import Runtime
+from clip_dfkd.runtime import Runtime, release_device_memory
 from clip_dfkd.styles import StyleBank
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ RECORD_KEY = "clip-dfkd"  # the PNG text chunk that carries an image's synthesis
 
 
 class RenderingOutOfMemoryError(UserError, RuntimeError):
-    """A batch that did not fit on the device; the message says what to lower."""
+    """Not even one image fits on the device; the message says what to change."""
 
 
 class Renderer:
@@ -62,17 +62,46 @@ class Renderer:
         self._runtime_params = runtime_params
         self._teacher_params = teacher_params
         self._loaded = False
+        self._fits: int | None = None  # the batch size that fitted in device memory, once one did not
 
     def render(self, image_ids: list[str]) -> list[tuple[Image.Image, dict[str, Any]]]:
         if not self._loaded:
             self._load()
             self._loaded = True
+        return self._render_in_chunks(image_ids)
+
+    def _render_in_chunks(self, image_ids: list[str]) -> list[tuple[Image.Image, dict[str, Any]]]:
+        """The images of ``image_ids`` with their records, rendered at most as many at a time
+        as last fitted in device memory (all at once until a batch did not)."""
+        rendered: list[tuple[Image.Image, dict[str, Any]]] = []
+        while len(rendered) < len(image_ids):
+            start = len(rendered)
+            rendered += self._render_fitting(image_ids[start : start + (self._fits or len(image_ids))])
+        return rendered
+
+    def _render_fitting(self, image_ids: list[str]) -> list[tuple[Image.Image, dict[str, Any]]]:
+        """Renders ``image_ids`` at once or, when they do not fit in device memory, half as
+        many at a time (down to one image), which later batches keep to. Every image has its
+        own seed, so a split batch gives the same images, up to rounding."""
         rows = self._rows.loc[image_ids]
         started = time.perf_counter()
         try:
             images, measured = self._render(rows)
         except torch.OutOfMemoryError:
-            raise RenderingOutOfMemoryError(self._out_of_memory(len(image_ids))) from None
+            images = None  # retried below, once this frame no longer holds the failed batch's tensors
+        if images is None:
+            if len(image_ids) == 1:
+                raise RenderingOutOfMemoryError(self._out_of_memory()) from None
+            release_device_memory()
+            self._fits = (len(image_ids) + 1) // 2
+            logger.warning(
+                "image_synthesis: %d images at once do not fit in device memory; rendering %d at a time "
+                "(image_synthesis.batch_size is %d)",
+                len(image_ids),
+                self._fits,
+                self._params.batch_size,
+            )
+            return self._render_in_chunks(image_ids)
         seconds = (time.perf_counter() - started) / len(image_ids)
         records = [
             {"image_id": row.Index, "prompt": row.prompt, "seed": int(row.seed), "render_seconds": seconds, **extra}
@@ -80,19 +109,23 @@ class Renderer:
         ]
         return list(zip(images, records, strict=True))
 
-    def _out_of_memory(self, batch_size: int) -> str:
+    def _out_of_memory(self) -> str:
         params = self._params
-        size = (
-            f"{params.generator.width}x{params.generator.height}"
-            if params.backend == "diffusion"
-            else f"{params.inversion.image_size}x{params.inversion.image_size}, {params.inversion.cutouts} cutouts"
-        )
-        also = ""
-        if params.backend == "diffusion" and not params.generator.vae_slicing:
-            also = " or set image_synthesis.generator.vae_slicing=true"
+        if params.backend == "inversion":
+            inversion = params.inversion
+            return (
+                f"image_synthesis: out of device memory rendering a single image (inversion); lower "
+                f"image_synthesis.inversion.cutouts (now {inversion.cutouts}) or image_synthesis.inversion.image_size "
+                f"(now {inversion.image_size})"
+            )
+        generator = params.generator
+        options = [f"image_synthesis.generator.{name}=true" for name in ("vae_slicing",) if not generator.vae_slicing]
+        if generator.tiny_vae is None:
+            options.append("image_synthesis.generator.tiny_vae (e.g. madebyollin/taesd)")
+        settings = f"set {' or '.join(options)}, or " if options else ""
         return (
-            f"image_synthesis: out of device memory rendering a batch of {batch_size} images ({params.backend}, "
-            f"{size}); lower image_synthesis.batch_size (now {params.batch_size}){also}"
+            f"image_synthesis: out of device memory rendering a single image (diffusion); {settings}lower "
+            f"image_synthesis.generator.height/width (now {generator.height}x{generator.width})"
         )
 
     def _style_vectors(self, rows: pd.DataFrame) -> torch.Tensor | None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -173,7 +174,7 @@ def test_run_killed_with_sigkill_resumes_to_exactly_one_complete_image_each(fres
 
 
 def test_out_of_memory_while_rendering_is_reported_as_itself(tmp_path) -> None:
-    """Not as Kedro's "Failed while saving data": which stage, which batch size, what to lower."""
+    """Not as Kedro's "Failed while saving data": which stage, and what to change."""
 
     class ExhaustedRenderer(DiffusionRenderer):
         def _load(self) -> None:
@@ -192,7 +193,43 @@ def test_out_of_memory_while_rendering_is_reported_as_itself(tmp_path) -> None:
         dataset.save({image_id: partial(images.image, image_id) for image_id in ids})
 
     assert user_error_message(error.value) == (
-        "image_synthesis: out of device memory rendering a batch of 2 images (diffusion, 512x512); lower "
-        "image_synthesis.batch_size (now 8) or set image_synthesis.generator.vae_slicing=true"
+        "image_synthesis: out of device memory rendering a single image (diffusion); set "
+        "image_synthesis.generator.vae_slicing=true or image_synthesis.generator.tiny_vae (e.g. madebyollin/taesd), "
+        "or lower image_synthesis.generator.height/width (now 512x512)"
     )
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_batch_that_does_not_fit_is_split_until_it_does(demo_assets, caplog) -> None:
+    """Batches of 6 where only 2 images fit at once: the same images as batches of 2, and a
+    warning; later batches start at 2."""
+    params = ImageSynthesisParams.model_validate(
+        {"generator": {"model_id": demo_assets.generator_dir, "height": 32, "width": 32}, "batch_size": 6}
+    )
+    table = pd.concat([_prompt_table()] * 6, ignore_index=True)
+    table["prompt_id"] = [f"dog-photo-{n:04d}" for n in range(len(table))]
+    table["seed"] = range(len(table))
+    manifest = build_manifest(table, params, TEACHER)
+    ids = list(manifest["image_id"])
+    attempts = []
+
+    class TwoAtATime(DiffusionRenderer):
+        def _render(self, rows):
+            attempts.append(len(rows))
+            if len(rows) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super()._render(rows)
+
+    cpu = RuntimeParams(device="cpu")
+    renderer = TwoAtATime(manifest, None, params, cpu, TEACHER)
+    with caplog.at_level(logging.WARNING, logger="clip_dfkd.rendering"):
+        rendered = renderer.render(ids[:6]) + renderer.render(ids[6:])
+    fitting = DiffusionRenderer(manifest, None, params.model_copy(update={"batch_size": 2}), cpu, TEACHER)
+    expected = [image for start in range(0, 12, 2) for image, _ in fitting.render(ids[start : start + 2])]
+
+    # 6, then 3, did not fit; from then on 2 at a time (the 1s are what remained of a batch).
+    assert attempts == [6, 3, 2, 1, 2, 1, 2, 2, 2]
+    assert [record["image_id"] for _, record in rendered] == ids
+    pixels = np.stack([np.asarray(image, dtype=np.int16) for image, _ in rendered])
+    assert np.abs(pixels - np.stack([np.asarray(image, dtype=np.int16) for image in expected])).max() <= 1
+    assert "6 images at once do not fit in device memory; rendering 3 at a time" in caplog.text
