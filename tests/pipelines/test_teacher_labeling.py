@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_dfkd.models import load_teacher
+from clip_dfkd.models.teacher import TeacherOutOfMemoryError
 from clip_dfkd.params import RuntimeParams, TeacherLabelingParams, TeacherParams
 from clip_dfkd.pipelines.teacher_labeling.nodes import summarise_labels, teacher_labels
 from clip_dfkd.runtime import Runtime
@@ -113,3 +114,43 @@ def test_pipeline_labels_every_synthetic_image(demo_project) -> None:
     assert probabilities.shape == (len(manifest), 4)  # the demo's four classes
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     assert np.allclose(np.linalg.norm(np.stack(labels["teacher_embedding"].to_numpy()), axis=1), 1, atol=1e-5)
+
+
+def test_a_batch_that_does_not_fit_is_encoded_in_smaller_batches(teacher, teacher_params, caplog) -> None:
+    import dataclasses
+    import logging
+
+    head = teacher.zero_shot_weights(CLASSES, teacher_params.templates)
+    pixels = torch.stack([teacher.preprocess(load()) for load in _images(12)[0].values()])
+    expected = teacher.classify(pixels, head)
+    attempts = []
+
+    class TwoAtATime(type(teacher)):
+        def encode_images(self, batch):
+            attempts.append(len(batch))
+            if len(batch) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().encode_images(batch)
+
+    fields = {field.name: getattr(teacher, field.name) for field in dataclasses.fields(teacher) if field.init}
+    constrained = TwoAtATime(**fields)
+    with caplog.at_level(logging.WARNING, logger="clip_dfkd.models.teacher"):
+        first, second = constrained.classify(pixels[:6], head), constrained.classify(pixels[6:], head)
+
+    # 6, then 3, did not fit; from then on 2 at a time (the 1s are what remained of a batch).
+    assert attempts == [6, 3, 2, 1, 2, 1, 2, 2, 2]
+    assert torch.allclose(torch.cat([first[0], second[0]]), expected[0], atol=1e-5)
+    assert torch.allclose(torch.cat([first[1], second[1]]), expected[1], atol=1e-6)
+    assert "6 images at once do not fit in device memory; encoding 3 at a time" in caplog.text
+
+    class Exhausted(type(teacher)):
+        def encode_images(self, batch):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(TeacherOutOfMemoryError) as error:
+        Exhausted(**fields).classify(pixels[:2], head)
+    assert str(error.value) == (
+        "teacher: out of device memory encoding a single image with clip-dfkd-tiny/"
+        f"{teacher_params.pretrained} in float32; set runtime.precision=bf16 (or fp16), or a smaller "
+        "teacher.model_name"
+    )

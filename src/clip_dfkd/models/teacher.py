@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from clip_dfkd.errors import UserError
 from clip_dfkd.imaging import ImageSource, iterate_batches
 from clip_dfkd.models.checkpoints import architecture_mismatch, checkpoint_shapes
 from clip_dfkd.models.errors import ModelNotFoundError
 from clip_dfkd.models.hub import hub_reachable
 from clip_dfkd.models.model_configs import building_without_weights, register_project_model_configs
 from clip_dfkd.params import TeacherParams, looks_like_path
-from clip_dfkd.runtime import Runtime
+from clip_dfkd.runtime import Runtime, release_device_memory
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class ClipTeacher:
     tokenizer: Callable[[Sequence[str]], torch.Tensor]
     runtime: Runtime
     name: str
+    # The batch size that fitted in device memory, once one did not (see classify).
+    _fits: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def logit_scale(self) -> float:
@@ -62,9 +65,39 @@ class ClipTeacher:
         return F.normalize(embeddings.mean(dim=1), dim=-1)
 
     def classify(self, pixels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-shot logits (CLIP's logit scale applied) and the normalised image embeddings."""
-        embeddings = self.encode_images(pixels)
+        """Zero-shot logits (CLIP's logit scale applied) and the normalised image embeddings.
+
+        A batch that does not fit in device memory is encoded half as many images at a time,
+        down to one, with a warning; later batches keep to the size that fitted.
+        """
+        embeddings = self._encode_in_chunks(pixels)
         return self.logit_scale * embeddings @ weights.T, embeddings
+
+    def _encode_in_chunks(self, pixels: torch.Tensor) -> torch.Tensor:
+        chunks, done = [], 0
+        while done < len(pixels):
+            chunk = pixels[done : done + (self._fits or len(pixels))]
+            chunks.append(self._encode_fitting(chunk))
+            done += len(chunk)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def _encode_fitting(self, pixels: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.encode_images(pixels)
+        except torch.OutOfMemoryError:
+            pass  # retried below, once this frame no longer holds the failed batch's tensors
+        if len(pixels) == 1:
+            raise TeacherOutOfMemoryError(
+                f"teacher: out of device memory encoding a single image with {self.name} in "
+                f"{str(self.runtime.dtype).removeprefix('torch.')}; set runtime.precision=bf16 (or fp16), or a "
+                "smaller teacher.model_name"
+            )
+        release_device_memory()
+        self._fits = (len(pixels) + 1) // 2
+        logger.warning(
+            "teacher: %d images at once do not fit in device memory; encoding %d at a time", len(pixels), self._fits
+        )
+        return self._encode_in_chunks(pixels)
 
     def classify_images(
         self, sources: Sequence[ImageSource], weights: torch.Tensor, batch_size: int, description: str
@@ -86,6 +119,10 @@ class ClipTeacher:
             progress.update(len(pixels))
         progress.close()
         return torch.cat(logits), torch.cat(embeddings)
+
+
+class TeacherOutOfMemoryError(UserError, RuntimeError):
+    """Not even one image fits on the device; the message says what to change."""
 
 
 class UnreadableImagesError(ValueError):
