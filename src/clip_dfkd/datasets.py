@@ -181,8 +181,10 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Call
     a producer on the GPU does not wait for PNG encoding (zlib releases the GIL); at most
     ``4 × writer_threads`` produced partitions wait for a writer.
 
-    Saved data with a ``close()`` (the image synthesis stage's lazy images) is closed once
-    saved, or when the save fails, so that its producer lets go of its models at once.
+    Saved data with an ``expect(ids)`` is told the ids of the partitions that are not on disk
+    before any is loaded, and saved data with a ``close()`` is closed once saved, or when the
+    save fails (the image synthesis stage's lazy images: its progress counts what it will
+    render, and its producer lets go of its models at once).
 
     Built on public APIs only (a composed ``PartitionedDataset`` for listing and loading,
     fsspec and ``AbstractDataset.from_config`` for saving): subclassing ``PartitionedDataset``
@@ -218,10 +220,14 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Call
         waiting: collections.deque[Future] = collections.deque()
         with ThreadPoolExecutor(self._writer_threads, thread_name_prefix="partition-writer") as writers:
             try:
-                for partition_id, partition_data in sorted(data.items()):
-                    final_path = self._partition_path(partition_id)
-                    if self._filesystem.exists(final_path):
-                        continue
+                missing = [
+                    (partition_id, partition_data, final_path)
+                    for partition_id, partition_data in sorted(data.items())
+                    if not self._filesystem.exists(final_path := self._partition_path(partition_id))
+                ]
+                if expect := getattr(data, "expect", None):
+                    expect([partition_id for partition_id, _, _ in missing])
+                for partition_id, partition_data, final_path in missing:
                     value = partition_data() if callable(partition_data) else partition_data
                     waiting.append(writers.submit(self._write, partition_id, final_path, value))
                     while waiting and (waiting[0].done() or len(waiting) > 4 * self._writer_threads):

@@ -262,10 +262,25 @@ class OnDemandImages:
         self._batch_of = {image_id: n for n, batch in enumerate(self._batches) for image_id in batch}
         self._rendered: dict[str, Image.Image] = {}
         self._progress: tqdm | None = None
+        self._to_render = len(image_ids)  # until told which are missing
 
     def loaders(self) -> LazyImages:
         """One lazy loader per image, keyed by ``image_id``, as Kedro saves them."""
-        return LazyImages({image_id: partial(self.image, image_id) for image_id in self._batch_of}, self.close)
+        loaders = {image_id: partial(self.image, image_id) for image_id in self._batch_of}
+        return LazyImages(loaders, self.expect, self.close)
+
+    def expect(self, missing: list[str]) -> None:
+        """Told which images the save will ask for (the others are on disk): the progress bar
+        counts the images of the batches that hold them, which are what will be rendered."""
+        batches = {self._batch_of[image_id] for image_id in missing}
+        to_render = sum(len(self._batches[batch]) for batch in batches)
+        logger.info(
+            "%d of the %d planned images are missing: rendering %d (their batches)",
+            len(missing),
+            len(self._batch_of),
+            to_render,
+        )
+        self._to_render = to_render
 
     def close(self) -> None:
         """Let go of the models (or Ray workers) once every missing image has been saved;
@@ -278,7 +293,7 @@ class OnDemandImages:
         if image_id not in self._rendered:
             self._rendered.clear()
             if self._progress is None:
-                self._progress = tqdm(total=len(self._batch_of), desc="Rendering missing images", unit="img")
+                self._progress = tqdm(total=self._to_render, desc="Rendering missing images", unit="img")
             batch = self._batch_of[image_id]
             rendered = self._render_batch(batch)
             self._rendered = {
@@ -293,11 +308,18 @@ class OnDemandImages:
 
 
 class LazyImages(dict):
-    """Lazy loaders keyed by ``image_id`` with a ``close`` that the resumable partitioned
-    dataset calls once it has saved them (see :meth:`OnDemandImages.close`)."""
+    """Lazy loaders keyed by ``image_id``, with the two calls the resumable partitioned dataset
+    makes when it saves them: ``expect`` with the ids it will load (those not on disk), and
+    ``close`` once saved (see :meth:`OnDemandImages.expect` and :meth:`OnDemandImages.close`)."""
 
-    def __init__(self, loaders: dict[str, Callable[[], Image.Image]], close: Callable[[], None]):
+    def __init__(
+        self,
+        loaders: dict[str, Callable[[], Image.Image]],
+        expect: Callable[[list[str]], None],
+        close: Callable[[], None],
+    ):
         super().__init__(loaders)
+        self.expect = expect
         self.close = close
 
 

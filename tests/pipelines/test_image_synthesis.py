@@ -233,3 +233,33 @@ def test_a_batch_that_does_not_fit_is_split_until_it_does(demo_assets, caplog) -
     pixels = np.stack([np.asarray(image, dtype=np.int16) for image, _ in rendered])
     assert np.abs(pixels - np.stack([np.asarray(image, dtype=np.int16) for image in expected])).max() <= 1
     assert "6 images at once do not fit in device memory; rendering 3 at a time" in caplog.text
+
+
+def test_a_resumed_save_says_and_counts_what_it_will_render(tmp_path, caplog) -> None:
+    """Images on disk are neither rendered nor counted: the progress total is the images of
+    the batches that hold a missing one."""
+    rendered = []
+
+    class Blank(DiffusionRenderer):
+        def _load(self) -> None:
+            pass
+
+        def _render(self, rows):
+            rendered.append(list(rows.index))
+            return [Image.new("RGB", (8, 8)) for _ in range(len(rows))], [{} for _ in range(len(rows))]
+
+    params = ImageSynthesisParams.model_validate({"generator": {"model_id": "some/model"}, "batch_size": 2})
+    table = pd.concat([_prompt_table()] * 3, ignore_index=True)
+    table["prompt_id"] = [f"dog-photo-{n:04d}" for n in range(len(table))]
+    manifest = build_manifest(table, params, TEACHER)
+    ids = list(manifest["image_id"])
+    dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset="pillow.ImageDataset", filename_suffix=".png")
+    dataset.save({image_id: Image.new("RGB", (8, 8)) for image_id in ids[:3]})  # batch 0, and half of batch 1
+    on_demand = LocalImages(Blank(manifest, None, params, RuntimeParams(), TEACHER), ids, params.batch_size)
+
+    with caplog.at_level(logging.INFO, logger="clip_dfkd.rendering"):
+        dataset.save(on_demand.loaders())
+
+    assert rendered == [ids[2:4], ids[4:6]]
+    assert "3 of the 6 planned images are missing: rendering 4 (their batches)" in caplog.text
+    assert on_demand._progress.total == on_demand._progress.n == 4

@@ -115,7 +115,7 @@ def synthesize_images(
         params.generator.model_id if params.backend == "diffusion" else f"{teacher.model_name}/{teacher.pretrained}"
     )
     shard = f", shard {params.shard_index} of {params.num_shards}" if params.num_shards > 1 else ""
-    logger.info("%d images to synthesise by %s (%s%s)", len(images), params.backend, source, shard)
+    logger.info("%d images planned, by %s (%s%s)", len(images), params.backend, source, shard)
     return images, plan
 
 
