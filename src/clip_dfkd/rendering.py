@@ -32,7 +32,7 @@ from clip_dfkd.models.generator import load_latent_decoder
 from clip_dfkd.models.inversion import invert, start_images
 from clip_dfkd.models.text_encoders import HFCLIPTextEncoder, OpenClipTextEncoder
 from clip_dfkd.params import ImageSynthesisParams, RayExecutorParams, RuntimeParams, TeacherParams
-from clip_dfkd.runtime import Runtime, release_device_memory
+from clip_dfkd.runtime import FittingBatches, Runtime
 from clip_dfkd.styles import StyleBank
 
 logger = logging.getLogger(__name__)
@@ -62,46 +62,29 @@ class Renderer:
         self._runtime_params = runtime_params
         self._teacher_params = teacher_params
         self._loaded = False
-        self._fits: int | None = None  # the batch size that fitted in device memory, once one did not
+        self._fitting = FittingBatches(self._warn_split, lambda: RenderingOutOfMemoryError(self._out_of_memory()))
 
     def render(self, image_ids: list[str]) -> list[tuple[Image.Image, dict[str, Any]]]:
         if not self._loaded:
             self._load()
             self._loaded = True
-        return self._render_in_chunks(image_ids)
+        # A batch that does not fit is rendered half as many at a time, which later batches
+        # keep to; every image has its own seed, so the images are the same up to rounding.
+        return self._fitting.run(image_ids, self._render_rows, lambda parts: sum(parts, []))
 
-    def _render_in_chunks(self, image_ids: list[str]) -> list[tuple[Image.Image, dict[str, Any]]]:
-        """The images of ``image_ids`` with their records, rendered at most as many at a time
-        as last fitted in device memory (all at once until a batch did not)."""
-        rendered: list[tuple[Image.Image, dict[str, Any]]] = []
-        while len(rendered) < len(image_ids):
-            start = len(rendered)
-            rendered += self._render_fitting(image_ids[start : start + (self._fits or len(image_ids))])
-        return rendered
+    def _warn_split(self, tried: int, fits: int) -> None:
+        logger.warning(
+            "image_synthesis: %d images at once do not fit in device memory; rendering %d at a time "
+            "(image_synthesis.batch_size is %d)",
+            tried,
+            fits,
+            self._params.batch_size,
+        )
 
-    def _render_fitting(self, image_ids: list[str]) -> list[tuple[Image.Image, dict[str, Any]]]:
-        """Renders ``image_ids`` at once or, when they do not fit in device memory, half as
-        many at a time (down to one image), which later batches keep to. Every image has its
-        own seed, so a split batch gives the same images, up to rounding."""
+    def _render_rows(self, image_ids: list[str]) -> list[tuple[Image.Image, dict[str, Any]]]:
         rows = self._rows.loc[image_ids]
         started = time.perf_counter()
-        try:
-            images, measured = self._render(rows)
-        except torch.OutOfMemoryError:
-            images = None  # retried below, once this frame no longer holds the failed batch's tensors
-        if images is None:
-            if len(image_ids) == 1:
-                raise RenderingOutOfMemoryError(self._out_of_memory()) from None
-            release_device_memory()
-            self._fits = (len(image_ids) + 1) // 2
-            logger.warning(
-                "image_synthesis: %d images at once do not fit in device memory; rendering %d at a time "
-                "(image_synthesis.batch_size is %d)",
-                len(image_ids),
-                self._fits,
-                self._params.batch_size,
-            )
-            return self._render_in_chunks(image_ids)
+        images, measured = self._render(rows)
         seconds = (time.perf_counter() - started) / len(image_ids)
         records = [
             {"image_id": row.Index, "prompt": row.prompt, "seed": int(row.seed), "render_seconds": seconds, **extra}

@@ -6,8 +6,10 @@ import contextlib
 import gc
 import logging
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -16,6 +18,9 @@ from clip_dfkd.errors import UserError
 from clip_dfkd.params import RuntimeParams
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -89,6 +94,38 @@ def release_device_memory() -> None:
     elif torch.backends.mps.is_available() and torch.mps.current_allocated_memory() > 0:
         gc.collect()
         torch.mps.empty_cache()
+
+
+class FittingBatches:
+    """Runs ``work`` on a batch at once or, when the batch does not fit in device memory, on
+    half as many items at a time (down to one), and keeps to the size that fitted for the
+    batches after. ``warn(tried, fits)`` says so; ``too_large()`` is raised when a single item
+    does not fit."""
+
+    def __init__(self, warn: Callable[[int, int], None], too_large: Callable[[], Exception]):
+        self._warn = warn
+        self._too_large = too_large
+        self._fits: int | None = None
+
+    def run(self, items: Sequence[T], work: Callable[[Sequence[T]], R], join: Callable[[list[R]], R]) -> R:
+        parts, done = [], 0
+        while done < len(items):
+            chunk = items[done : done + (self._fits or len(items))]
+            parts.append(self._fitting(chunk, work, join))
+            done += len(chunk)
+        return parts[0] if len(parts) == 1 else join(parts)
+
+    def _fitting(self, chunk: Sequence[T], work: Callable[[Sequence[T]], R], join: Callable[[list[R]], R]) -> R:
+        try:
+            return work(chunk)
+        except torch.OutOfMemoryError:
+            pass  # retried below, once this frame no longer holds the failed batch's tensors
+        if len(chunk) == 1:
+            raise self._too_large()
+        release_device_memory()
+        self._fits = (len(chunk) + 1) // 2
+        self._warn(len(chunk), self._fits)
+        return self.run(chunk, work, join)
 
 
 def unavailable_device(params: RuntimeParams) -> str | None:

@@ -20,7 +20,7 @@ from clip_dfkd.models.errors import ModelNotFoundError
 from clip_dfkd.models.hub import hub_reachable
 from clip_dfkd.models.model_configs import building_without_weights, register_project_model_configs
 from clip_dfkd.params import TeacherParams, looks_like_path
-from clip_dfkd.runtime import Runtime, release_device_memory
+from clip_dfkd.runtime import FittingBatches, Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,10 @@ class ClipTeacher:
     tokenizer: Callable[[Sequence[str]], torch.Tensor]
     runtime: Runtime
     name: str
-    # The batch size that fitted in device memory, once one did not (see classify).
-    _fits: int | None = field(default=None, init=False, repr=False, compare=False)
+    _fitting: FittingBatches = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._fitting = FittingBatches(self._warn_split, self._out_of_memory)
 
     @property
     def logit_scale(self) -> float:
@@ -70,34 +72,18 @@ class ClipTeacher:
         A batch that does not fit in device memory is encoded half as many images at a time,
         down to one, with a warning; later batches keep to the size that fitted.
         """
-        embeddings = self._encode_in_chunks(pixels)
+        embeddings = self._fitting.run(pixels, self.encode_images, torch.cat)
         return self.logit_scale * embeddings @ weights.T, embeddings
 
-    def _encode_in_chunks(self, pixels: torch.Tensor) -> torch.Tensor:
-        chunks, done = [], 0
-        while done < len(pixels):
-            chunk = pixels[done : done + (self._fits or len(pixels))]
-            chunks.append(self._encode_fitting(chunk))
-            done += len(chunk)
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    def _warn_split(self, tried: int, fits: int) -> None:
+        logger.warning("teacher: %d images at once do not fit in device memory; encoding %d at a time", tried, fits)
 
-    def _encode_fitting(self, pixels: torch.Tensor) -> torch.Tensor:
-        try:
-            return self.encode_images(pixels)
-        except torch.OutOfMemoryError:
-            pass  # retried below, once this frame no longer holds the failed batch's tensors
-        if len(pixels) == 1:
-            raise TeacherOutOfMemoryError(
-                f"teacher: out of device memory encoding a single image with {self.name} in "
-                f"{str(self.runtime.dtype).removeprefix('torch.')}; set runtime.precision=bf16 (or fp16), or a "
-                "smaller teacher.model_name"
-            )
-        release_device_memory()
-        self._fits = (len(pixels) + 1) // 2
-        logger.warning(
-            "teacher: %d images at once do not fit in device memory; encoding %d at a time", len(pixels), self._fits
+    def _out_of_memory(self) -> TeacherOutOfMemoryError:
+        return TeacherOutOfMemoryError(
+            f"teacher: out of device memory encoding a single image with {self.name} in "
+            f"{str(self.runtime.dtype).removeprefix('torch.')}; set runtime.precision=bf16 (or fp16), or a "
+            "smaller teacher.model_name"
         )
-        return self._encode_in_chunks(pixels)
 
     def classify_images(
         self, sources: Sequence[ImageSource], weights: torch.Tensor, batch_size: int, description: str
