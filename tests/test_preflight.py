@@ -35,10 +35,10 @@ def _outputs(project: Path) -> list[Path]:
     ]
 
 
-def _run(project: Path, env: str, runtime_params: dict | None = None) -> None:
+def _run(project: Path, env: str, runtime_params: dict | None = None, pipelines: list[str] | None = None) -> None:
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env=env, runtime_params=runtime_params) as session:
-        session.run()
+        session.run(pipeline_names=pipelines)
 
 
 def test_real_recipe_without_weights_names_every_missing_model(fresh_project, monkeypatch) -> None:
@@ -54,6 +54,22 @@ def test_real_recipe_without_weights_names_every_missing_model(fresh_project, mo
     assert "hf download stabilityai/sd-turbo --local-dir" in lines[1]
     assert lines[2].startswith("ood_evaluation.benchmarks.pacs.root='data/01_raw/PACS': no such folder")
     assert _outputs(fresh_project) == []
+
+
+@pytest.mark.parametrize(
+    ("backend", "missing"),
+    [("diffusion", ["image_synthesis.generator.model_id="]), ("inversion", ["teacher: open_clip weights"])],
+)
+def test_prompts_and_images_need_the_teachers_weights_only_for_inversion(
+    fresh_project, monkeypatch, backend, missing
+) -> None:
+    """A machine that only renders with diffusion needs the generator, not CLIP."""
+    monkeypatch.chdir(fresh_project)
+    with pytest.raises(PreflightError) as caught:
+        _run(fresh_project, "base", {"image_synthesis": {"backend": backend}}, ["prompt_generation", "image_synthesis"])
+
+    lines = str(caught.value).splitlines()
+    assert [line[: len(start)] for line, start in zip(lines, missing, strict=True)] == missing
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,23 @@ def _synthesis_problem(params: ImageSynthesisParams) -> str | None:
     return None
 
 
+def _loads_teacher(pipeline, catalog) -> bool:
+    """Whether a node of ``pipeline`` loads the teacher's weights. Labelling and evaluation
+    do; prompt generation and synthesis only for inversion, where the teacher encodes the
+    prompts and guides the images (with diffusion, a render machine needs no CLIP weights);
+    registration only records the teacher's name."""
+    from clip_dfkd.pipelines.image_synthesis.nodes import synthesize_images
+    from clip_dfkd.pipelines.ood_evaluation.nodes import fine_tune_student, predict_teacher
+    from clip_dfkd.pipelines.prompt_generation.nodes import build_style_bank, measure_prompt_diversity
+    from clip_dfkd.pipelines.teacher_labeling.nodes import label_images
+
+    functions = {node.func for node in pipeline.nodes}
+    if functions & {label_images, predict_teacher, fine_tune_student}:
+        return True
+    inversion = catalog.load("params:image_synthesis").backend == "inversion"
+    return inversion and bool(functions & {build_style_bank, measure_prompt_diversity, synthesize_images})
+
+
 def _shard_run_problem(params: ImageSynthesisParams, pipeline, env: str | None) -> str | None:
     """A sharded run may only render: its manifest, metrics and sample grid would hold one
     shard, and N runs would overwrite each other's (and rerun any earlier stage N times)."""
@@ -159,7 +176,7 @@ class PreflightHook:
         problems = []
         if "runtime" in used:
             problems.append(unavailable_device(catalog.load("params:runtime")))
-        if "teacher" in used:
+        if "teacher" in used and _loads_teacher(pipeline, catalog):
             problems.append(missing_teacher_weights(catalog.load("params:teacher")))
         if "image_synthesis" in used:
             synthesis = catalog.load("params:image_synthesis")

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from clip_dfkd.errors import UserError
 from clip_dfkd.imaging import ImageSource, Transform, open_rgb
 from clip_dfkd.models import StudentClassifier
 from clip_dfkd.params import TrainingParams
-from clip_dfkd.runtime import Runtime
+from clip_dfkd.runtime import Runtime, release_device_memory
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,73 @@ def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     )
 
 
+class AccumulatedStep:
+    """The gradient of a batch's loss, from the whole batch at once or, when that does not
+    fit in device memory, from parts of it, each part's loss weighted by its share of the
+    batch. Every loss here is a mean over the batch's images, so the accumulated gradient is
+    the batch's own; only batch-norm layers in training mode see each part's statistics
+    instead of the batch's.
+
+    After an out-of-memory error the partial gradients are dropped and the batch is taken
+    again in parts of half the size, down to one image (then :class:`StudentOutOfMemoryError`);
+    later batches keep to the part size that fitted.
+    """
+
+    def __init__(self, forward, step_loss: StepLoss, scaler, optimizer, runtime: Runtime, description: str):
+        self._forward = forward
+        self._step_loss = step_loss
+        self._scaler = scaler
+        self._optimizer = optimizer
+        self._runtime = runtime
+        self._description = description
+        self._fits: int | None = None
+
+    def backward(self, pixels: torch.Tensor, targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Accumulate the batch's gradient; return its mean losses (``<name>_loss``) and
+        measures, detached, on the device."""
+        while True:
+            part = min(self._fits or len(pixels), len(pixels))
+            try:
+                return self._backward_in_parts(pixels, targets, part)
+            except torch.OutOfMemoryError:
+                pass  # handled below, once this frame no longer holds the failed part's tensors
+            self._optimizer.zero_grad(set_to_none=True)  # a partial batch's gradients
+            if part == 1:
+                raise StudentOutOfMemoryError(
+                    f"{self._description}: out of device memory training on a single image in "
+                    f"{str(self._runtime.dtype).removeprefix('torch.')}; set runtime.precision=bf16 (or fp16), "
+                    "or a smaller student.model_name or student.image_size"
+                )
+            release_device_memory()
+            self._fits = (part + 1) // 2
+            logger.warning(
+                "%s: a step on %d images at once does not fit in device memory; accumulating the gradient "
+                "over parts of %d (batch-norm statistics are then per part)",
+                self._description,
+                part,
+                self._fits,
+            )
+
+    def _backward_in_parts(
+        self, pixels: torch.Tensor, targets: list[torch.Tensor], part: int
+    ) -> dict[str, torch.Tensor]:
+        reported: dict[str, torch.Tensor] = {}
+        for start in range(0, len(pixels), part):
+            chunk = slice(start, start + part)
+            with self._runtime.autocast():
+                logits, embedding = self._forward(pixels[chunk])
+            losses, measures = self._step_loss(logits.float(), embedding, [target[chunk] for target in targets])
+            share = len(logits) / len(pixels)
+            self._scaler.scale(losses["total"] * share).backward()
+            for name, value in ({f"{n}_loss": v.detach() for n, v in losses.items()} | measures).items():
+                reported[name] = reported.get(name, 0) + value.detach().float() * share
+        return reported
+
+
+class StudentOutOfMemoryError(UserError, RuntimeError):
+    """Not even one image fits a training step on the device; the message says what to change."""
+
+
 def fit_student(
     student: StudentClassifier,
     images: AugmentedImages,
@@ -79,6 +147,10 @@ def fit_student(
     as fine-tuning on a few images of one domain needs: else they become that domain's. The
     caller seeds (before creating the student, so that its initial weights are seeded too);
     ``training.seed`` orders the images.
+
+    A batch whose step does not fit in device memory is taken in parts of half as many
+    images, down to one, their gradients accumulated into the batch's (see
+    :class:`AccumulatedStep`); later batches keep to the part size that fitted.
 
     Returns per-epoch means over the images: each loss as ``<name>_loss``, each reported
     measure under its name, the final ``learning_rate`` and ``epoch_seconds``.
@@ -107,6 +179,7 @@ def fit_student(
     # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(enabled=runtime.device.type == "cuda" and runtime.dtype == torch.float16)
     forward = torch.compile(student.forward_distill) if runtime.compile else student.forward_distill
+    step = AccumulatedStep(forward, step_loss, scaler, optimizer, runtime, description)
 
     history: MetricHistory = defaultdict(list)
     progress = tqdm(total=total_steps, desc=description, unit="step")
@@ -124,19 +197,15 @@ def fit_student(
         for pixels, *targets in loader:
             pixels = pixels.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
             targets = [target.to(runtime.device, non_blocking=True) for target in targets]
-            with runtime.autocast():
-                logits, embedding = forward(pixels)
-            losses, measures = step_loss(logits.float(), embedding, targets)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
+            reported = step.backward(pixels, targets)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             batch = len(pixels)
             seen += batch
-            reported = {f"{name}_loss": value.detach() for name, value in losses.items()} | measures
             for name, value in reported.items():
-                sums[name] = sums.get(name, 0) + value.float() * batch
+                sums[name] = sums.get(name, 0) + value * batch
             progress.update(1)
         epoch_metrics = {name: value.item() / seen for name, value in sums.items()}
         progress.set_postfix(epoch=epoch + 1, loss=f"{epoch_metrics['total_loss']:.4f}")

@@ -203,7 +203,7 @@ def _loaded_as(teacher: _ConstantTeacher):
         teacher.loads += 1
         return teacher
 
-    return mock.patch("clip_dfkd.pipelines.ood_evaluation.nodes.load_teacher", load)
+    return mock.patch("clip_dfkd.models.teacher.load_teacher", load)
 
 
 TEACHER = TeacherParams.model_construct(
@@ -500,6 +500,47 @@ def test_the_student_teacher_ratio_per_domain_and_over_the_benchmark(tmp_path) -
     assert results["student_teacher_ratio"].tolist() == [3.0, pytest.approx(1 / 3)]
     assert table[table.domain == "average"].iloc[0].student_teacher_ratio == pytest.approx(1.0)
     assert metrics["toy/photo/student_teacher_ratio"]["value"] == 3.0
+
+
+def test_a_scoring_batch_that_does_not_fit_is_scored_in_smaller_batches(tmp_path, caplog) -> None:
+    from clip_dfkd.student_training import StudentOutOfMemoryError
+
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+    paths = []
+    for n in range(7):
+        Image.new("RGB", (8, 8), colours[n % 3]).save(tmp_path / f"{n}.png")
+        paths.append(str(tmp_path / f"{n}.png"))
+    index = pd.DataFrame({"benchmark": "toy", "domain": "photo", "path": paths, "label": [n % 3 for n in range(7)]})
+
+    class BrightestChannelInLittleMemory(_ConstantStudent):
+        """Predicts the brightest colour channel; more than ``fits`` images never fit."""
+
+        def __init__(self, fits: int):
+            super().__init__(0)
+            self.fits = fits
+            self.attempts = []
+
+        def forward(self, pixels):
+            self.attempts.append(len(pixels))
+            if len(pixels) > self.fits:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return pixels.mean(dim=(2, 3))
+
+    student = BrightestChannelInLittleMemory(fits=2)
+    params = OodEvaluationParams.model_validate({"benchmarks": {"toy": {"root": str(tmp_path)}}, "batch_size": 6})
+    with caplog.at_level(logging.WARNING, logger="clip_dfkd.pipelines.ood_evaluation.nodes"):
+        predictions = predict_student(index, student, params, RuntimeParams(device="cpu"))
+
+    # 6, then 3, did not fit; 2 at a time from then on (the 1s are what remained of a batch).
+    assert student.attempts == [6, 3, 2, 1, 2, 1, 1]
+    assert predictions["student_label"].tolist() == [n % 3 for n in range(7)]
+    assert "student: 6 images at once do not fit in device memory; scoring 3 at a time" in caplog.text
+    with pytest.raises(StudentOutOfMemoryError) as error:
+        predict_student(index, BrightestChannelInLittleMemory(fits=0), params, RuntimeParams(device="cpu"))
+    assert str(error.value) == (
+        "ood_evaluation: out of device memory scoring a single image with the student in float32; "
+        "set runtime.precision=bf16 (or fp16)"
+    )
 
 
 def test_a_second_evaluation_reads_the_teachers_outputs_from_the_cache(tmp_path) -> None:

@@ -161,3 +161,65 @@ def test_student_starts_from_a_local_imagenet_checkpoint(tmp_path) -> None:
     backbone = student.backbone.state_dict()
     assert torch.equal(backbone["conv1.0.weight"], imagenet.state_dict()["conv1.0.weight"])
     assert backbone["fc.weight"].shape == (3, imagenet.num_features)  # a fresh head for our classes
+
+
+def test_a_step_that_does_not_fit_accumulates_the_gradient_over_parts(caplog) -> None:
+    """Parts of unequal size (2, 2, 1) weighted by their share give the batch's own gradient;
+    a part that fails after another's backward leaves no gradient behind."""
+    import copy
+    import logging
+
+    import torch.nn.functional as F
+
+    from clip_dfkd.params import TrainingParams
+    from clip_dfkd.runtime import Runtime
+    from clip_dfkd.student_training import AugmentedImages, StudentOutOfMemoryError, fit_student, soft_label_loss
+
+    torch.manual_seed(0)
+    student = create_student(StudentParams(model_name="test_resnet", image_size=32), CLASSES, None)
+    constrained = copy.deepcopy(student)
+    images, labels = _training_data(10)
+    teacher_logits = torch.as_tensor(np.stack(labels["teacher_logits"].to_numpy()))
+    data = AugmentedImages(list(images.values()), [teacher_logits], student.eval_transform())  # no randomness
+    training = TrainingParams(epochs=2, batch_size=5, learning_rate=1e-2, weight_decay=0.0)
+    runtime = Runtime.resolve(RuntimeParams(device="cpu"))
+
+    def step_loss(logits, embedding, targets):
+        losses = {"kd": soft_label_loss(logits, targets[0], 2.0), "ce": F.cross_entropy(logits, targets[0].argmax(-1))}
+        losses["total"] = losses["kd"] + losses["ce"]
+        return losses, {"agreement": (logits.argmax(-1) == targets[0].argmax(-1)).float().mean()}
+
+    attempts = []
+    whole_forward = constrained.forward_distill
+
+    def forward_in_little_memory(pixels):
+        attempts.append(len(pixels))
+        # More than 3 images never fit; the third call fails after a part of 3 went backward.
+        if len(pixels) > 3 or len(attempts) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return whole_forward(pixels)
+
+    constrained.forward_distill = forward_in_little_memory
+    # Batch norm on its running statistics, so that parts see what the whole batch sees.
+    expected = fit_student(student, data, step_loss, training, runtime, "whole", freeze_batch_norm=True)
+    with caplog.at_level(logging.WARNING, logger="clip_dfkd.student_training"):
+        history = fit_student(constrained, data, step_loss, training, runtime, "parts", freeze_batch_norm=True)
+
+    assert attempts == [5, 3, 2, 2, 2, 1] + [2, 2, 1] * 3
+    for name in ("total_loss", "kd_loss", "ce_loss", "agreement"):
+        assert [s["value"] for s in history[name]] == pytest.approx([s["value"] for s in expected[name]], rel=1e-5)
+    # Adam's steps of lr 1e-2 carry the parts' float rounding to a few 1e-6 here.
+    for (name, trained), reference in zip(constrained.state_dict().items(), student.state_dict().values(), strict=True):
+        assert torch.allclose(trained.float(), reference.float(), atol=5e-5), name
+    assert "parts: a step on 5 images at once does not fit in device memory; accumulating the gradient" in caplog.text
+
+    def no_memory(pixels):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    constrained.forward_distill = no_memory
+    with pytest.raises(StudentOutOfMemoryError) as error:
+        fit_student(constrained, data, step_loss, training, runtime, "Distillation")
+    assert str(error.value) == (
+        "Distillation: out of device memory training on a single image in float32; set runtime.precision=bf16 "
+        "(or fp16), or a smaller student.model_name or student.image_size"
+    )

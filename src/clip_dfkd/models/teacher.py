@@ -240,3 +240,11 @@ def load_teacher(params: TeacherParams, runtime: Runtime) -> ClipTeacher:
         runtime=runtime,
         name=f"{params.model_name}/{params.pretrained}",
     )
+
+
+def load_zero_shot_teacher(
+    params: TeacherParams, runtime: Runtime, class_names: Sequence[str]
+) -> tuple[ClipTeacher, torch.Tensor]:
+    """:func:`load_teacher` and its zero-shot head over ``class_names`` from ``params.templates``."""
+    teacher = load_teacher(params, runtime)
+    return teacher, teacher.zero_shot_weights(list(class_names), params.templates)

@@ -20,13 +20,19 @@ from tqdm.auto import tqdm
 from clip_dfkd.benchmarks import scan_benchmark
 from clip_dfkd.errors import UserError
 from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, iterate_batches, open_rgb
-from clip_dfkd.models import ClipTeacher, StudentClassifier, load_teacher
+from clip_dfkd.models import ClipTeacher, StudentClassifier, load_zero_shot_teacher
 from clip_dfkd.models.student import student_fingerprint
 from clip_dfkd.models.teacher import UnreadableImagesError
 from clip_dfkd.params import DATA_FREE, ClassNames, OodEvaluationParams, RuntimeParams, TeacherParams
 from clip_dfkd.promotion import promote_if_better
-from clip_dfkd.runtime import Runtime, seed_everything
-from clip_dfkd.student_training import AugmentedImages, MetricHistory, fit_student, soft_label_loss
+from clip_dfkd.runtime import FittingBatches, Runtime, seed_everything
+from clip_dfkd.student_training import (
+    AugmentedImages,
+    MetricHistory,
+    StudentOutOfMemoryError,
+    fit_student,
+    soft_label_loss,
+)
 from clip_dfkd.teacher_cache import TeacherOutputCache, teacher_output_key
 from clip_dfkd.tracking import describe_run
 
@@ -196,8 +202,7 @@ def _teacher_soft_labels(
 ) -> torch.Tensor:
     """The teacher's zero-shot logits on ``paths``; the teacher is loaded for this alone and
     released before the student trains."""
-    teacher_model = load_teacher(teacher, runtime)
-    head = teacher_model.zero_shot_weights(list(classes), teacher.templates)
+    teacher_model, head = load_zero_shot_teacher(teacher, runtime, classes)
     try:
         logits, _ = teacher_model.classify_images(paths, head, batch_size, "Teacher soft labels")
     except UnreadableImagesError as exc:
@@ -235,8 +240,7 @@ def predict_teacher(
             tables.append(cached)
             continue
         if teacher_model is None:
-            teacher_model = load_teacher(teacher, resolved)
-            zero_shot_head = teacher_model.zero_shot_weights(list(classes), teacher.templates)
+            teacher_model, zero_shot_head = load_zero_shot_teacher(teacher, resolved, classes)
         table = _predict(
             paths,
             teacher_model.preprocess,
@@ -260,14 +264,30 @@ def predict_student(
     benchmark_index: pd.DataFrame, student: StudentClassifier, params: OodEvaluationParams, runtime: RuntimeParams
 ) -> pd.DataFrame:
     """The student's class index per benchmark image (``path, student_label, error``), in
-    mixed precision on an accelerator, decoding in DataLoader workers."""
+    mixed precision on an accelerator, decoding in DataLoader workers. A batch that does not
+    fit in device memory is scored half as many images at a time, down to one, with a
+    warning; later batches keep to the size that fitted."""
     resolved = Runtime.resolve(runtime)
     student = student.to(resolved.device, memory_format=resolved.memory_format).eval()
 
-    def classify(pixels: torch.Tensor) -> torch.Tensor:
+    def labels(pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(resolved.device, non_blocking=True, memory_format=resolved.memory_format)
         with resolved.autocast():
             return student(pixels).argmax(-1)
+
+    def warn(tried: int, fits: int) -> None:
+        logger.warning("student: %d images at once do not fit in device memory; scoring %d at a time", tried, fits)
+
+    def single_image_too_large() -> StudentOutOfMemoryError:
+        return StudentOutOfMemoryError(
+            f"ood_evaluation: out of device memory scoring a single image with the student in "
+            f"{str(resolved.dtype).removeprefix('torch.')}; set runtime.precision=bf16 (or fp16)"
+        )
+
+    fitting = FittingBatches(warn, single_image_too_large)
+
+    def classify(pixels: torch.Tensor) -> torch.Tensor:
+        return fitting.run(pixels, labels, torch.cat)
 
     transform = student.eval_transform()
     tables = [

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from clip_dfkd.models import ClipTeacher, load_teacher
+from clip_dfkd.models import ClipTeacher, load_zero_shot_teacher
 from clip_dfkd.models.teacher import UnreadableImagesError
 from clip_dfkd.params import ClassNames, RuntimeParams, TeacherLabelingParams, TeacherParams
 from clip_dfkd.runtime import Runtime
@@ -27,8 +27,7 @@ def label_images(
 ) -> pd.DataFrame:
     """:func:`teacher_labels` from the teacher, loaded for this node alone: it is released
     when the node returns, so it never shares the device with the generator or the student."""
-    teacher_model = load_teacher(teacher, Runtime.resolve(runtime))
-    head = teacher_model.zero_shot_weights(list(classes), teacher.templates)
+    teacher_model, head = load_zero_shot_teacher(teacher, Runtime.resolve(runtime), classes)
     return teacher_labels(images, manifest, teacher_model, head, teacher.batch_size, params)
 
 
