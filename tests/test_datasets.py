@@ -247,3 +247,39 @@ def test_a_failed_write_fails_the_save_and_leaves_no_complete_file(tmp_path: Pat
 
     assert not [path for path in tmp_path.rglob("*.txt") if ".partial" not in path.name]
     assert len(calls) < 40  # stopped early, not after producing everything
+
+
+class _CountsBuilds(AbstractDataset[str, str]):
+    """A text file that records every time a dataset of it is built."""
+
+    built: list[str] = []
+
+    def __init__(self, filepath: str) -> None:
+        _CountsBuilds.built.append(filepath)
+        self._filepath = filepath
+
+    def load(self) -> str:
+        return Path(self._filepath).read_text()
+
+    def save(self, data: str) -> None:
+        raise AssertionError("never saved")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath}
+
+
+def test_loading_lists_partitions_without_building_their_datasets(tmp_path: Path) -> None:
+    """Listing 10⁶ images must not build 10⁶ Kedro datasets in the listing process: a
+    partition's dataset is built by its loader, in whichever process calls it."""
+    import pickle
+
+    _text(tmp_path).save({f"class/{n}": f"text {n}" for n in range(5)})
+    dataset = _text(tmp_path, _CountsBuilds)
+    _CountsBuilds.built.clear()
+
+    loaders = dataset.load()
+    assert dataset.exists()
+    assert sorted(loaders) == [f"class/{n}" for n in range(5)] and _CountsBuilds.built == []
+    shipped = pickle.loads(pickle.dumps(loaders["class/3"]))  # as to a DataLoader worker started by spawn
+    assert shipped() == "text 3" and _CountsBuilds.built == [str(tmp_path / "class/3.txt")]
+    assert str(shipped) == str(tmp_path / "class/3.txt")  # how a log line names it

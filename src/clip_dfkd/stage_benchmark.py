@@ -14,9 +14,10 @@ device and number of images on both):
 - ``synthesis/inversion``: the same node with the inversion backend (``InversionRenderer``)
   → a plain Adam loop over the same Fourier parameterisation, cut-outs and noise drawn on
   the device, ``model.encode_image`` on the same cut-out count, iterations and size.
-- ``teacher_labeling``: :meth:`ClipTeacher.classify_images` over the synthetic PNGs (loaded
-  by the catalog's ``pillow.ImageDataset``, as the pipeline does) → ``Image.open`` + the same
-  open_clip preprocessing + ``model.encode_image`` per batch.
+- ``teacher_labeling``: :meth:`ClipTeacher.classify_images` over the synthetic PNGs, listed
+  and loaded through the catalog's ``synthetic_images`` dataset as the pipeline gets them
+  (:meth:`Bench.catalog_loaders`: a ``pillow.ImageDataset`` built per image, both timed) →
+  ``Image.open`` + the same open_clip preprocessing + ``model.encode_image`` per batch.
 - ``student_training``: :func:`~clip_dfkd.student_training.fit_student` with the
   distillation loss → a timm train-step loop with the same model, batch, fused AdamW,
   one-cycle schedule, loss, augmentation and image size; the row also carries the bare loop
@@ -632,6 +633,17 @@ class Bench:
             )
         return self._benchmark
 
+    def catalog_loaders(self, paths: list[Path]) -> list[Any]:
+        """What the pipeline's nodes get for these synthetic PNGs: the lazy loaders of the
+        catalog's ``synthetic_images`` dataset (listed here, so the listing is timed too)."""
+        from clip_dfkd.datasets import ResumablePartitionedDataset
+
+        folder = self.workdir / "synthetic"
+        loaders = ResumablePartitionedDataset(
+            path=str(folder), dataset="pillow.ImageDataset", filename_suffix=".png"
+        ).load()
+        return [loaders[path.stem] for path in paths]
+
     def _compare(self, project, bare, images: int) -> tuple[Measurement, Measurement]:
         return compare(project, bare, images, self.device, self.memory, self.repeats)
 
@@ -801,7 +813,6 @@ class Bench:
     # --- teacher labelling ---
 
     def teacher_labeling(self) -> None:
-        from kedro_datasets.pillow import ImageDataset
 
         preset = self.preset
         paths = self.synthetic_paths[: preset.labeling_images]
@@ -809,12 +820,10 @@ class Bench:
         for name in preset.teachers:
             teacher = self.models.teacher(name)
             weights = teacher.zero_shot_weights(list(CLASSES), list(TEMPLATES))
-            # What the pipeline hands the teacher: the catalog's lazy partition loaders.
-            sources = [ImageDataset(filepath=str(path)).load for path in paths]
             model, preprocess, runtime = teacher.model, teacher.preprocess, teacher.runtime
 
-            def project(sources=sources, teacher=teacher, weights=weights):
-                return teacher.classify_images(sources, weights, batch, "Teacher labelling")
+            def project(paths=paths, teacher=teacher, weights=weights):
+                return teacher.classify_images(self.catalog_loaders(paths), weights, batch, "Teacher labelling")
 
             def bare(paths=paths, model=model, preprocess=preprocess, runtime=runtime, weights=weights):
                 scale = model.logit_scale.exp()
@@ -829,7 +838,7 @@ class Bench:
                         embeddings.append(features.cpu())
                 return torch.cat(logits), torch.cat(embeddings)
 
-            project(sources[:batch])
+            project(paths[:batch])
             bare(paths[:batch])
             project_m, bare_m = self._compare(project, bare, len(paths))
             self.rows.append(
@@ -848,7 +857,6 @@ class Bench:
 
     def student_training(self) -> None:
         import timm
-        from kedro_datasets.pillow import ImageDataset
 
         from clip_dfkd.models import create_student
         from clip_dfkd.params import (
@@ -874,8 +882,6 @@ class Bench:
         student_params = StudentParams(model_name=preset.student, image_size=preset.student_size)
         student = create_student(student_params, list(CLASSES), embedding_dim)
         transform = student.train_transform(augmentation)
-        # What the pipeline trains on: the catalog's lazy partition loaders.
-        sources = [ImageDataset(filepath=str(path)).load for path in paths]
         targets = [teacher_logits, teacher_embeddings]
 
         def step_loss(logits, embedding, batch_targets):
@@ -887,7 +893,7 @@ class Bench:
             return TrainingParams(epochs=epochs, batch_size=batch, learning_rate=1e-3, weight_decay=0.05, seed=0)
 
         def project(epochs=preset.training_epochs, count=count):
-            images = AugmentedImages(sources[:count], [t[:count] for t in targets], transform)
+            images = AugmentedImages(self.catalog_loaders(paths[:count]), [t[:count] for t in targets], transform)
             return fit_student(student, images, step_loss, training(epochs), self.runtime, "Distilling student")
 
         # The bare side: timm, torch and the same transform, in a plain loop.
