@@ -813,7 +813,6 @@ class Bench:
     # --- teacher labelling ---
 
     def teacher_labeling(self) -> None:
-
         preset = self.preset
         paths = self.synthetic_paths[: preset.labeling_images]
         batch = preset.labeling_batch
