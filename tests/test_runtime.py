@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from clip_dfkd import runtime
 from clip_dfkd.errors import UserError
 from clip_dfkd.params import RuntimeParams
 from clip_dfkd.runtime import Runtime
@@ -130,3 +131,15 @@ def _first_conv_layouts(student: torch.nn.Module) -> list[bool]:
         )
     )
     return layouts
+
+
+def test_the_device_choice_is_logged_once_per_process_not_once_per_node(caplog) -> None:
+    runtime._announce.cache_clear()
+    with caplog.at_level(logging.INFO, logger="clip_dfkd.runtime"):
+        for _ in range(3):
+            Runtime.resolve(RuntimeParams(device="cpu", precision="fp32"))
+        Runtime.resolve(RuntimeParams(device="cpu", precision="bf16"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "Running models on cpu in float32",
+        "Running models on cpu in bfloat16",
+    ]

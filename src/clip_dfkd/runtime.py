@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import random
@@ -70,7 +71,7 @@ class Runtime:
         channels_last = params.channels_last if params.channels_last is not None else device.type == "cuda"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         runtime = cls(device, dtype, params.compile, params.num_workers, memory_format)
-        logger.info("Running models on %s in %s", device, str(dtype).removeprefix("torch."))
+        _announce(str(device), str(dtype).removeprefix("torch."))
         return runtime
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -78,6 +79,12 @@ class Runtime:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+@functools.cache
+def _announce(device: str, dtype: str) -> None:
+    """Logs a choice once per process: every node that runs a model resolves it."""
+    logger.info("Running models on %s in %s", device, dtype)
 
 
 def release_device_memory() -> None:
@@ -108,6 +115,7 @@ class FittingBatches:
         self._fits: int | None = None
 
     def run(self, items: Sequence[T], work: Callable[[Sequence[T]], R], join: Callable[[list[R]], R]) -> R:
+        """Parts that fitted are kept: only a part that did not fit is split and redone."""
         parts, done = [], 0
         while done < len(items):
             chunk = items[done : done + (self._fits or len(items))]
@@ -115,17 +123,40 @@ class FittingBatches:
             done += len(chunk)
         return parts[0] if len(parts) == 1 else join(parts)
 
+    def run_whole(
+        self,
+        items: Sequence[T],
+        work: Callable[[Sequence[T]], R],
+        join: Callable[[list[R]], R],
+        discard: Callable[[], None],
+    ) -> R:
+        """For work whose parts leave effects behind (gradients accumulated by ``backward``):
+        when a part does not fit, ``discard()`` undoes what the parts before it left and the
+        whole batch is taken again in smaller parts."""
+        while True:
+            size = min(self._fits or len(items), len(items))
+            try:
+                parts = [work(items[start : start + size]) for start in range(0, len(items), size)]
+                return parts[0] if len(parts) == 1 else join(parts)
+            except torch.OutOfMemoryError:
+                pass  # retried below, once this frame no longer holds the failed part's tensors
+            discard()
+            self._shrink(size)
+
     def _fitting(self, chunk: Sequence[T], work: Callable[[Sequence[T]], R], join: Callable[[list[R]], R]) -> R:
         try:
             return work(chunk)
         except torch.OutOfMemoryError:
             pass  # retried below, once this frame no longer holds the failed batch's tensors
-        if len(chunk) == 1:
+        self._shrink(len(chunk))
+        return self.run(chunk, work, join)
+
+    def _shrink(self, tried: int) -> None:
+        if tried == 1:
             raise self._too_large()
         release_device_memory()
-        self._fits = (len(chunk) + 1) // 2
-        self._warn(len(chunk), self._fits)
-        return self.run(chunk, work, join)
+        self._fits = (tried + 1) // 2
+        self._warn(tried, self._fits)
 
 
 def unavailable_device(params: RuntimeParams) -> str | None:

@@ -18,7 +18,7 @@ from clip_dfkd.errors import UserError
 from clip_dfkd.imaging import ImageSource, Transform, open_rgb
 from clip_dfkd.models import StudentClassifier
 from clip_dfkd.params import TrainingParams
-from clip_dfkd.runtime import Runtime, release_device_memory
+from clip_dfkd.runtime import FittingBatches, Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -82,48 +82,43 @@ class AccumulatedStep:
         self._optimizer = optimizer
         self._runtime = runtime
         self._description = description
-        self._fits: int | None = None
+        self._fitting = FittingBatches(self._warn_split, self._out_of_memory)
 
     def backward(self, pixels: torch.Tensor, targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Accumulate the batch's gradient; return its mean losses (``<name>_loss``) and
         measures, detached, on the device."""
-        while True:
-            part = min(self._fits or len(pixels), len(pixels))
-            try:
-                return self._backward_in_parts(pixels, targets, part)
-            except torch.OutOfMemoryError:
-                pass  # handled below, once this frame no longer holds the failed part's tensors
-            self._optimizer.zero_grad(set_to_none=True)  # a partial batch's gradients
-            if part == 1:
-                raise StudentOutOfMemoryError(
-                    f"{self._description}: out of device memory training on a single image in "
-                    f"{str(self._runtime.dtype).removeprefix('torch.')}; set runtime.precision=bf16 (or fp16), "
-                    "or a smaller student.model_name or student.image_size"
-                )
-            release_device_memory()
-            self._fits = (part + 1) // 2
-            logger.warning(
-                "%s: a step on %d images at once does not fit in device memory; accumulating the gradient "
-                "over parts of %d (batch-norm statistics are then per part)",
-                self._description,
-                part,
-                self._fits,
-            )
 
-    def _backward_in_parts(
-        self, pixels: torch.Tensor, targets: list[torch.Tensor], part: int
-    ) -> dict[str, torch.Tensor]:
-        reported: dict[str, torch.Tensor] = {}
-        for start in range(0, len(pixels), part):
-            chunk = slice(start, start + part)
+        def backward_part(part: range) -> dict[str, torch.Tensor]:
+            chunk = slice(part.start, part.stop)
             with self._runtime.autocast():
                 logits, embedding = self._forward(pixels[chunk])
             losses, measures = self._step_loss(logits.float(), embedding, [target[chunk] for target in targets])
-            share = len(logits) / len(pixels)
+            share = len(part) / len(pixels)
             self._scaler.scale(losses["total"] * share).backward()
-            for name, value in ({f"{n}_loss": v.detach() for n, v in losses.items()} | measures).items():
-                reported[name] = reported.get(name, 0) + value.detach().float() * share
-        return reported
+            reported = {f"{name}_loss": value for name, value in losses.items()} | measures
+            return {name: value.detach().float() * share for name, value in reported.items()}
+
+        def summed(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+            return {name: sum(part[name] for part in parts) for name in parts[0]}
+
+        # zero_grad drops the gradients a failed attempt's parts left (set to None, its default).
+        return self._fitting.run_whole(range(len(pixels)), backward_part, summed, self._optimizer.zero_grad)
+
+    def _warn_split(self, tried: int, fits: int) -> None:
+        logger.warning(
+            "%s: a step on %d images at once does not fit in device memory; accumulating the gradient "
+            "over parts of %d (batch-norm statistics are then per part)",
+            self._description,
+            tried,
+            fits,
+        )
+
+    def _out_of_memory(self) -> StudentOutOfMemoryError:
+        return StudentOutOfMemoryError(
+            f"{self._description}: out of device memory training on a single image in "
+            f"{str(self._runtime.dtype).removeprefix('torch.')}; set runtime.precision=bf16 (or fp16), "
+            "or a smaller student.model_name or student.image_size"
+        )
 
 
 class StudentOutOfMemoryError(UserError, RuntimeError):
