@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from clip_dfkd.library_warnings import ignore_library_warnings  # noqa: E402
 from clip_dfkd.params import RuntimeParams  # noqa: E402
 from clip_dfkd.runtime import Runtime  # noqa: E402
-from clip_dfkd.stage_benchmark import PRESETS, STAGES, run  # noqa: E402
+from clip_dfkd.stage_benchmark import MIN_SECONDS, PRESETS, STAGES, run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--images", type=int, help="at most this many images (and batch size) per stage")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per side, alternating; the fastest counts")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=MIN_SECONDS,
+        help="more runs of a short stage (up to 5 x --repeats) until each side has run this long; default: %(default)s",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument(
         "--stages",
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         reduce_size=args.reduced,
         images=args.images,
         repeats=args.repeats,
+        min_seconds=args.min_seconds,
         threads=args.threads,
         stages=args.stages,
         output=output,

@@ -283,3 +283,60 @@ def test_loading_lists_partitions_without_building_their_datasets(tmp_path: Path
     shipped = pickle.loads(pickle.dumps(loaders["class/3"]))  # as to a DataLoader worker started by spawn
     assert shipped() == "text 3" and _CountsBuilds.built == [str(tmp_path / "class/3.txt")]
     assert str(shipped) == str(tmp_path / "class/3.txt")  # how a log line names it
+
+
+def _images_of_every_mode() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    palette = rgb.convert("P")
+    palette.info["transparency"] = 3
+    return {
+        "rgb": rgb,
+        "rgba": Image.fromarray(rng.integers(0, 256, (9, 7, 4), dtype=np.uint8)),
+        "gray": rgb.convert("L"),
+        "gray16": Image.fromarray(rng.integers(0, 65536, (9, 7), dtype=np.uint16)),
+        "palette": palette,
+    }
+
+
+@pytest.mark.parametrize("protocol", ["", "memory://"])
+def test_image_partitions_load_as_the_pillow_dataset_loads_them_without_building_it(
+    tmp_path: Path, protocol: str, monkeypatch
+) -> None:
+    """The labelling and training stages read every image every epoch: a Kedro dataset per
+    image (~0.18 ms) cost more than decoding a 32 px PNG. The loader reads the file as
+    pillow.ImageDataset does (same pixels, mode and PNG info, file closed) without one."""
+    import os
+    import pickle
+
+    import fsspec
+    from kedro_datasets.pillow import ImageDataset
+
+    path = f"{protocol}{tmp_path}/images" if protocol else str(tmp_path / "images")
+    dataset = ResumablePartitionedDataset(path=path, dataset="pillow.ImageDataset", filename_suffix=".png")
+    images = _images_of_every_mode()
+    dataset.save(images)
+    # An animated PNG (the dataset saves first frames only): Pillow keeps such a file open after decoding.
+    with fsspec.open(f"{path}/animated.png", "wb") as file:
+        images["rgb"].save(file, format="PNG", save_all=True, append_images=[images["gray"].convert("RGB")])
+    expected = {name: ImageDataset(filepath=f"{path}/{name}.png").load() for name in [*images, "animated"]}
+
+    monkeypatch.setattr(ImageDataset, "load", lambda self: pytest.fail("a pillow.ImageDataset was built per image"))
+    open_files = len(os.listdir("/proc/self/fd"))
+    loaded = {name: pickle.loads(pickle.dumps(loader))() for name, loader in dataset.load().items()}
+    assert len(os.listdir("/proc/self/fd")) == open_files
+
+    assert sorted(loaded) == sorted(expected)
+    for name, image in loaded.items():
+        assert (image.mode, image.size, image.info) == (expected[name].mode, expected[name].size, expected[name].info)
+        assert np.array_equal(np.asarray(image), np.asarray(expected[name])), name
+    assert str(dataset.load()["rgb"]) == f"{path}/rgb.png"  # how a log line names it
+
+
+def test_image_partitions_with_filesystem_arguments_are_loaded_through_their_dataset(tmp_path: Path) -> None:
+    dataset = ResumablePartitionedDataset(
+        path=str(tmp_path), dataset={"type": "pillow.ImageDataset", "fs_args": {}}, filename_suffix=".png"
+    )
+    dataset.save({"rgb": _images_of_every_mode()["rgb"]})
+    loader = dataset.load()["rgb"]
+    assert type(loader).__name__ == "PartitionLoader" and loader().mode == "RGB"

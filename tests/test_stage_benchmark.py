@@ -20,10 +20,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    """cpu-tiny at 8 images per stage, on one thread (the machine's cores are shared)."""
+    """cpu-tiny at 8 images per stage, on one thread (the machine's cores are shared), one
+    run per side: the code path, not the figures."""
     folder = tmp_path_factory.mktemp("stage-benchmark")
     output = folder / "report.json"
-    report = sb.run("cpu-tiny", device="cpu", images=8, threads=1, output=output, workdir=folder / "work", echo=None)
+    report = sb.run(
+        "cpu-tiny", device="cpu", images=8, min_seconds=0, threads=1, output=output, workdir=folder / "work", echo=None
+    )
     return report, output
 
 
@@ -53,6 +56,29 @@ def test_the_report_is_written_with_the_documented_keys(tiny_report) -> None:
     assert written["reduced"] and any(line.startswith("synthesis_images:") for line in written["reductions"])
     assert written["settings"]["synthesis_images"] == 8
     assert [row["stage"] for row in written["stages"]] == list(sb.STAGES)
+
+
+def test_short_work_is_timed_over_more_runs_and_long_work_over_the_repeats() -> None:
+    """The fastest of 3 sub-second runs still catches a shared machine's hiccups."""
+    clock = {"now": 0.0}
+
+    def taking(seconds: float):
+        def work() -> None:
+            clock["now"] += seconds
+
+        return work
+
+    memory = sb._NoMemory()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sb.time, "perf_counter", lambda: clock["now"])
+        short = sb.compare(taking(0.5), taking(0.4), 10, torch.device("cpu"), memory, repeats=2, min_seconds=1.8)
+        capped = sb.compare(taking(0.01), taking(0.01), 10, torch.device("cpu"), memory, repeats=2, min_seconds=9)
+        long = sb.compare(taking(2.0), taking(2.0), 10, torch.device("cpu"), memory, repeats=2, min_seconds=3)
+
+    assert (short[0].runs, short[1].runs) == (5, 5)  # until the faster side too has 1.8 s: 5 × 0.4
+    assert short[0].images_per_second == pytest.approx(20) and short[1].images_per_second == pytest.approx(25)
+    assert capped[0].runs == 10  # at most 5 × repeats
+    assert long[0].runs == 2
 
 
 def test_what_distillation_buys_and_the_unet_flops_are_reported(tiny_report) -> None:

@@ -15,9 +15,11 @@ from typing import Any, NewType
 import fsspec.core
 import numpy as np
 import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
 from kedro.io import AbstractDataset, DatasetError
 from kedro.io.core import parse_dataset_definition
 from kedro_datasets import pandas as pandas_datasets
+from kedro_datasets import pillow as pillow_datasets
 from kedro_datasets import text as text_datasets
 from kedro_datasets._typing import ImagePreview, JSONPreview, TablePreview
 from PIL import Image
@@ -185,7 +187,34 @@ class PartitionLoader:
         return self.filepath
 
 
-class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, PartitionLoader]]):
+@dataclasses.dataclass(frozen=True)
+class ImageFileLoader:
+    """Loads one image partition as kedro-datasets' ``pillow.ImageDataset`` does (the decoded
+    image, its file closed), without building that dataset: building one costs more than
+    decoding a small PNG (~0.18 ms against ~0.1 ms at 32 px), and the labelling and training
+    stages read every image, every epoch. Picklable, like :class:`PartitionLoader`."""
+
+    filesystem: fsspec.AbstractFileSystem
+    path: str  # as the filesystem names it
+    filepath: str  # as the partition's dataset would have been given it
+
+    def __call__(self) -> Image.Image:
+        if isinstance(self.filesystem, LocalFileSystem):
+            return _decoded(self.path)  # Pillow's own file reading: fsspec's wrapper adds ~30 µs
+        with self.filesystem.open(self.path, "rb") as file:
+            return _decoded(file)
+
+    def __str__(self) -> str:
+        return self.filepath
+
+
+def _decoded(source: Any) -> Image.Image:
+    with Image.open(source) as image:
+        image.load()
+    return image
+
+
+class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, PartitionLoader | ImageFileLoader]]):
     """A folder of one file per partition, like ``PartitionedDataset``, whose save resumes.
 
     Each partition is written to a ``<id>.partial<suffix>`` sibling and renamed into place,
@@ -204,7 +233,9 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
     render, and its producer lets go of its models at once).
 
     Loading gives ``{partition id: PartitionLoader}``, which builds the partition's dataset
-    only when called, so listing 10⁶ partitions builds none.
+    only when called, so listing 10⁶ partitions builds none; partitions of a plain
+    ``pillow.ImageDataset`` (no credentials, fs_args or versions) get an
+    :class:`ImageFileLoader`, which reads the file as that dataset does without building it.
 
     Built on public APIs only (fsspec for listing and renaming, Kedro's
     ``parse_dataset_definition`` for the partitions' dataset type): subclassing
@@ -226,12 +257,15 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
         self._dataset = dataset if isinstance(dataset, dict) else {"type": dataset}
         # Resolved once: resolving a "module.Class" name takes ~0.3 ms, per image otherwise.
         self._dataset_type, self._dataset_arguments = parse_dataset_definition(self._dataset)
+        self._reads_images_itself = self._dataset_type is pillow_datasets.ImageDataset and not (
+            {"credentials", "fs_args", "version"} & set(self._dataset_arguments)
+        )
         self._filename_suffix = filename_suffix
         self._writer_threads = writer_threads
         self._filesystem, self._root = fsspec.core.url_to_fs(path)
         self.metadata = metadata
 
-    def load(self) -> dict[str, PartitionLoader]:
+    def load(self) -> dict[str, PartitionLoader | ImageFileLoader]:
         partitions = self._complete_partitions()
         if not partitions:
             raise DatasetError(f"No complete partitions found in '{self._path}'")
@@ -282,7 +316,7 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
         grid.save(buffer, format="PNG")
         return ImagePreview(base64.b64encode(buffer.getvalue()).decode("ascii"))
 
-    def _complete_partitions(self) -> dict[str, PartitionLoader]:
+    def _complete_partitions(self) -> dict[str, PartitionLoader | ImageFileLoader]:
         """Every complete partition's loader, listed afresh (saves write outside any listing).
 
         No partition's dataset is built here: building a Kedro dataset takes ~0.15 ms (its
@@ -302,7 +336,11 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
             if not partition_id.endswith(_PARTIAL):
                 # As PartitionedDataset does: the protocol only where the path was given one.
                 filepath = self._filesystem.unstrip_protocol(path) if "://" in self._path else path
-                loaders[partition_id] = PartitionLoader(self._dataset_type, self._dataset_arguments, filepath)
+                loaders[partition_id] = (
+                    ImageFileLoader(self._filesystem, path, filepath)
+                    if self._reads_images_itself
+                    else PartitionLoader(self._dataset_type, self._dataset_arguments, filepath)
+                )
         return loaders
 
     def _partition_path(self, partition_id: str) -> str:

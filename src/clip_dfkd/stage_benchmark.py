@@ -80,6 +80,8 @@ from clip_dfkd.runtime import Runtime
 logger = logging.getLogger(__name__)
 
 TARGET_RATIO = 0.9
+# Timed seconds each side of a stage runs at least, in as many runs as that takes (see compare).
+MIN_SECONDS = 3.0
 CLASSES = ("ball", "box", "tent", "kite")
 STYLES = ("photo", "sketch", "cartoon")
 TEMPLATES = ("a photo of a {class_name}.", "a sketch of a {class_name}.")
@@ -94,6 +96,7 @@ REPORT_KEYS = (
     "settings",
     "memory_measure",
     "repeats",
+    "min_seconds",
     "target_ratio",
     "stages",
     "below_target",
@@ -118,6 +121,7 @@ ROW_KEYS = (
     "bare_peak_over_start_mib",
     "project_seconds",
     "bare_seconds",
+    "runs",
     "details",
 )
 
@@ -346,6 +350,7 @@ class Measurement:
     images: int
     peak_mib: float
     baseline_mib: float = float("nan")  # memory in use when the measurement started
+    runs: int = 1  # timed runs it is the fastest of
 
     @property
     def images_per_second(self) -> float:
@@ -375,18 +380,30 @@ def compare(
     device: torch.device,
     memory: PeakMemory,
     repeats: int = 1,
+    min_seconds: float = 0.0,
 ) -> tuple[Measurement, Measurement]:
-    """Both sides (already warmed up) ``repeats`` times, alternating; the fastest run of each,
-    with the highest peak memory seen."""
+    """Both sides (already warmed up) ``repeats`` times, alternating, and more (up to
+    ``5 × repeats``) until each side has run ``min_seconds`` in all; the fastest run of each,
+    with the highest peak memory seen.
+
+    The fastest of a few sub-second runs still catches the machine's hiccups (on a shared
+    2-core machine, ±15% between identical runs): short work gets more tries, as ``timeit``
+    gives it, while long work keeps to ``repeats``."""
     runs: dict[str, list[Measurement]] = {"project": [], "bare": []}
-    for _ in range(repeats):
+
+    def more_needed() -> bool:
+        done = len(runs["project"])
+        too_short = min(sum(m.seconds for m in measured) for measured in runs.values()) < min_seconds
+        return done < repeats or (too_short and done < 5 * repeats)
+
+    while more_needed():
         runs["project"].append(measure(project, images, device, memory))
         runs["bare"].append(measure(bare, images, device, memory))
     best = {}
     for side, measured in runs.items():
         fastest = min(measured, key=lambda m: m.seconds)
         highest = max(measured, key=lambda m: m.peak_mib)
-        best[side] = Measurement(fastest.seconds, images, highest.peak_mib, highest.baseline_mib)
+        best[side] = Measurement(fastest.seconds, images, highest.peak_mib, highest.baseline_mib, len(measured))
     return best["project"], best["bare"]
 
 
@@ -415,6 +432,7 @@ def _row(
         "bare_peak_over_start_mib": bare.peak_mib - bare.baseline_mib,
         "project_seconds": project.seconds,
         "bare_seconds": bare.seconds,
+        "runs": project.runs,
         "details": details or {},
     }
 
@@ -604,13 +622,21 @@ def sd15_pipeline(runtime: Runtime, workdir: Path, scheduler: str):
 class Bench:
     """One run: the resolved runtime, the models, the input images and the results."""
 
-    def __init__(self, preset: Preset, runtime_params: RuntimeParams, workdir: Path, repeats: int = 1):
+    def __init__(
+        self,
+        preset: Preset,
+        runtime_params: RuntimeParams,
+        workdir: Path,
+        repeats: int = 1,
+        min_seconds: float = 0.0,
+    ):
         self.preset = preset
         self.runtime_params = runtime_params
         self.runtime = Runtime.resolve(runtime_params)
         self.device = self.runtime.device
         self.workdir = workdir
         self.repeats = repeats
+        self.min_seconds = min_seconds
         self.memory = PeakMemory(self.device)
         self.models = Models(preset, self.runtime, workdir)
         self.rows: list[dict[str, Any]] = []
@@ -645,7 +671,7 @@ class Bench:
         return [loaders[path.stem] for path in paths]
 
     def _compare(self, project, bare, images: int) -> tuple[Measurement, Measurement]:
-        return compare(project, bare, images, self.device, self.memory, self.repeats)
+        return compare(project, bare, images, self.device, self.memory, self.repeats, self.min_seconds)
 
     # --- synthesis: diffusion ---
 
@@ -1369,6 +1395,7 @@ def run(
     reduce_size: bool | None = None,
     images: int | None = None,
     repeats: int = 1,
+    min_seconds: float = MIN_SECONDS,
     threads: int | None = None,
     stages: Sequence[str] | None = None,
     output: Path | None = None,
@@ -1385,6 +1412,8 @@ def run(
         reduce_size: Cut gpu-full down (:data:`REDUCED_GPU_FULL`); None: when not on CUDA.
         images: At most this many images (and batch size) in every stage.
         repeats: Timed runs per side; the fastest counts.
+        min_seconds: More runs (up to 5 × ``repeats``) of a stage until each side has run
+            this long in all (see :func:`compare`).
         threads: ``torch.set_num_threads`` for the run; None leaves torch's choice.
         stages: A subset of :data:`STAGES`; None: all.
         workdir: Where models and images are written; None: a temporary folder.
@@ -1397,12 +1426,14 @@ def run(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(preset, device, precision, reduce_size, images, repeats, stages, output, workdir, echo, started)
+        return _run(
+            preset, device, precision, reduce_size, images, repeats, min_seconds, stages, output, workdir, echo, started
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(preset, device, precision, reduce_size, images, repeats, stages, output, workdir, echo, started):
+def _run(preset, device, precision, reduce_size, images, repeats, min_seconds, stages, output, workdir, echo, started):
     runtime_params = RuntimeParams(device=device, precision=precision)
     runtime = Runtime.resolve(runtime_params)
     chosen = PRESETS[preset]
@@ -1421,7 +1452,7 @@ def _run(preset, device, precision, reduce_size, images, repeats, stages, output
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="clip-dfkd-bench-")))
-        bench = Bench(chosen, runtime_params, Path(workdir), repeats)
+        bench = Bench(chosen, runtime_params, Path(workdir), repeats, min_seconds)
         stage_seconds = {}
         for stage in selected:
             logger.info("Benchmarking %s", stage)
@@ -1443,6 +1474,7 @@ def _run(preset, device, precision, reduce_size, images, repeats, stages, output
         "settings": dataclasses.asdict(chosen),
         "memory_measure": bench.memory.method,
         "repeats": repeats,
+        "min_seconds": min_seconds,
         "target_ratio": TARGET_RATIO,
         "stages": rows,
         "below_target": [row["label"] for row in rows if not row["ratio"] >= TARGET_RATIO],

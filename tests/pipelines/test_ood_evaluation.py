@@ -502,6 +502,41 @@ def test_the_student_teacher_ratio_per_domain_and_over_the_benchmark(tmp_path) -
     assert metrics["toy/photo/student_teacher_ratio"]["value"] == 3.0
 
 
+class BrightestChannelInLittleMemory(_ConstantStudent):
+    """Predicts the brightest colour channel; more than ``fits`` images never fit."""
+
+    def __init__(self, fits: int):
+        super().__init__(0)
+        self.fits = fits
+        self.attempts = []
+
+    def forward(self, pixels):
+        self.attempts.append(len(pixels))
+        if len(pixels) > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return pixels.mean(dim=(2, 3))
+
+
+def test_the_student_scores_only_the_readable_images_of_a_batch(tmp_path) -> None:
+    paths = []
+    for n, colour in enumerate([(250, 0, 0), None, (0, 0, 250), (0, 250, 0)]):
+        path = tmp_path / f"{n}.png"
+        if colour is None:
+            path.write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (8, 8), colour).save(path)
+        paths.append(str(path))
+    index = pd.DataFrame({"benchmark": "toy", "domain": "photo", "path": paths, "label": 0})
+    student = BrightestChannelInLittleMemory(fits=4)
+    params = OodEvaluationParams.model_validate({"benchmarks": {"toy": {"root": str(tmp_path)}}, "batch_size": 4})
+
+    predictions = predict_student(index, student, params, RuntimeParams(device="cpu"))
+
+    assert student.attempts == [3]  # the unreadable image's zero stand-in is not scored
+    assert predictions["student_label"].tolist() == [0, -1, 2, 1]
+    assert predictions["error"][1].startswith("UnidentifiedImageError") and set(predictions["error"][[0, 2, 3]]) == {""}
+
+
 def test_a_scoring_batch_that_does_not_fit_is_scored_in_smaller_batches(tmp_path, caplog) -> None:
     from clip_dfkd.student_training import StudentOutOfMemoryError
 
@@ -511,20 +546,6 @@ def test_a_scoring_batch_that_does_not_fit_is_scored_in_smaller_batches(tmp_path
         Image.new("RGB", (8, 8), colours[n % 3]).save(tmp_path / f"{n}.png")
         paths.append(str(tmp_path / f"{n}.png"))
     index = pd.DataFrame({"benchmark": "toy", "domain": "photo", "path": paths, "label": [n % 3 for n in range(7)]})
-
-    class BrightestChannelInLittleMemory(_ConstantStudent):
-        """Predicts the brightest colour channel; more than ``fits`` images never fit."""
-
-        def __init__(self, fits: int):
-            super().__init__(0)
-            self.fits = fits
-            self.attempts = []
-
-        def forward(self, pixels):
-            self.attempts.append(len(pixels))
-            if len(pixels) > self.fits:
-                raise torch.OutOfMemoryError("CUDA out of memory")
-            return pixels.mean(dim=(2, 3))
 
     student = BrightestChannelInLittleMemory(fits=2)
     params = OodEvaluationParams.model_validate({"benchmarks": {"toy": {"root": str(tmp_path)}}, "batch_size": 6})
