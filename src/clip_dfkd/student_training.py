@@ -46,7 +46,10 @@ class AugmentedImages(Dataset):
         return len(self._sources)
 
     def __getitem__(self, index: int):
-        return self._transform(open_rgb(self._sources[index])), *(target[index] for target in self._targets)
+        # Augmenting needs no autograd; the collated batch is an ordinary tensor again.
+        with torch.inference_mode():
+            pixels = self._transform(open_rgb(self._sources[index]))
+        return pixels, *(target[index] for target in self._targets)
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
