@@ -321,7 +321,7 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
 
         No partition's dataset is built here: building a Kedro dataset takes ~0.15 ms (its
         ``__init__`` arguments are inspected), minutes for 10⁶ images in the process that
-        lists them. A loader builds its dataset when called: in the DataLoader workers that
+        lists them. A loader reads its partition when called: in the DataLoader workers that
         decode the images, and only for the partitions a caller uses (a sample grid, a preview,
         ``exists``).
         """

@@ -125,7 +125,7 @@ class TransformedImages(Dataset):
         except CORRUPT_IMAGE_ERRORS as exc:
             logger.warning("Skipping unreadable image %s: %s", self._sources[index], one_line_error(exc))
             return (index, False, one_line_error(exc), *(torch.zeros(shape) for shape in self._shapes))
-        with torch.inference_mode():  # preprocessing needs no autograd: ~20 µs an image less at 32 px
+        with torch.inference_mode():  # preprocessing needs no autograd bookkeeping on its tensor ops
             return (index, True, "", *(transform(image) for transform in self._transforms))
 
 
