@@ -15,7 +15,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, UnsupportedImageModeError, iterate_batches, open_rgb
+from clip_dfkd.imaging import (
+    CORRUPT_IMAGE_ERRORS,
+    UnsupportedImageModeError,
+    iterate_batches,
+    open_rgb,
+    split_normalization,
+)
 
 WIDTH, HEIGHT = 64, 48  # not square, so a missing or wrong rotation changes the shape
 ORIENTATION = 0x0112
@@ -243,8 +249,9 @@ def test_unreadable_sources_report_the_decoder_error_by_index(tmp_path) -> None:
     batches = list(
         iterate_batches(
             [good, truncated, empty, lambda: Image.new("La", (4, 3))],
-            [lambda image: torch.zeros(2)],
+            lambda image: torch.zeros(2),
             batch_size=3,
+            device=torch.device("cpu"),
             errors=errors,
         )
     )
@@ -255,3 +262,43 @@ def test_unreadable_sources_report_the_decoder_error_by_index(tmp_path) -> None:
     assert errors[2].startswith("UnidentifiedImageError: cannot identify image file")
     assert errors[3].startswith("UnsupportedImageModeError: image mode 'La'")
     assert all("\n" not in message for message in errors.values())
+
+
+def _teacher_and_student_preprocessing() -> dict[str, Callable]:
+    """open_clip's preprocessing for a CLIP tower and timm's for a student, as the project builds them."""
+    import open_clip
+    import timm
+
+    clip_preprocess = open_clip.image_transform(224, is_train=False, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28))
+    backbone = timm.create_model("resnet10t", pretrained=False)
+    timm_preprocess = timm.data.create_transform(**timm.data.resolve_model_data_config(backbone), is_training=False)
+    return {"open_clip": clip_preprocess, "timm": timm_preprocess}
+
+
+@pytest.mark.parametrize("library", ["open_clip", "timm"])
+def test_batches_are_normalised_on_the_device_exactly_as_per_image_preprocessing_does(library) -> None:
+    """Decoding processes hand over uint8 (a quarter of float32's bytes) and the batch is
+    normalised where the model runs: the pixels must be bit for bit what the library's own
+    preprocessing gives each image."""
+    preprocess = _teacher_and_student_preprocessing()[library]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(240, 320), (300, 200)]]
+
+    per_image, per_batch = split_normalization(preprocess)
+    (_, ok, pixels), *rest = iterate_batches([lambda i=i: i for i in images], preprocess, 2, torch.device("cpu"))
+
+    assert rest == [] and ok.all()
+    assert torch.stack([per_image(image) for image in images]).dtype == torch.uint8
+    expected = torch.stack([preprocess(image) for image in images])
+    assert pixels.dtype == torch.float32 and torch.equal(pixels, expected)
+    assert torch.equal(per_batch(torch.stack([per_image(image) for image in images])), expected)
+
+
+def test_a_transform_that_does_not_end_in_to_tensor_and_normalize_is_kept_whole() -> None:
+    def custom(image: Image.Image) -> torch.Tensor:
+        return torch.ones(2)
+
+    per_image, per_batch = split_normalization(custom)
+    batch = torch.ones(3, 2)
+
+    assert per_image is custom and per_batch(batch) is batch

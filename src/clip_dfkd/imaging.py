@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +103,17 @@ def _float_to_8bit(values: np.ndarray) -> np.ndarray:
 
 
 class TransformedImages(Dataset):
-    """Images decoded on demand and run through one or more transforms.
+    """Images decoded on demand and run through a transform.
 
-    Item ``i`` is ``(index, ok, error, *tensors)``; an unreadable image yields ``ok=False``, the
-    decoder's one-line error and zero tensors, so a caller reports it as corrupt instead of
-    losing it silently.
+    Item ``i`` is ``(index, ok, error, tensor)``; an unreadable image yields ``ok=False``, the
+    decoder's one-line error and ``blank`` (zeros like the transform's output), so a caller
+    reports it as corrupt instead of losing it silently.
     """
 
-    def __init__(
-        self, sources: Sequence[ImageSource], transforms: Sequence[Transform], shapes: Sequence[tuple[int, ...]]
-    ):
+    def __init__(self, sources: Sequence[ImageSource], transform: Transform, blank: torch.Tensor):
         self._sources = sources
-        self._transforms = transforms
-        self._shapes = shapes
+        self._transform = transform
+        self._blank = blank
 
     def __len__(self) -> int:
         return len(self._sources)
@@ -124,38 +123,72 @@ class TransformedImages(Dataset):
             image = open_rgb(self._sources[index])
         except CORRUPT_IMAGE_ERRORS as exc:
             logger.warning("Skipping unreadable image %s: %s", self._sources[index], one_line_error(exc))
-            return (index, False, one_line_error(exc), *(torch.zeros(shape) for shape in self._shapes))
+            return (index, False, one_line_error(exc), self._blank)
         with torch.inference_mode():  # preprocessing needs no autograd bookkeeping on its tensor ops
-            return (index, True, "", *(transform(image) for transform in self._transforms))
+            return (index, True, "", self._transform(image))
+
+
+class BatchNormalize:
+    """torchvision's ``ToTensor`` then ``Normalize``, on a whole uint8 batch ``(N, C, H, W)``
+    wherever it lies, in the same float32 arithmetic: ``(x / 255 - mean) / std``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self._mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean, std = self._mean.to(pixels.device), self._std.to(pixels.device)
+        return pixels.float().div_(255).sub_(mean).div_(std)
+
+
+def split_normalization(transform: Transform) -> tuple[Transform, Callable[[torch.Tensor], torch.Tensor]]:
+    """``transform`` as a per-image part and a batch part.
+
+    A torchvision ``Compose`` that ends in ``ToTensor`` and ``Normalize`` (open_clip's and
+    timm's evaluation preprocessing do) gives uint8 tensors per image and
+    :class:`BatchNormalize` for the batch: batches then leave the DataLoader workers and go to
+    the device at a quarter of float32's bytes, and the float work runs once per batch on the
+    device instead of per image in the decoding process. Any other transform is kept whole.
+    """
+    steps = getattr(transform, "transforms", [])
+    if len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize):
+        return T.Compose([*steps[:-2], T.PILToTensor()]), BatchNormalize(steps[-1].mean, steps[-1].std)
+    return transform, _unchanged
+
+
+def _unchanged(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels
 
 
 def iterate_batches(
     sources: Sequence[ImageSource],
-    transforms: Sequence[Transform],
+    transform: Transform,
     batch_size: int,
+    device: torch.device,
     num_workers: int = 0,
     errors: dict[int, str] | None = None,
-    pin_memory: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
-    """Yield ``(indices, ok_mask, [batch per transform])`` over ``sources`` in order.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, ok_mask, pixels)`` over ``sources`` in order: ``pixels`` is the batch
+    of ``transform``'s outputs on ``device`` (its normalisation done there, see
+    :func:`split_normalization`), the masks on the CPU.
 
     ``errors``, when given, receives ``{index: one-line decoder error}`` for each unreadable
     source; the errors travel inside the batches, so this also works with worker processes.
     """
     if not sources:
         return
+    per_image, per_batch = split_normalization(transform)
     # Zero stand-ins for corrupt images must match real outputs so that batches collate;
     # every transform here ends in a fixed-size crop, so a blank image gives the shape.
-    blank = Image.new("RGB", (256, 256))
-    shapes = [tuple(transform(blank).shape) for transform in transforms]
+    blank = torch.zeros_like(per_image(Image.new("RGB", (256, 256))))
     loader = DataLoader(
-        TransformedImages(sources, transforms, shapes),
+        TransformedImages(sources, per_image, blank),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=device.type == "cuda",
     )
-    for indices, ok, messages, *tensors in loader:
+    for indices, ok, messages, pixels in loader:
         if errors is not None:
             errors.update((int(i), m) for i, good, m in zip(indices, ok, messages, strict=True) if not good)
-        yield indices, ok, tensors
+        yield indices, ok, per_batch(pixels.to(device, non_blocking=True))

@@ -96,7 +96,8 @@ class ClipTeacher:
         """
         logits, embeddings = [], []
         progress = tqdm(total=len(sources), desc=description, unit="img")
-        for indices, ok, (pixels,) in iterate_batches(sources, [self.preprocess], batch_size, self.runtime.num_workers):
+        batches = iterate_batches(sources, self.preprocess, batch_size, self.runtime.device, self.runtime.num_workers)
+        for indices, ok, pixels in batches:
             if not bool(ok.all()):
                 raise UnreadableImagesError(indices[~ok].tolist())
             batch_logits, batch_embeddings = self.classify(pixels, weights)

@@ -413,17 +413,10 @@ def _predict(
     the class index as ``column`` (-1 when unreadable) and ``error``."""
     predictions = np.full(len(paths), -1, dtype=np.int64)
     errors: dict[int, str] = {}
-    batches = iterate_batches(
-        paths,
-        [transform],
-        batch_size,
-        num_workers=runtime.num_workers,
-        errors=errors,
-        pin_memory=runtime.device.type == "cuda",
-    )
-    for indices, ok, (pixels,) in tqdm(batches, desc=description, total=-(-len(paths) // batch_size), unit="batch"):
+    batches = iterate_batches(paths, transform, batch_size, runtime.device, runtime.num_workers, errors)
+    for indices, ok, pixels in tqdm(batches, desc=description, total=-(-len(paths) // batch_size), unit="batch"):
         if not bool(ok.all()):  # masking copies the batch (150 MB at 256 × 224 px): only when needed
-            indices, pixels = indices[ok], pixels[ok]
+            indices, pixels = indices[ok], pixels[ok.to(pixels.device)]
         if len(pixels):
             with torch.inference_mode():
                 predictions[indices.numpy()] = classify(pixels).cpu().numpy()
