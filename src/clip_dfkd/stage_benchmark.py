@@ -16,14 +16,16 @@ device and number of images on both):
   the device, ``model.encode_image`` on the same cut-out count, iterations and size.
 - ``teacher_labeling``: :meth:`ClipTeacher.classify_images` over the synthetic PNGs, listed
   and loaded through the catalog's ``synthetic_images`` dataset as the pipeline gets them
-  (:meth:`Bench.catalog_loaders`: a ``pillow.ImageDataset`` built per image, both timed) →
-  ``Image.open`` + the same open_clip preprocessing + ``model.encode_image`` per batch.
+  (:meth:`Bench.catalog_loaders`: the listing and each image's read, both timed), uint8
+  batches normalised once per batch → ``Image.open`` + the same open_clip preprocessing per
+  image + ``model.encode_image`` per batch.
 - ``student_training``: :func:`~clip_dfkd.student_training.fit_student` with the
   distillation loss → a timm train-step loop with the same model, batch, fused AdamW,
   one-cycle schedule, loss, augmentation and image size; the row also carries the bare loop
   on images transformed once beforehand (``bare_step_only_img_s``), the compute ceiling.
 - ``evaluation``: :func:`~clip_dfkd.pipelines.ood_evaluation.nodes.predict_student` over
-  benchmark PNGs → ``Image.open`` + the student's eval transform + forward per batch.
+  benchmark PNGs (normalised once per batch, as above) → ``Image.open`` + the student's eval
+  transform per image + forward per batch.
 
 Then what distillation buys (parameters, batch-1 latency and batch-N throughput of the
 student against each teacher's image tower, and the student under onnxruntime when
