@@ -513,6 +513,15 @@ class TrainingParams(Params):
     weight_decay: float = Field(default=0.05, ge=0.0)
     seed: int = 0
 
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_norm_needs_two(cls, batch_size: int) -> int:
+        # A batch-norm layer in training mode normalises by the batch's statistics: one image
+        # has none (timm's ResNets fail outright once the feature map is 1 x 1).
+        if batch_size < 2:
+            raise ValueError("a training batch needs at least 2 images (batch-norm statistics); allowed: >= 2")
+        return batch_size
+
 
 class RegistryParams(Params):
     model_name: str = Field(default="clip-dfkd-student", min_length=1)

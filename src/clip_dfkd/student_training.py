@@ -128,6 +128,27 @@ class StudentOutOfMemoryError(UserError, RuntimeError):
     """Not even one image fits a training step on the device; the message says what to change."""
 
 
+class TooFewTrainingImagesError(UserError, ValueError):
+    """A single training image, which batch-norm layers in training mode cannot normalise."""
+
+
+# The share of the steps over which the learning rate climbs to its peak.
+WARM_UP_FRACTION = 0.1
+
+
+def warm_up_fraction(total_steps: int) -> float:
+    """``WARM_UP_FRACTION``, or 0 (no warm-up) when that share is one step or less.
+
+    OneCycleLR ends its warm-up at step ``fraction * total_steps - 1``: at exactly 0 (10 steps
+    in all, e.g. 10 epochs of one batch) it divides by zero, and below 0 it has no warm-up
+    step anyway."""
+    return WARM_UP_FRACTION if WARM_UP_FRACTION * total_steps > 1 else 0.0
+
+
+def _batch_norm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def fit_student(
     student: StudentClassifier,
     images: AugmentedImages,
@@ -153,6 +174,10 @@ def fit_student(
     Returns per-epoch means over the images: each loss as ``<name>_loss``, each reported
     measure under its name, the final ``learning_rate`` and ``epoch_seconds``.
     """
+    if len(images) < 2 and not freeze_batch_norm and _batch_norm_layers(student):
+        raise TooFewTrainingImagesError(
+            f"{description}: {len(images)} training image; the student's batch-norm layers need batches of at least 2"
+        )
     student.to(runtime.device, memory_format=runtime.memory_format)
     loader = DataLoader(
         images,
@@ -172,7 +197,7 @@ def fit_student(
     )
     total_steps = training.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=training.learning_rate, total_steps=total_steps, pct_start=0.1
+        optimizer, max_lr=training.learning_rate, total_steps=total_steps, pct_start=warm_up_fraction(total_steps)
     )
     # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(enabled=runtime.device.type == "cuda" and runtime.dtype == torch.float16)
@@ -184,9 +209,8 @@ def fit_student(
     for epoch in range(training.epochs):
         student.train()
         if freeze_batch_norm:
-            for module in student.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            for module in _batch_norm_layers(student):
+                module.eval()
         started = time.perf_counter()
         # Batch-weighted sums kept on the device: reading a value back each step would make
         # the CPU wait for the GPU at every step; they are read once per epoch.

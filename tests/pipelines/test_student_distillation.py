@@ -12,8 +12,16 @@ from PIL import Image
 from clip_dfkd.datasets import StudentModelDataset
 from clip_dfkd.models import StudentClassifier, create_student
 from clip_dfkd.models.student import student_fingerprint
-from clip_dfkd.params import ClassNames, DistillationLossParams, RuntimeParams, StudentDistillationParams, StudentParams
+from clip_dfkd.params import (
+    ClassNames,
+    DistillationLossParams,
+    InvalidParameterError,
+    RuntimeParams,
+    StudentDistillationParams,
+    StudentParams,
+)
 from clip_dfkd.pipelines.student_distillation.nodes import distillation_loss, train_student
+from clip_dfkd.student_training import TooFewTrainingImagesError
 
 CLASSES = ["ball", "box", "tent"]
 
@@ -124,6 +132,41 @@ def test_filter_leaving_no_image_is_an_error(tmp_path) -> None:
     params = StudentDistillationParams.model_validate({"student": {"model_name": "test_resnet", "image_size": 32}})
     with pytest.raises(ValueError, match="teacher_labels keeps no image"):
         train_student(images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu"))
+
+
+# (images, batch size, epochs). Ten steps in all (3 images in batches of 2 for 10 epochs, 2 in
+# a batch of 32, 11 in batches of 4 for 5 epochs) made OneCycleLR's 10 % warm-up end at step 0,
+# where it divided by zero; then many steps of one batch, one step, a dropped odd image.
+@pytest.mark.parametrize(
+    ("count", "batch_size", "epochs"), [(3, 2, 10), (2, 32, 10), (11, 4, 5), (20, 2, 1), (2, 2, 1), (3, 2, 1)]
+)
+def test_every_legal_count_batch_and_epoch_combination_trains(count, batch_size, epochs) -> None:
+    images, labels = _training_data(count)
+    params = StudentDistillationParams.model_validate(
+        {
+            "student": {"model_name": "test_resnet", "image_size": 32},
+            "training": {"epochs": epochs, "batch_size": batch_size},
+        }
+    )
+
+    _, history = train_student(images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu"))
+
+    assert len(history["total_loss"]) == epochs
+    assert all(math.isfinite(step["value"]) for step in history["total_loss"])
+
+
+def test_a_training_set_or_batch_of_one_image_is_refused_in_one_line() -> None:
+    images, labels = _training_data(1)
+    params = StudentDistillationParams.model_validate({"student": {"model_name": "test_resnet", "image_size": 32}})
+    with pytest.raises(TooFewTrainingImagesError, match=r"^Distilling student: 1 training image; .* at least 2$"):
+        train_student(images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu"))
+    with pytest.raises(
+        InvalidParameterError,
+        match=r"^student_distillation\.training\.batch_size=1: a training batch needs at least 2 images .*>= 2$",
+    ):
+        StudentDistillationParams.model_validate(
+            {"student": {"model_name": "test_resnet"}, "training": {"batch_size": 1}}
+        )
 
 
 def test_pipeline_trains_saves_and_registers_the_student(demo_project) -> None:

@@ -22,7 +22,13 @@ from clip_dfkd.params import (
 )
 from clip_dfkd.runtime import Runtime, seed_everything
 from clip_dfkd.serving import register_student_model
-from clip_dfkd.student_training import AugmentedImages, MetricHistory, fit_student, soft_label_loss
+from clip_dfkd.student_training import (
+    AugmentedImages,
+    MetricHistory,
+    TooFewTrainingImagesError,
+    fit_student,
+    soft_label_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +75,7 @@ def train_student(
     resolved = Runtime.resolve(runtime)
     labels = teacher_labels[teacher_labels["kept"]].reset_index(drop=True)
     if labels.empty:
-        raise ValueError(
+        raise TooFewTrainingImagesError(
             "teacher_labels keeps no image; lower teacher_labeling.filter.min_confidence or "
             "disable teacher_labeling.filter"
         )
