@@ -431,3 +431,36 @@ def test_a_full_disk_stops_an_atomic_write_with_one_line_and_nothing_left(
         str(caught.value),
     ), str(caught.value)
     assert list((tmp_path / "outputs").iterdir()) == []
+
+
+def test_a_full_disk_during_a_run_ends_it_failed_with_one_line(fresh_project: Path, monkeypatch) -> None:
+    """Through Kedro as `kedro run` meets it: the node's output save fails inside Kedro's
+    dataset wrapper and runner, the command line finds the one line, kedro-mlflow marks the
+    run FAILED and no staging file stays beside the output."""
+    import mlflow
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from clip_dfkd import styles
+
+    monkeypatch.chdir(fresh_project)
+    _twelve_megabytes_free(monkeypatch)
+    monkeypatch.setattr(styles, "save_file", _fills_the_disk())
+    bootstrap_project(fresh_project)
+
+    with (
+        KedroSession.create(project_path=fresh_project, env="demo") as session,
+        pytest.raises(Exception) as caught,
+    ):
+        session.run(pipeline_names=["prompt_generation"])
+
+    bank = fresh_project / "data/02_intermediate/style_bank.safetensors"
+    assert re.fullmatch(
+        rf"{bank}: no space left on device \(12\.0 MB free on /\S*\); free some space there or point the output "
+        "elsewhere",
+        user_error_message(caught.value) or "",
+    ), caught.value
+    assert list((fresh_project / "data/02_intermediate").iterdir()) == []
+    client = mlflow.MlflowClient(f"sqlite:///{fresh_project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [run.info.status for run in runs] == ["FAILED"]
