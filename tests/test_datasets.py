@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,8 @@ import yaml
 from kedro.io import AbstractDataset, DatasetError
 from PIL import Image
 
+from clip_dfkd.atomic import OutOfSpaceError
+from clip_dfkd.cli import user_error_message
 from clip_dfkd.datasets import ResumablePartitionedDataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +251,7 @@ def test_a_failed_write_fails_the_save_and_leaves_no_complete_file(tmp_path: Pat
     with pytest.raises(DatasetError, match="disk died"):
         dataset.save({f"a/{n}": _lazy(calls, f"a/{n}", "text") for n in range(40)})
 
-    assert not [path for path in tmp_path.rglob("*.txt") if ".partial" not in path.name]
+    assert not list(tmp_path.rglob("*.txt"))  # no complete file, and no partial one left behind
     assert len(calls) < 40  # stopped early, not after producing everything
 
 
@@ -340,3 +346,121 @@ def test_image_partitions_with_filesystem_arguments_are_loaded_through_their_dat
     dataset.save({"rgb": _images_of_every_mode()["rgb"]})
     loader = dataset.load()["rgb"]
     assert type(loader).__name__ == "PartitionLoader" and loader().mode == "RGB"
+
+
+def _fills_the_disk(code: int = errno.ENOSPC):
+    """A stand-in for ``Image.save(fp, ...)`` or ``save_file(tensors, filename, ...)`` that
+    gets a few bytes out, then finds the disk full."""
+
+    def write(data: Any, destination: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(destination, str | Path):
+            Path(destination).write_bytes(b"\x89PNG\r\n")
+        else:
+            destination.write(b"\x89PNG\r\n")
+        raise OSError(code, os.strerror(code))
+
+    return write
+
+
+def _twelve_megabytes_free(monkeypatch) -> None:
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=12_000_000))
+
+
+def test_a_full_disk_stops_the_image_save_with_one_line_and_no_partial_file(tmp_path: Path, monkeypatch) -> None:
+    """As synthesis saves its images: the first write that finds no space ends the save with
+    the file and the space left, and no ``.partial.png`` stays behind."""
+    _twelve_megabytes_free(monkeypatch)
+    monkeypatch.setattr(Image.Image, "save", _fills_the_disk())
+    rendered: list[str] = []
+    dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset="pillow.ImageDataset", filename_suffix=".png")
+
+    with pytest.raises(DatasetError) as caught:  # Kedro wraps every dataset's save error
+        dataset.save({f"ball/{n}": _lazy(rendered, f"ball/{n}", Image.new("RGB", (4, 4))) for n in range(40)})
+
+    message = user_error_message(caught.value)  # what `kedro run` prints, on one line
+    assert isinstance(caught.value.__cause__, OutOfSpaceError)
+    assert re.fullmatch(
+        rf"{tmp_path}/ball/\d+\.png: no space left on device \(12\.0 MB free on /\S*\); "
+        "free some space there or point the output elsewhere",
+        message,
+    ), message
+    assert list(tmp_path.rglob("*.*")) == []
+    assert len(rendered) < 40
+
+
+def _save_a_style_bank(destination: Path, monkeypatch, code: int) -> None:
+    """As a file output is written, through atomic_file (the teacher cache and ONNX exports too)."""
+    import torch
+
+    from clip_dfkd import styles
+
+    monkeypatch.setattr(styles, "save_file", _fills_the_disk(code))
+    styles.StyleBank.create("contrastive", "teacher", torch.zeros(2, 4), {}).save(destination)
+
+
+def _save_a_model_folder(destination: Path, monkeypatch, code: int) -> None:
+    """As the student's folder is written, through atomic_directory."""
+    from clip_dfkd.atomic import atomic_directory
+
+    with atomic_directory(destination) as staging:
+        (staging / "config.json").write_text("{}")
+        _fills_the_disk(code)(None, staging / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("write", "code", "reason"),
+    [
+        (_save_a_style_bank, errno.ENOSPC, "no space left on device"),
+        (_save_a_style_bank, errno.EDQUOT, "disk quota exceeded"),
+        (_save_a_model_folder, errno.ENOSPC, "no space left on device"),
+    ],
+    ids=["file-disk-full", "file-quota", "folder-disk-full"],
+)
+def test_a_full_disk_stops_an_atomic_write_with_one_line_and_nothing_left(
+    tmp_path: Path, monkeypatch, write, code: int, reason: str
+) -> None:
+    _twelve_megabytes_free(monkeypatch)
+    destination = tmp_path / "outputs" / "output.safetensors"
+
+    with pytest.raises(OutOfSpaceError) as caught:
+        write(destination, monkeypatch, code)
+
+    assert re.fullmatch(
+        rf"{destination}: {reason} \(12\.0 MB free on /\S*\); free some space there or point the output elsewhere",
+        str(caught.value),
+    ), str(caught.value)
+    assert list((tmp_path / "outputs").iterdir()) == []
+
+
+def test_a_full_disk_during_a_run_ends_it_failed_with_one_line(fresh_project: Path, monkeypatch) -> None:
+    """Through Kedro as `kedro run` meets it: the node's output save fails inside Kedro's
+    dataset wrapper and runner, the command line finds the one line, kedro-mlflow marks the
+    run FAILED and no staging file stays beside the output."""
+    import mlflow
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from clip_dfkd import styles
+
+    monkeypatch.chdir(fresh_project)
+    _twelve_megabytes_free(monkeypatch)
+    monkeypatch.setattr(styles, "save_file", _fills_the_disk())
+    bootstrap_project(fresh_project)
+
+    with (
+        KedroSession.create(project_path=fresh_project, env="demo") as session,
+        pytest.raises(Exception) as caught,
+    ):
+        session.run(pipeline_names=["prompt_generation"])
+
+    bank = fresh_project / "data/02_intermediate/style_bank.safetensors"
+    assert re.fullmatch(
+        rf"{bank}: no space left on device \(12\.0 MB free on /\S*\); free some space there or point the output "
+        "elsewhere",
+        user_error_message(caught.value) or "",
+    ), caught.value
+    assert list((fresh_project / "data/02_intermediate").iterdir()) == []
+    client = mlflow.MlflowClient(f"sqlite:///{fresh_project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [run.info.status for run in runs] == ["FAILED"]

@@ -246,6 +246,34 @@ def test_unusable_inputs_stop_before_the_mlflow_run_starts(
     assert _runs(fresh_project) == []
 
 
+def test_outputs_that_cannot_be_written_stop_the_run_before_it_starts(fresh_project, monkeypatch) -> None:
+    """Tests run as root, which passes every permission check: a file where the reports folder
+    should be, a catalog entry under /proc and a file where MLflow's artifact folder should be
+    stand for outputs that no one can write."""
+    reporting = fresh_project / "data/08_reporting"
+    reporting.rmdir()
+    reporting.write_text("a file where a folder should be")
+    (fresh_project / "mlartifacts").write_text("a file where a folder should be")
+    manifest = {"type": "clip_dfkd.datasets.ParquetDataset", "filepath": "/proc/clip-dfkd/synthesis_manifest.parquet"}
+    (fresh_project / "conf/demo/catalog.yml").write_text(json.dumps({"synthesis_manifest": manifest}))
+    monkeypatch.chdir(fresh_project)
+
+    with pytest.raises(PreflightError) as caught:
+        _run(fresh_project, "demo", pipelines=["prompt_generation", "image_synthesis"])
+
+    artifacts = fresh_project / "mlartifacts"
+    assert str(caught.value).splitlines() == [
+        "synthesis_manifest: cannot create files in /proc/clip-dfkd (/proc: No such file or directory); make it a "
+        "writable folder or point its catalog entry elsewhere",
+        f"prompt_diversity_plot, synthetic_sample_grid: cannot create files in {reporting} ({reporting} is a file, "
+        "not a folder); make it a writable folder or point their catalog entries elsewhere",
+        f"MLflow artifact location: cannot create files in {artifacts} ({artifacts} is a file, not a folder); make "
+        "it a writable folder or log to another experiment (tracking.experiment.name in mlflow.yml)",
+    ]
+    assert _outputs(fresh_project) == [reporting]  # and no probe file left in the folders that were writable
+    assert _runs(fresh_project) == []
+
+
 def test_loaders_fail_with_the_same_clear_messages() -> None:
     teacher = TeacherParams(model_name="ViT-B-32", pretrained="openai", templates=["a {class_name}"])
     with pytest.raises(

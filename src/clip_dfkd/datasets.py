@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import dataclasses
 import io
 import json
@@ -24,7 +25,7 @@ from kedro_datasets import text as text_datasets
 from kedro_datasets._typing import ImagePreview, JSONPreview, TablePreview
 from PIL import Image
 
-from clip_dfkd.atomic import atomic_directory
+from clip_dfkd.atomic import atomic_directory, reporting_full_disk
 from clip_dfkd.models.student import CONFIG_NAME, StudentClassifier
 from clip_dfkd.styles import StyleBank
 from clip_dfkd.teacher_cache import TeacherOutputCache
@@ -218,8 +219,10 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
     """A folder of one file per partition, like ``PartitionedDataset``, whose save resumes.
 
     Each partition is written to a ``<id>.partial<suffix>`` sibling and renamed into place,
-    so a file under its final name is always complete, even after SIGKILL; ``.partial``
-    files are never loaded and are overwritten by the next save of their partition. On save,
+    so a file under its final name is always complete, even after SIGKILL. A write that fails
+    removes its ``.partial`` file (one left by SIGKILL is never loaded and is overwritten by
+    the next save of its partition); on a local disk that is full, the save stops with
+    :class:`clip_dfkd.atomic.OutOfSpaceError`, naming the file and the space left. On save,
     partitions whose file already exists are skipped without calling their lazy loader, so
     an expensive producer (the image generator) only runs for what is missing.
 
@@ -263,6 +266,8 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
         self._filename_suffix = filename_suffix
         self._writer_threads = writer_threads
         self._filesystem, self._root = fsspec.core.url_to_fs(path)
+        # Free space is reported for local disks only: a remote store's paths are not on one.
+        self._reports_full_disk = isinstance(self._filesystem, LocalFileSystem)
         self.metadata = metadata
 
     def load(self) -> dict[str, PartitionLoader | ImageFileLoader]:
@@ -298,8 +303,14 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
     def _write(self, final_path: str, value: Any) -> None:
         staging_path = final_path.removesuffix(self._filename_suffix) + _PARTIAL + self._filename_suffix
         staging = self._filesystem.unstrip_protocol(staging_path)
-        self._dataset_type(**self._dataset_arguments, filepath=staging).save(value)
-        self._filesystem.mv(staging_path, final_path)
+        try:
+            with reporting_full_disk(final_path) if self._reports_full_disk else contextlib.nullcontext():
+                self._dataset_type(**self._dataset_arguments, filepath=staging).save(value)
+                self._filesystem.mv(staging_path, final_path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                self._filesystem.rm_file(staging_path)
+            raise
 
     def preview(self, images: int = 12, columns: int = 6, size: int = 96) -> ImagePreview:
         """A grid of the first ``images`` complete partitions (as images, ``size`` pixels

@@ -3,20 +3,28 @@
 Parameter validation (:mod:`clip_dfkd.params`) sees values only; these checks see files:
 every model's weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging
 Face cache), saved artefacts fit the run, benchmark roots exist and their class folders
-are known classes. A failed check raises :class:`PreflightError` with one line per problem,
-and nothing has been written or logged yet.
+are known classes, and every output can be written. A failed check raises
+:class:`PreflightError` with one line per problem, and nothing has been written or logged yet.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from kedro.framework.hooks import hook_impl
+from kedro.io.core import get_protocol_and_path
 from pydantic import BaseModel
 
+from clip_dfkd.atomic import nearest_folder
 from clip_dfkd.benchmarks import BenchmarkError, scan_benchmark
+from clip_dfkd.datasets import StudentModelDataset, TeacherOutputCacheDataset
 from clip_dfkd.errors import UserError
 from clip_dfkd.models.generator import (
     missing_decoder_weights,
@@ -155,6 +163,99 @@ def _class_list_problem(name: str, catalog, classes: list[str]) -> str | None:
     )
 
 
+def _saved_inputs(pipeline) -> set[str]:
+    """The inputs of ``pipeline`` that are datasets, not parameters."""
+    return {name for name in pipeline.inputs() if not name.startswith("params:") and name != "parameters"}
+
+
+def _written_folder(described: dict[str, Any]) -> Path | None:
+    """The local folder in which a dataset described so (its ``_describe()``) creates files,
+    or None: it keeps its data in memory, in MLflow or in a remote store."""
+    if "filepath" in described:
+        protocol, path = get_protocol_and_path(str(described["filepath"]))
+        if described.get("protocol", protocol) != "file":
+            return None
+        # A versioned dataset writes <filepath>/<version>/<file name>.
+        return Path(path) if described.get("version") else Path(path).parent
+    if "path" in described:  # a folder of files: partitions, cache entries, a saved model
+        protocol, path = get_protocol_and_path(str(described["path"]))
+        return Path(path) if protocol == "file" else None
+    inner = described.get("dataset")
+    return _written_folder(inner) if isinstance(inner, dict) else None
+
+
+def _output_folders(pipeline, catalog) -> dict[Path, list[str]]:
+    """Each local folder that the run creates files in, with the datasets that write there:
+    the pipeline's outputs and the caches it fills while reading them."""
+    folders = defaultdict(list)
+    outputs = pipeline.all_outputs()
+    for name in sorted(outputs | _saved_inputs(pipeline)):
+        dataset = catalog.get(name)
+        if dataset is None or not (name in outputs or isinstance(dataset, TeacherOutputCacheDataset)):
+            continue  # in memory, or only read
+        if (folder := _written_folder(dataset._describe())) is not None:
+            # A saved model replaces its folder whole, by a rename in the folder around it.
+            folders[folder.parent if isinstance(dataset, StudentModelDataset) else folder].append(name)
+    return folders
+
+
+def _unwritable_reason(folder: Path, probed: dict[Path, str | None]) -> str | None:
+    """Why no file can be created in ``folder`` (made first where missing), or None.
+
+    Only creating one shows it: root passes every permission check (``os.access``), yet not a
+    read-only mount or a file standing where a folder should be. One probe file, removed at
+    once, per existing folder (``probed`` keeps the answers).
+    """
+    existing = nearest_folder(folder)
+    if existing != folder and os.path.lexists(blocker := existing / folder.relative_to(existing).parts[0]):
+        return f"{blocker} is a file, not a folder"
+    if existing not in probed:
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".clip-dfkd-write-probe-", dir=existing)
+        except OSError as exc:
+            probed[existing] = exc.strerror if existing == folder else f"{existing}: {exc.strerror}"
+        else:
+            os.close(handle)
+            os.unlink(probe)
+            probed[existing] = None
+    return probed[existing]
+
+
+def _unwritable_outputs(pipeline, catalog) -> list[str]:
+    """One line per output folder (and the MLflow artifact folder) that cannot be written."""
+    probed: dict[Path, str | None] = {}
+    problems = []
+    folders = _output_folders(pipeline, catalog)
+    for folder, names in sorted(folders.items()):
+        if reason := _unwritable_reason(folder, probed):
+            entries = "its catalog entry" if len(names) == 1 else "their catalog entries"
+            problems.append(
+                f"{', '.join(names)}: cannot create files in {folder} ({reason}); make it a writable folder or "
+                f"point {entries} elsewhere"
+            )
+    # Artifacts are logged as outputs are saved (the registered student has one too): a run
+    # that writes no file logs none.
+    if folders and (artifacts := _local_artifact_folder()) and (reason := _unwritable_reason(artifacts, probed)):
+        problems.append(
+            f"MLflow artifact location: cannot create files in {artifacts} ({reason}); make it a writable folder "
+            "or log to another experiment (tracking.experiment.name in mlflow.yml)"
+        )
+    return problems
+
+
+def _local_artifact_folder() -> Path | None:
+    """The local folder where the run's MLflow experiment keeps artifacts, or None when they
+    go to a server. kedro-mlflow has set (and created) the experiment when the context was
+    created; MLflow exports its id as MLFLOW_EXPERIMENT_ID."""
+    import mlflow
+    from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID
+
+    if (experiment_id := MLFLOW_EXPERIMENT_ID.get()) is None:
+        return None
+    location = urlparse(mlflow.get_experiment(experiment_id).artifact_location)
+    return Path(url2pathname(location.path)) if location.scheme in ("", "file") else None
+
+
 def _raw(value: Any) -> Any:
     """A parameter as written: a stage that does not type-hint it gets it unvalidated."""
     return value.model_dump() if isinstance(value, BaseModel) else value
@@ -167,8 +268,8 @@ class PreflightError(UserError, ValueError):
 class PreflightHook:
     """Checks what parameter validation cannot see, before the first node runs: every model's
     weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging Face cache),
-    benchmark roots exist, their class folders are known classes and the few-shot source
-    domains are among their domains."""
+    benchmark roots exist, their class folders are known classes, the few-shot source
+    domains are among their domains, and a file can be created where each output goes."""
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -191,7 +292,7 @@ class PreflightHook:
             )
         if "student_distillation" in used:
             problems.append(missing_student_weights(catalog.load("params:student_distillation").student))
-        saved = sorted(name for name in pipeline.inputs() if not name.startswith("params:") and name != "parameters")
+        saved = sorted(_saved_inputs(pipeline))
         missing = {name: problem for name in saved if (problem := _missing_input(name, catalog))}
         problems += missing.values()
         classes = list(ClassNames.model_validate(_raw(catalog.load("params:classes"))))
@@ -216,5 +317,6 @@ class PreflightHook:
             # Before the comparison's own MLflow run starts: no empty run is left behind.
             comparison = ComparisonParams.model_validate(_raw(catalog.load("params:comparison")))
             problems.append(comparison_problem(comparison, run_params.get("env")))
+        problems += _unwritable_outputs(pipeline, catalog)
         if problems := [problem for problem in problems if problem]:
             raise PreflightError("\n".join(problems))

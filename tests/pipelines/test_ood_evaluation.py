@@ -364,6 +364,9 @@ def test_a_disabled_benchmark_is_neither_checked_nor_evaluated(tmp_path) -> None
         def inputs(self):
             return {"params:classes", "params:ood_evaluation"}
 
+        def all_outputs(self):
+            return set()
+
     PreflightHook().before_pipeline_run({}, OodPipeline(), Catalog(params))  # no error: "gone" is off
     enabled = _params({"toy": {"root": str(root)}, "gone": {"root": str(tmp_path / "missing")}})
     with pytest.raises(PreflightError, match=r"ood_evaluation\.benchmarks\.gone\.root=.*: no such folder"):
