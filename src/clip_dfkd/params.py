@@ -552,6 +552,11 @@ class BenchmarkParams(Params):
     class_aliases: dict[str, str] = {}
     enabled: bool = True
 
+    def resolved_root(self) -> str:
+        """The folder ``root`` names, absolute and with links resolved: what an evaluation
+        records, so that scores of two folders under one benchmark name are told apart."""
+        return str(Path(self.root).expanduser().resolve())
+
 
 class PromotionParams(Params):
     """The registry alias that moves only to a better student: the evaluated version takes
