@@ -217,7 +217,9 @@ def comparison_problem(params: ComparisonParams, env: str | None = None) -> str 
 def collect_evaluations(params: ComparisonParams) -> pd.DataFrame:
     """One row per compared run × benchmark × domain (``average`` included, as each run's
     ood_evaluation table has it): the run (``run_id``, ``run_name``, ``start_time``, its
-    ``method`` and ``backend``) and its figures (``student_top1``, ``teacher_top1``, ...).
+    ``method`` and ``backend``, or for an evaluation alone its student and ``evaluation
+    only``), the benchmark's folder (``root``) and column label (``benchmark_label``), and its
+    figures (``student_top1``, ``teacher_top1``, ...).
 
     Raises:
         ComparisonError: no run to compare, or ``benchmark`` names none that a run evaluated.
@@ -338,7 +340,7 @@ def _group_key(group: tuple[str, str]) -> tuple:
 
 
 def summarise_groups(results: pd.DataFrame) -> pd.DataFrame:
-    """Per method × backend × benchmark × domain: the student's mean, min and max top-1 and
+    """Per method × backend × benchmark label × domain: the student's mean, min and max top-1 and
     the teacher's mean over the runs that scored the domain (``cell_runs``), and how many
     runs the row has (``runs``); rows in method and backend order, domains as the runs list
     them with ``average`` last."""
@@ -395,8 +397,9 @@ def _cell(cell, decimals: int, show_range: bool) -> str:
 
 def tabulate_comparison(results: pd.DataFrame, params: ComparisonParams) -> tuple[pd.DataFrame, str]:
     """The comparison table, one row per prompt method × synthesis backend (``runs``: how
-    many runs it averages) and one column per benchmark domain (``<benchmark>/<domain>``) and
-    benchmark average, each cell the student's top-1 with the teacher's zero-shot top-1 (the
+    many runs it averages) and one column per benchmark domain (``<benchmark>/<domain>``, the
+    benchmark as labelled, with its folder where runs read it from several) and benchmark
+    average, each cell the student's top-1 with the teacher's zero-shot top-1 (the
     ceiling) beside it, e.g. ``0.79 (0.94)``; and the same as Markdown, with what a cell
     means and which runs each row averages."""
     summary = summarise_groups(results)
@@ -460,7 +463,7 @@ def _folders_read(results: pd.DataFrame) -> str:
     """Which folder each benchmark was read from; a benchmark read from several has a column
     group per folder."""
     folders = results.drop_duplicates(["benchmark", "root"])
-    several = folders["benchmark"].duplicated(keep=False).any()
+    several = (folders["benchmark_label"] != folders["benchmark"]).any()
     listed = "; ".join(
         f"{name}: {UNKNOWN_ROOT} (an evaluation from before the folder was recorded)"
         if root == UNKNOWN_ROOT
@@ -478,14 +481,15 @@ def _evaluation_only_note(groups: list[tuple[str, str]]) -> list[str]:
     return [
         "",
         f"Rows with backend `{EVALUATION_ONLY}` are runs that scored a student made by another run (e.g. "
-        "`kedro run --pipelines=ood_evaluation`), named after that student: its registered model and version.",
+        "`kedro run --pipelines=ood_evaluation`), named after that student: its registered model and version, "
+        "else its weights' fingerprint.",
     ]
 
 
 def plot_comparison(results: pd.DataFrame) -> Figure:
     """Grouped bars per domain, one bar per method × backend (the student's mean top-1, with
     its min–max over the runs as an error bar), the teacher's zero-shot top-1 (the ceiling)
-    marked as a black line across each bar; one panel per benchmark."""
+    marked as a black line across each bar; one panel per benchmark label."""
     summary = summarise_groups(results)
     columns = _columns(results)
     benchmarks = list(dict.fromkeys(b for b, _ in columns))
