@@ -1,6 +1,6 @@
-"""What a registered student carries in MLflow besides its weights: the metrics linked to its
-logged model, and the description of its version; and the description of the run that
-evaluated it."""
+"""What a registered student carries in MLflow besides its weights: the tags of its class
+list, the metrics linked to its logged model, and the description of its version; and the
+description of the run that evaluated it."""
 
 from __future__ import annotations
 
