@@ -561,12 +561,18 @@ class BenchmarkParams(Params):
     class_aliases: dict[str, str] = {}
     enabled: bool = True
 
+    def resolved_root(self) -> str:
+        """The folder ``root`` names, absolute and with links resolved: what an evaluation
+        records, so that scores of two folders under one benchmark name are told apart."""
+        return str(Path(self.root).expanduser().resolve())
+
 
 class PromotionParams(Params):
     """The registry alias that moves only to a better student: the evaluated version takes
     ``alias`` when its ``metric`` averaged over ``benchmark``'s domains (null: the first
     enabled benchmark) beats the current holder's by more than ``min_improvement``, or when
-    no version holds it yet."""
+    no version holds it yet; a holder it cannot be compared with (another class list, no such
+    figure from the same benchmark folder) keeps it (clip_dfkd.promotion)."""
 
     alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     benchmark: str | None = Field(default=None, min_length=1)

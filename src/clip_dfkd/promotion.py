@@ -1,10 +1,13 @@
 """The registry's "better students only" alias.
 
 Every registered student keeps the candidate alias of its own run; a second alias (champion by
-default) moves to a new version only when its evaluation beats the version holding it. Each
-evaluated version carries its evaluation: the metrics (on its MLflow logged model and as
-version tags, which the registry page shows and a promotion compares) and the report as its
-description.
+default) moves to a new version only when its evaluation beats the version holding it, and
+only a comparable holder is beaten: one made for the same class list (``models:/…@champion``
+never changes its classes) and scored on the deciding benchmark read from the same folder.
+Otherwise the alias stays and the decision says why. Each evaluated version carries its
+evaluation: the metrics (on its MLflow logged model and as version tags, which the registry
+page shows and a promotion compares), the folder each benchmark was read from, and the report
+as its description.
 """
 
 from __future__ import annotations
@@ -16,16 +19,26 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from clip_dfkd.params import OodEvaluationParams
-from clip_dfkd.tracking import describe_version, link_latest_metrics
+from clip_dfkd.tracking import (
+    CLASSES_FINGERPRINT_TAG,
+    CLASSES_TAG,
+    class_list_fingerprint,
+    describe_version,
+    link_latest_metrics,
+    shown_classes,
+)
 
 logger = logging.getLogger(__name__)
 
 # The names ood_evaluation logs its metrics under (catalog: ood_evaluation_metrics, prefix
 # "ood"); the "average" domain decides promotion.
 FIGURE_TAG = "ood/{benchmark}/{domain}/{metric}"
+# The folder those figures were read from (the evaluation table's root, absolute).
+ROOT_TAG = "ood/{benchmark}/root"
 
 
 def promote_if_better(
@@ -52,6 +65,7 @@ def promote_if_better(
     score = float(averages[promotion.metric].iloc[0]) if len(averages) else math.nan
     if math.isnan(score):
         return _decided(decision, False, None, f"not promoted: {key} was not measured (no readable image)")
+    root = averages["root"].iloc[0]
 
     client = MlflowClient()
     _record_evaluation(client, name, version, evaluation_table, report)
@@ -67,14 +81,15 @@ def promote_if_better(
         return _decided(
             decision, True, score, f"{name} version {version} already holds @{promotion.alias}: {key} = {score:.4f}"
         )
-    held = holder.tags.get(key)
-    if held is None:
-        return _promote(
-            client,
+    classes = evaluated_student["config"]["class_names"]
+    if difference := _not_comparable(holder, version, classes, benchmark, root, key):
+        return _decided(
             decision,
+            False,
             score,
-            f"{name} version {version}: {key} = {score:.4f}; version {holder.version} has no {key}",
+            f"@{promotion.alias} stays on {name} version {holder.version}: {difference}; not compared",
         )
+    held = holder.tags[key]
     if score > float(held) + promotion.min_improvement:
         return _promote(
             client,
@@ -89,6 +104,46 @@ def promote_if_better(
         score,
         f"@{promotion.alias} stays on {name} version {holder.version}: {key} {score:.4f} <= {float(held):.4f}{margin}",
     )
+
+
+def _not_comparable(
+    holder: ModelVersion, version: str, classes: list[str], benchmark: str, root: str, key: str
+) -> str | None:
+    """Why the alias holder's score cannot be set against the evaluated version's ``key``
+    (``classes``, scored on ``benchmark`` at ``root``), or None when it can: another class
+    list, or none recorded; no such figure; figures of another folder, or of an unrecorded one."""
+    held = holder.version
+    recorded = _recorded_class_list(holder.tags)
+    if recorded is None:
+        return (
+            f"version {held} records no class list (no {CLASSES_TAG} or {CLASSES_FINGERPRINT_TAG} tag), "
+            f"version {version} was made for classes [{shown_classes(classes)}]"
+        )
+    fingerprint = class_list_fingerprint(classes)
+    if recorded != fingerprint:
+        return (
+            f"version {version} was made for classes [{shown_classes(classes)}] ({fingerprint}), version {held} "
+            f"for [{shown_classes(holder.tags.get(CLASSES_TAG, '?').split(','))}] ({recorded})"
+        )
+    if key not in holder.tags:
+        return f"version {held} has no {key} (it was not evaluated on {benchmark})"
+    held_root = holder.tags.get(ROOT_TAG.format(benchmark=benchmark))
+    if held_root is None:
+        return f"version {held}'s {key} names no {benchmark} folder (evaluated before the folder was recorded)"
+    if held_root != root:
+        return f"version {version} was evaluated on {benchmark} at {root}, version {held} at {held_root}"
+    return None
+
+
+def _recorded_class_list(tags: dict[str, str]) -> str | None:
+    """The fingerprint of the class list a version records: its classes_fingerprint tag or, on
+    a version registered before that tag, the fingerprint of its comma-joined classes tag;
+    None when it records neither."""
+    if CLASSES_FINGERPRINT_TAG in tags:
+        return tags[CLASSES_FINGERPRINT_TAG]
+    if CLASSES_TAG in tags:
+        return class_list_fingerprint(tags[CLASSES_TAG].split(","))
+    return None
 
 
 def _promote(client: MlflowClient, decision: dict[str, Any], score: float, reason: str) -> dict[str, Any]:
@@ -113,6 +168,8 @@ def _record_evaluation(client: MlflowClient, name: str, version: str, table: pd.
     }
     for tag, value in figures.items():
         client.set_model_version_tag(name, version, tag, f"{value:.6g}")
+    for benchmark, root in dict(zip(table["benchmark"], table["root"], strict=True)).items():
+        client.set_model_version_tag(name, version, ROOT_TAG.format(benchmark=benchmark), root)
     registered = client.get_model_version(name, version)
     # A version registered by log_model has its logged model as source ("models:/m-…"); the
     # sqlite store leaves model_id empty.

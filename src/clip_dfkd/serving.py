@@ -188,7 +188,7 @@ def register_student_model(
             "Students distilled from a CLIP teacher by clip-dfkd, without real training images. Each version's "
             "description says what it classifies and how it was made, then its latest evaluation; "
             f"@{alias} is the newest; ood_evaluation moves its promotion alias (@champion by default) only to "
-            "better-evaluated versions."
+            "versions that beat it on the same class list and benchmark folder."
         ),
     )
     for key, value in tags.items():

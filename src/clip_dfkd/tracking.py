@@ -1,21 +1,43 @@
-"""What a registered student carries in MLflow besides its weights: the metrics linked to its
-logged model, and the description of its version; and the description of the run that
-evaluated it."""
+"""What a registered student carries in MLflow besides its weights: the tags of its class
+list, the metrics linked to its logged model, and the description of its version; and the
+description of the run that evaluated it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
+from clip_dfkd.naming import stable_hash
+
 # log_model links every run metric logged at the model's step; the student is logged at a step
 # no metric uses, and its metrics are linked explicitly (link_latest_metrics).
 MODEL_STEP = -1
+# The version tags naming the classes a student was made for (class_list_tags).
+CLASSES_TAG = "classes"
+CLASSES_FINGERPRINT_TAG = "classes_fingerprint"
 # Between a version's description (what it is) and its latest evaluation report.
 REPORT_SEPARATOR = "\n\n---\n\n"
+
+
+def class_list_fingerprint(names: Sequence[str]) -> str:
+    """A short digest of the class names in their order (the order fixes the class indices)."""
+    return stable_hash(list(names), length=12)
+
+
+def class_list_tags(names: Sequence[str]) -> dict[str, str]:
+    """The version tags of a student's class list: the names, comma-joined for reading, and the
+    list's fingerprint, exact (a name may hold a comma) and short enough for a search filter
+    (``tags.classes_fingerprint = '…'``)."""
+    return {CLASSES_TAG: ",".join(names), CLASSES_FINGERPRINT_TAG: class_list_fingerprint(names)}
+
+
+def shown_classes(names: Sequence[str], limit: int = 12) -> str:
+    """``ball, box, tent``, or the first ``limit`` names and ``… (345 in all)``."""
+    return ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
 
 def link_latest_metrics(client: MlflowClient, run_id: str, model_id: str, selected: Callable[[str], bool]) -> list[str]:

@@ -3,6 +3,7 @@ them per prompt method × synthesis backend."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -98,17 +99,39 @@ def _evaluation_table(figures: dict[str, dict[str, tuple[float, float]]]) -> pd.
 
 def _log_run(client, experiment_id: str, name: str, scratch: Path) -> str:
     tags, params, status, figures = RUNS[name]
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    table = None if figures is None else _evaluation_table(figures)
+    return _log_evaluation(client, experiment_id, name, scratch, params, table, tags=tags, status=status)
+
+
+def _log_evaluation(
+    client,
+    experiment_id: str,
+    name: str,
+    scratch: Path,
+    params: dict[str, str],
+    table: pd.DataFrame | None,
+    student: dict | None = None,
+    tags: dict[str, str] | None = None,
+    status: str = "FINISHED",
+) -> str:
+    """A run with ``params`` and, as ood_evaluation logs them, its evaluation ``table`` and the
+    record of the ``student`` it scored (made by the run itself when the record names no
+    ``run_id``)."""
+    run = client.create_run(experiment_id, run_name=name, tags=tags or {})
+    run_id = run.info.run_id
     for key, value in params.items():
-        client.log_param(run.info.run_id, key, value)
-    if figures is not None:
-        folder = scratch / name
-        folder.mkdir()
-        _evaluation_table(figures).to_csv(folder / "ood_evaluation.csv", index=False)
-        client.log_artifact(run.info.run_id, str(folder / "ood_evaluation.csv"), "ood_evaluation")
+        client.log_param(run_id, key, value)
+    folder = scratch / name
+    folder.mkdir()
+    if table is not None:
+        table.to_csv(folder / "ood_evaluation.csv", index=False)
+        client.log_artifact(run_id, str(folder / "ood_evaluation.csv"), "ood_evaluation")
+    if student is not None:
+        (folder / "ood_evaluated_student.json").write_text(json.dumps({"run_id": run_id, **student}))
+        client.log_artifact(run_id, str(folder / "ood_evaluated_student.json"), "ood_evaluation")
     if status != "RUNNING":
-        client.set_terminated(run.info.run_id, status)
-    return run.info.run_id
+        client.set_terminated(run_id, status)
+    return run_id
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +292,79 @@ def test_setting_keeps_the_data_free_or_the_few_shot_rows(tracking, tmp_path) ->
     ]
     with pytest.raises(ComparisonError, match=r"^comparison.setting='few-shot k=1': no compared run has rows of it"):
         _compare(experiment="cmp-few-shot", setting="few-shot k=1")
+
+
+def test_a_benchmark_read_from_two_folders_is_never_one_mean(tracking, tmp_path, caplog) -> None:
+    client = mlflow.MlflowClient(tracking["uri"])
+    experiment_id = client.create_experiment("cmp-roots", artifact_location=(tmp_path / "artifacts").as_uri())
+    vanilla = RUNS["vanilla-0"][1]
+    for name, photo, root in (("at-a", 0.80, "/data/a"), ("at-b", 0.40, "/data/b"), ("old", 0.60, None)):
+        table = _evaluation_table({"toy": {"photo": (photo, 0.90)}})
+        if root is not None:  # the table of an evaluation from before the folder was recorded has none
+            table.insert(1, "root", root)
+        _log_evaluation(client, experiment_id, name, tmp_path, vanilla, table)
+
+    with caplog.at_level(logging.WARNING, logger="clip_dfkd.pipelines.comparison.nodes"):
+        results, table, markdown = _compare(experiment="cmp-roots")
+
+    assert table.drop(columns=["method", "backend"]).to_dict("records") == [
+        {
+            "runs": 3,
+            "toy (/data/a)/photo": "0.80 (0.90) · 1/3 runs",
+            "toy (/data/a)/average": "0.80 (0.90) · 1/3 runs",
+            "toy (/data/b)/photo": "0.40 (0.90) · 1/3 runs",
+            "toy (/data/b)/average": "0.40 (0.90) · 1/3 runs",
+            "toy (unknown root)/photo": "0.60 (0.90) · 1/3 runs",
+            "toy (unknown root)/average": "0.60 (0.90) · 1/3 runs",
+        }
+    ]
+    assert set(results["root"]) == {"/data/a", "/data/b", "unknown root"} and set(results["benchmark"]) == {"toy"}
+    assert (
+        "Benchmark folders: toy: `/data/a`; toy: `/data/b`; toy: unknown root (an evaluation from before the folder "
+        "was recorded). A benchmark read from several folders has a column group per folder, never one mean."
+    ) in markdown
+    assert (
+        "toy was read from 3 folders ['/data/a', '/data/b', 'unknown root']: a column group per folder" in caplog.text
+    )
+    assert [axis.get_title() for axis in plot_comparison(results).axes] == [
+        "toy (/data/a)",
+        "toy (/data/b)",
+        "toy (unknown root)",
+    ]
+    # One folder, however many runs: the benchmark's name alone.
+    _, one_folder, markdown = _compare(experiment="cmp-roots", filter_string="attributes.run_name = 'at-a'")
+    assert list(one_folder.columns[3:]) == ["toy/photo", "toy/average"]
+    assert "Benchmark folders: toy: `/data/a`." in markdown
+
+
+def test_evaluation_only_runs_are_rows_of_the_student_they_scored(tracking, tmp_path) -> None:
+    client = mlflow.MlflowClient(tracking["uri"])
+    experiment_id = client.create_experiment("cmp-evaluations", artifact_location=(tmp_path / "artifacts").as_uri())
+    vanilla = RUNS["vanilla-0"][1]
+
+    def log(name: str, photo: float, params: dict, student: dict | None) -> str:
+        table = _evaluation_table({"toy": {"photo": (photo, 0.90)}})
+        return _log_evaluation(client, experiment_id, name, tmp_path, params, table, student)
+
+    version_1 = {"registered_model": "clip-dfkd-student", "version": "1", "fingerprint": "aaaa"}
+    trained = log("trained", 0.80, vanilla, version_1)  # the record names the run itself
+    # Evaluations alone of the student above and of another one. The first logged the method and
+    # backend too (it ran prompt_generation and image_synthesis as well), yet scored v1.
+    log("again", 0.70, vanilla, {**version_1, "run_id": trained})
+    log("v2", 0.50, {}, {"registered_model": "clip-dfkd-student", "version": "2", "fingerprint": "bbbb", "run_id": "x"})
+    log("unmatched", 0.20, {}, {"registered_model": None, "version": None, "fingerprint": "cccc", "run_id": None})
+    unrecorded = log("unrecorded", 0.30, {}, None)
+
+    _, table, markdown = _compare(experiment="cmp-evaluations")
+
+    assert table[["method", "backend", "runs", "toy/photo"]].values.tolist() == [
+        ["vanilla", "inversion", 1, "0.80 (0.90)"],
+        ["clip-dfkd-student version 1", "evaluation only", 1, "0.70 (0.90)"],
+        ["clip-dfkd-student version 2", "evaluation only", 1, "0.50 (0.90)"],
+        [f"student not logged by run {unrecorded[:8]}", "evaluation only", 1, "0.30 (0.90)"],
+        ["unregistered student cccc", "evaluation only", 1, "0.20 (0.90)"],
+    ]
+    assert "Rows with backend `evaluation only` are runs that scored a student made by another run" in markdown
 
 
 def test_the_comparisons_own_run_is_never_compared(tracking) -> None:

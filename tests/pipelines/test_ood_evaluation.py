@@ -282,6 +282,9 @@ def test_accuracy_agreement_and_corrupt_files_are_counted_per_domain(tmp_path) -
     assert average.corrupt_images == 1
     assert (average.domains, average.note) == (2, "mean over 2 of 2 domains")
     assert "| toy" in markdown and "average" in markdown
+    # Every row names the folder its benchmark was read from, absolute (comparison and promotion key on it).
+    assert list(table.columns[:3]) == ["setting", "benchmark", "root"] and set(table["root"]) == {str(root.resolve())}
+    assert f"Benchmark folders: toy `{root.resolve()}`" in markdown
     assert metrics["toy/sketch/corrupt_images"] == {"value": 1.0, "step": 0}
     assert metrics["toy/average/student_top1"]["value"] == pytest.approx(0.5)
     assert few_shot_metrics == {}

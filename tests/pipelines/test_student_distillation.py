@@ -22,6 +22,7 @@ from clip_dfkd.params import (
 )
 from clip_dfkd.pipelines.student_distillation.nodes import distillation_loss, train_student
 from clip_dfkd.student_training import TooFewTrainingImagesError
+from clip_dfkd.tracking import class_list_fingerprint
 
 CLASSES = ["ball", "box", "tent"]
 
@@ -183,6 +184,7 @@ def test_pipeline_trains_saves_and_registers_the_student(demo_project) -> None:
     assert str(version.version) == registration["version"]
     assert version.tags["prompt_method"] == "vanilla"
     assert version.tags["classes"] == "ball,box,tent,kite"
+    assert version.tags["classes_fingerprint"] == class_list_fingerprint(["ball", "box", "tent", "kite"])
     assert version.tags["teacher"].startswith("open_clip:clip-dfkd-tiny/")
     # The saved student is the registered one, by the weights' fingerprint.
     assert registration["fingerprint"] == version.tags["fingerprint"] == student_fingerprint(student)

@@ -2,17 +2,22 @@
 synthesis backend, averaged over the tracked runs of each.
 
 The figures come from each run's ``ood_evaluation/ood_evaluation.csv`` artifact (not from
-metric names). :func:`search_evaluations` is the one function that reads MLflow; every
-other function turns data into data.
+metric names), which student a run scored from its ``ood_evaluated_student.json``.
+:func:`search_evaluations` is the one function that reads MLflow; every other function turns
+data into data. Nothing is averaged that is not alike: a benchmark read from several folders
+has a column group per folder, and a run that scored a student made by another run (an
+evaluation alone) is a row of that student, not of the method and backend it logs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import get_args
 
 import matplotlib
@@ -30,9 +35,13 @@ logger = logging.getLogger(__name__)
 
 EVALUATION_FOLDER = "ood_evaluation"
 EVALUATION_ARTIFACT = f"{EVALUATION_FOLDER}/ood_evaluation.csv"
+STUDENT_ARTIFACT = f"{EVALUATION_FOLDER}/ood_evaluated_student.json"
 METHOD_PARAM = "prompt_generation.method"
 BACKEND_PARAM = "image_synthesis.backend"
-NOT_LOGGED = "(not logged)"
+# The backend column of a row of runs that evaluated a student made by another run.
+EVALUATION_ONLY = "evaluation only"
+# The root of a table written before the evaluation named the folder of each benchmark.
+UNKNOWN_ROOT = "unknown root"
 AVERAGE = "average"  # the domain of ood_evaluation's per-benchmark mean row
 # Rows in the order the parameters list them.
 METHODS = list(get_args(PromptGenerationParams.model_fields["method"].annotation))
@@ -40,7 +49,8 @@ BACKENDS = list(get_args(ImageSynthesisParams.model_fields["backend"].annotation
 REQUIRED_COLUMNS = ["benchmark", "domain", "student_top1", "teacher_top1"]
 FIGURE_COLUMNS = ["images", "corrupt_images", "domains", "student_top1", "teacher_top1", "agreement", "note"]
 RUN_COLUMNS = ["experiment", "run_id", "run_name", "start_time", "method", "backend"]
-RESULT_COLUMNS = [*RUN_COLUMNS, "setting", "benchmark", "domain", *FIGURE_COLUMNS]
+# benchmark_label: the benchmark's name, with its folder where runs read it from several.
+RESULT_COLUMNS = [*RUN_COLUMNS, "setting", "benchmark", "root", "benchmark_label", "domain", *FIGURE_COLUMNS]
 SEARCH_PAGE = 1000
 
 
@@ -50,13 +60,15 @@ class ComparisonError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class TrackedEvaluation:
-    """A FINISHED run with an ood_evaluation table (``None`` when only listed)."""
+    """A FINISHED run with an ood_evaluation table and the record of the student it scored
+    (``None`` when only listed, or for the record when the run logged none)."""
 
     run_id: str
     run_name: str
     start_time: pd.Timestamp
     params: dict[str, str]
     table: pd.DataFrame | None
+    evaluated_student: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -106,10 +118,11 @@ def _no_progress_bars():
 
 def search_evaluations(experiment: str | None, filter_string: str, download: bool = True) -> EvaluationSearch:
     """The FINISHED runs of ``experiment`` that match ``filter_string`` and carry an
-    ood_evaluation table, oldest first, with the table read from the artifact (only listed
-    when ``download`` is false). ``experiment`` None is the active run's experiment, else the
-    one kedro-mlflow set (``mlflow.set_experiment`` exports ``MLFLOW_EXPERIMENT_ID``). The
-    active run (the comparison's own) is never returned, nor counted."""
+    ood_evaluation table, oldest first, with the table and the evaluated student's record
+    read from the artifacts (only listed when ``download`` is false). ``experiment`` None is
+    the active run's experiment, else the one kedro-mlflow set (``mlflow.set_experiment``
+    exports ``MLFLOW_EXPERIMENT_ID``). The active run (the comparison's own) is never
+    returned, nor counted."""
     import mlflow
     from mlflow.entities import ViewType
     from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID
@@ -163,14 +176,15 @@ def search_evaluations(experiment: str | None, filter_string: str, download: boo
             listed = {item.path for item in client.list_artifacts(run_id, EVALUATION_FOLDER)}
             if EVALUATION_ARTIFACT not in listed:
                 continue
-            table = None
+            table, student = None, None
             if download:
-                path = mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=EVALUATION_ARTIFACT, dst_path=f"{scratch}/{run_id}", tracking_uri=uri
-                )
-                table = pd.read_csv(path)
+                table = pd.read_csv(_download(uri, run_id, EVALUATION_ARTIFACT, scratch))
+                if STUDENT_ARTIFACT in listed:
+                    student = json.loads(Path(_download(uri, run_id, STUDENT_ARTIFACT, scratch)).read_text())
             started = pd.Timestamp(run.info.start_time, unit="ms", tz="UTC")
-            evaluations.append(TrackedEvaluation(run_id, run.info.run_name, started, dict(run.data.params), table))
+            evaluations.append(
+                TrackedEvaluation(run_id, run.info.run_name, started, dict(run.data.params), table, student)
+            )
     return EvaluationSearch(
         experiment=found.name,
         tracking_uri=uri,
@@ -178,6 +192,15 @@ def search_evaluations(experiment: str | None, filter_string: str, download: boo
         evaluations=evaluations,
         not_finished=len(runs) - len(finished),
         without_evaluation=len(finished) - len(evaluations),
+    )
+
+
+def _download(tracking_uri: str, run_id: str, artifact: str, scratch: str) -> str:
+    """The local path of run ``run_id``'s ``artifact``, downloaded under ``scratch``."""
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=artifact, dst_path=f"{scratch}/{run_id}", tracking_uri=tracking_uri
     )
 
 
@@ -194,7 +217,9 @@ def comparison_problem(params: ComparisonParams, env: str | None = None) -> str 
 def collect_evaluations(params: ComparisonParams) -> pd.DataFrame:
     """One row per compared run × benchmark × domain (``average`` included, as each run's
     ood_evaluation table has it): the run (``run_id``, ``run_name``, ``start_time``, its
-    ``method`` and ``backend``) and its figures (``student_top1``, ``teacher_top1``, ...).
+    ``method`` and ``backend``, or for an evaluation alone its student and ``evaluation
+    only``), the benchmark's folder (``root``) and column label (``benchmark_label``), and its
+    figures (``student_top1``, ``teacher_top1``, ...).
 
     Raises:
         ComparisonError: no run to compare, or ``benchmark`` names none that a run evaluated.
@@ -231,9 +256,9 @@ def collect_evaluations(params: ComparisonParams) -> pd.DataFrame:
 
 def tidy_evaluations(search: EvaluationSearch) -> pd.DataFrame:
     """The runs' ood_evaluation tables stacked, each row with its run (see
-    :func:`collect_evaluations`); a table without the figures it needs is left out with a
-    warning."""
-    frames, unnamed = [], []
+    :func:`collect_evaluations`) and its benchmark's folder; a table without the figures it
+    needs is left out with a warning."""
+    frames, evaluations_only = [], []
     for evaluation in search.evaluations:
         table = evaluation.table
         if missing := [column for column in REQUIRED_COLUMNS if column not in table.columns]:
@@ -241,13 +266,14 @@ def tidy_evaluations(search: EvaluationSearch) -> pd.DataFrame:
                 "Run %s: its %s lacks the columns %s; it is left out", evaluation.run_id, EVALUATION_ARTIFACT, missing
             )
             continue
-        method = evaluation.params.get(METHOD_PARAM, NOT_LOGGED)
-        backend = evaluation.params.get(BACKEND_PARAM, NOT_LOGGED)
-        if NOT_LOGGED in (method, backend):
-            unnamed.append(evaluation.run_id)
+        method, backend = _row_label(evaluation)
+        if backend == EVALUATION_ONLY:
+            evaluations_only.append(f"{evaluation.run_id} ({method})")
         if "setting" not in table.columns:  # written before the few-shot setting existed
             table = table.assign(setting=DATA_FREE)
-        frame = table.reindex(columns=["setting", "benchmark", "domain", *FIGURE_COLUMNS]).assign(
+        if "root" not in table.columns:  # written before the evaluation named its folders
+            table = table.assign(root=UNKNOWN_ROOT)
+        frame = table.reindex(columns=["setting", "benchmark", "root", "domain", *FIGURE_COLUMNS]).assign(
             experiment=search.experiment,
             run_id=evaluation.run_id,
             run_name=evaluation.run_name,
@@ -255,28 +281,57 @@ def tidy_evaluations(search: EvaluationSearch) -> pd.DataFrame:
             method=method,
             backend=backend,
         )
-        frames.append(frame[RESULT_COLUMNS])
-    if unnamed:
-        logger.warning(
-            "Runs %s log no %s or %s (a stage run alone, e.g. `kedro run --pipelines=ood_evaluation`); "
-            "their row says %s",
-            unnamed,
-            METHOD_PARAM,
-            BACKEND_PARAM,
-            NOT_LOGGED,
+        frames.append(frame)
+    if evaluations_only:
+        logger.info(
+            "Runs %s scored a student made by another run (e.g. `kedro run --pipelines=ood_evaluation`): "
+            "rows of that student, backend %r",
+            evaluations_only,
+            EVALUATION_ONLY,
         )
     if not frames:
         return pd.DataFrame(columns=RESULT_COLUMNS)
     results = pd.concat(frames, ignore_index=True)
     results["note"] = results["note"].fillna("").astype(str)
-    return results
+    return results.assign(benchmark_label=_benchmark_labels(results))[RESULT_COLUMNS]
+
+
+def _row_label(evaluation: TrackedEvaluation) -> tuple[str, str]:
+    """The run's prompt method and synthesis backend when it made the student it scored; else
+    (it scored an earlier run's student, e.g. ``kedro run --pipelines=ood_evaluation``, which
+    logs neither) that student and :data:`EVALUATION_ONLY`: its registered model and version,
+    its weights' fingerprint when unregistered, or the run when it recorded none."""
+    method, backend = evaluation.params.get(METHOD_PARAM), evaluation.params.get(BACKEND_PARAM)
+    student = evaluation.evaluated_student
+    made_by = (student or {}).get("run_id")
+    if method and backend and made_by in (None, evaluation.run_id):
+        return method, backend
+    if student is None:
+        return f"student not logged by run {evaluation.run_id[:8]}", EVALUATION_ONLY
+    if student.get("registered_model"):
+        return f"{student['registered_model']} version {student['version']}", EVALUATION_ONLY
+    return f"unregistered student {student['fingerprint']}", EVALUATION_ONLY
+
+
+def _benchmark_labels(results: pd.DataFrame) -> list[str]:
+    """Each row's benchmark name, or ``<name> (<folder>)`` where the runs read that benchmark
+    from several folders (``unknown root`` for a table that names none): one column group per
+    folder, never one mean over both."""
+    folders = results.groupby("benchmark", sort=False)["root"].unique()
+    several = {name: list(roots) for name, roots in folders.items() if len(roots) > 1}
+    for name, roots in several.items():
+        logger.warning("%s was read from %d folders %s: a column group per folder", name, len(roots), roots)
+    return [
+        f"{name} ({root})" if name in several else name
+        for name, root in zip(results["benchmark"], results["root"], strict=True)
+    ]
 
 
 def _rank(value: str, known: list[str]) -> tuple[int, str]:
-    """Known values in their listed order, then others by name, then "(not logged)"."""
+    """Known values in their listed order, then others by name."""
     if value in known:
         return known.index(value), ""
-    return len(known) + (value == NOT_LOGGED), value
+    return len(known), value
 
 
 def _group_key(group: tuple[str, str]) -> tuple:
@@ -285,13 +340,13 @@ def _group_key(group: tuple[str, str]) -> tuple:
 
 
 def summarise_groups(results: pd.DataFrame) -> pd.DataFrame:
-    """Per method × backend × benchmark × domain: the student's mean, min and max top-1 and
+    """Per method × backend × benchmark label × domain: the student's mean, min and max top-1 and
     the teacher's mean over the runs that scored the domain (``cell_runs``), and how many
     runs the row has (``runs``); rows in method and backend order, domains as the runs list
     them with ``average`` last."""
     runs = results.groupby(["method", "backend"])["run_id"].nunique().rename("runs")
     cells = (
-        results.groupby(["method", "backend", "benchmark", "domain"], sort=False)
+        results.groupby(["method", "backend", "benchmark_label", "domain"], sort=False)
         .agg(
             cell_runs=("student_top1", "count"),  # count skips NaN: a domain without readable images
             student_mean=("student_top1", "mean"),
@@ -308,7 +363,9 @@ def summarise_groups(results: pd.DataFrame) -> pd.DataFrame:
     position = {key: i for i, key in enumerate(columns)}
     cells["_order"] = [
         (order[(m, b)], position[(bench, d)])
-        for m, b, bench, d in zip(cells["method"], cells["backend"], cells["benchmark"], cells["domain"], strict=True)
+        for m, b, bench, d in zip(
+            cells["method"], cells["backend"], cells["benchmark_label"], cells["domain"], strict=True
+        )
     ]
     return cells.sort_values("_order", ignore_index=True).drop(columns="_order")
 
@@ -316,8 +373,8 @@ def summarise_groups(results: pd.DataFrame) -> pd.DataFrame:
 def _columns(results: pd.DataFrame) -> list[tuple[str, str]]:
     """(benchmark, domain) in the order the runs list them, each benchmark's average last."""
     columns = []
-    for benchmark in dict.fromkeys(results["benchmark"]):
-        domains = list(dict.fromkeys(results.loc[results["benchmark"] == benchmark, "domain"]))
+    for benchmark in dict.fromkeys(results["benchmark_label"]):
+        domains = list(dict.fromkeys(results.loc[results["benchmark_label"] == benchmark, "domain"]))
         columns += [(benchmark, d) for d in domains if d != AVERAGE]
         columns += [(benchmark, AVERAGE)] if AVERAGE in domains else []
     return columns
@@ -340,13 +397,14 @@ def _cell(cell, decimals: int, show_range: bool) -> str:
 
 def tabulate_comparison(results: pd.DataFrame, params: ComparisonParams) -> tuple[pd.DataFrame, str]:
     """The comparison table, one row per prompt method × synthesis backend (``runs``: how
-    many runs it averages) and one column per benchmark domain (``<benchmark>/<domain>``) and
-    benchmark average, each cell the student's top-1 with the teacher's zero-shot top-1 (the
+    many runs it averages) and one column per benchmark domain (``<benchmark>/<domain>``, the
+    benchmark as labelled, with its folder where runs read it from several) and benchmark
+    average, each cell the student's top-1 with the teacher's zero-shot top-1 (the
     ceiling) beside it, e.g. ``0.79 (0.94)``; and the same as Markdown, with what a cell
     means and which runs each row averages."""
     summary = summarise_groups(results)
     columns = _columns(results)
-    cells = {(row.method, row.backend, row.benchmark, row.domain): row for row in summary.itertuples(index=False)}
+    cells = {(row.method, row.backend, row.benchmark_label, row.domain): row for row in summary.itertuples(index=False)}
     groups = list(dict.fromkeys(zip(summary["method"], summary["backend"], strict=True)))
     runs = summary.drop_duplicates(["method", "backend"]).set_index(["method", "backend"])["runs"]
     table = pd.DataFrame(
@@ -385,6 +443,9 @@ def tabulate_comparison(results: pd.DataFrame, params: ComparisonParams) -> tupl
             "method and backend, e.g. seeds, are averaged); a cell that fewer of them scored says how many. "
             "`average`: each run's mean over its benchmark's domains with readable images.",
             "",
+            _folders_read(results),
+            *_evaluation_only_note(groups),
+            "",
             table.to_markdown(index=False),
             "",
             "## Runs",
@@ -398,10 +459,37 @@ def tabulate_comparison(results: pd.DataFrame, params: ComparisonParams) -> tupl
     return table, markdown
 
 
+def _folders_read(results: pd.DataFrame) -> str:
+    """Which folder each benchmark was read from; a benchmark read from several has a column
+    group per folder."""
+    folders = results.drop_duplicates(["benchmark", "root"])
+    several = (folders["benchmark_label"] != folders["benchmark"]).any()
+    listed = "; ".join(
+        f"{name}: {UNKNOWN_ROOT} (an evaluation from before the folder was recorded)"
+        if root == UNKNOWN_ROOT
+        else f"{name}: `{root}`"
+        for name, root in zip(folders["benchmark"], folders["root"], strict=True)
+    )
+    apart = " A benchmark read from several folders has a column group per folder, never one mean." if several else ""
+    return f"Benchmark folders: {listed}.{apart}"
+
+
+def _evaluation_only_note(groups: list[tuple[str, str]]) -> list[str]:
+    """What the rows of evaluations alone are, when there are any."""
+    if not any(backend == EVALUATION_ONLY for _, backend in groups):
+        return []
+    return [
+        "",
+        f"Rows with backend `{EVALUATION_ONLY}` are runs that scored a student made by another run (e.g. "
+        "`kedro run --pipelines=ood_evaluation`), named after that student: its registered model and version, "
+        "else its weights' fingerprint.",
+    ]
+
+
 def plot_comparison(results: pd.DataFrame) -> Figure:
     """Grouped bars per domain, one bar per method × backend (the student's mean top-1, with
     its min–max over the runs as an error bar), the teacher's zero-shot top-1 (the ceiling)
-    marked as a black line across each bar; one panel per benchmark."""
+    marked as a black line across each bar; one panel per benchmark label."""
     summary = summarise_groups(results)
     columns = _columns(results)
     benchmarks = list(dict.fromkeys(b for b, _ in columns))
@@ -421,7 +509,9 @@ def plot_comparison(results: pd.DataFrame) -> Figure:
         positions = np.arange(len(domains))
         for i, (method, backend) in enumerate(groups):
             rows = summary[
-                (summary["method"] == method) & (summary["backend"] == backend) & (summary["benchmark"] == benchmark)
+                (summary["method"] == method)
+                & (summary["backend"] == backend)
+                & (summary["benchmark_label"] == benchmark)
             ]
             rows = rows.set_index("domain").reindex(domains)
             x = positions - 0.4 + width * (i + 0.5)

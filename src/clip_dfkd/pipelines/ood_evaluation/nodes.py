@@ -432,9 +432,10 @@ def summarise_evaluation(
     domain_results: pd.DataFrame, params: OodEvaluationParams
 ) -> tuple[pd.DataFrame, str, dict, dict]:
     """Per-domain rows plus each benchmark's mean over its domains that have readable images,
-    per setting (data-free first); the same as Markdown, saying what each setting is; and
-    every figure as an MLflow metric ``<benchmark>/<domain>/<metric>``, those of the
-    data-free student and those of the few-shot one apart (each has its own section).
+    per setting (data-free first), each row with its benchmark's folder (``root``, absolute);
+    the same as Markdown, saying what each setting is and which folders were read; and every
+    figure as an MLflow metric ``<benchmark>/<domain>/<metric>``, those of the data-free
+    student and those of the few-shot one apart (each has its own section).
 
     ``domains`` says how many domains a row's scores cover: 1 for a domain with readable
     images, 0 for one without (its scores are NaN), and for an average the number averaged
@@ -459,6 +460,10 @@ def summarise_evaluation(
     # The share of the teacher's accuracy that the student reaches over the benchmark.
     averages["student_teacher_ratio"] = averages["student_top1"] / averages["teacher_top1"]
     table = pd.concat([counted[TABLE_COLUMNS], averages[TABLE_COLUMNS]], ignore_index=True)
+    # Beside each benchmark, the folder it was read from: the comparison and the promotion tell
+    # scores of two folders under one benchmark name apart by it.
+    roots = {name: benchmark.resolved_root() for name, benchmark in params.benchmarks.items()}
+    table.insert(table.columns.get_loc("benchmark") + 1, "root", table["benchmark"].map(roots))
     # Settings in the order scored (data-free first), each benchmark's domains then its average.
     order = {setting: i for i, setting in enumerate(dict.fromkeys(domain_results["setting"]))}
     table = table.sort_values(
@@ -473,7 +478,9 @@ def summarise_evaluation(
             "",
             *[f"- **{setting}**: {_setting_description(setting, params)}" for setting in order],
             "",
-            table.to_markdown(index=False, floatfmt=".4f"),
+            "Benchmark folders: " + "; ".join(f"{name} `{roots[name]}`" for name in dict.fromkeys(table["benchmark"])),
+            "",
+            table.drop(columns="root").to_markdown(index=False, floatfmt=".4f"),
             "",
         ]
     )

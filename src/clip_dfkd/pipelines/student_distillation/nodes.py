@@ -29,6 +29,7 @@ from clip_dfkd.student_training import (
     fit_student,
     soft_label_loss,
 )
+from clip_dfkd.tracking import class_list_tags, shown_classes
 
 logger = logging.getLogger(__name__)
 
@@ -122,17 +123,16 @@ def register_student(
         else f"inversion:{image_synthesis.inversion.parameterization}"
     )
     names = list(classes)
-    shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
     registration = register_student_model(
         student,
         registered_name=params.registry.model_name,
         alias=params.registry.alias,
         onnx=params.registry.export_onnx,
         description=(
-            f"A {params.student.model_name} classifier of {len(names)} classes ({shown}), distilled from the CLIP "
-            f"teacher {teacher_name} on images synthesised by {generator} from {prompt_generation.method} "
-            f"prompts; no real image. Its logged model carries the final epoch's training metrics "
-            f"(`training/*`) and, once evaluated, the evaluation's figures (`ood/*`)."
+            f"A {params.student.model_name} classifier of {len(names)} classes ({shown_classes(names)}), distilled "
+            f"from the CLIP teacher {teacher_name} on images synthesised by {generator} from "
+            f"{prompt_generation.method} prompts; no real image. Its logged model carries the final epoch's "
+            "training metrics (`training/*`) and, once evaluated, the evaluation's figures (`ood/*`)."
         ),
         # The catalog's student_distillation_metrics section.
         training_metrics=lambda key: key.startswith("training/"),
@@ -140,7 +140,8 @@ def register_student(
             "teacher": teacher_name,
             "generator": generator,
             "prompt_method": prompt_generation.method,
-            "classes": ",".join(classes),
+            # ood_evaluation's promotion compares a version only with versions of the same list.
+            **class_list_tags(names),
             "student": params.student.model_name,
             "fingerprint": fingerprint,
         },
