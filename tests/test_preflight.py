@@ -90,7 +90,8 @@ def test_prompts_and_images_need_the_teachers_weights_only_for_inversion(
         (
             {"classes": ["ball", "box"]},
             PreflightError,
-            "ood_evaluation.benchmarks.demo_shapes: class folder cartoon/'kite' is not in classes",
+            "ood_evaluation.benchmarks.demo_shapes: class folders 'kite' (in cartoon, night, photo, sketch), 'tent' "
+            "(in cartoon, night, photo, sketch) are not in classes",
         ),
         (
             {"teacher": {"pretrained": "weights/missing.safetensors"}},

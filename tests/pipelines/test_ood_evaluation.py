@@ -50,9 +50,10 @@ CLASSES = ["ball", "box", "tent"]
 
 def _benchmark(root, layout: dict[str, dict[str, int]]):
     for domain, counts in layout.items():
+        (root / domain).mkdir(parents=True)
         for class_name, count in counts.items():
             folder = root / domain / class_name
-            folder.mkdir(parents=True)
+            folder.mkdir()
             for i in range(count):
                 Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
     return root
@@ -79,8 +80,20 @@ def test_scan_lists_domains_and_matches_class_folders_loosely(tmp_path) -> None:
         (
             {"photo": {"giraffe": 1}},
             {},
-            r"ood_evaluation\.benchmarks\.toy: class folder photo/'giraffe' is not in classes; "
+            r"ood_evaluation\.benchmarks\.toy: class folder 'giraffe' \(in photo\) is not in classes; "
             r"allowed: \['ball', 'box', 'tent'\]",
+        ),
+        (
+            {"photo": {"ball": 1}, "sketch": {}},
+            {},
+            r"ood_evaluation\.benchmarks\.toy\.root='.*bench': the domain folders \['sketch'\] hold no class folder; "
+            r"expected the layout <root>/<domain>/<class>/<image files>$",
+        ),
+        (
+            {"photo": {}, "sketch": {}},
+            {},
+            r"ood_evaluation\.benchmarks\.toy\.root='.*bench': the domain folders \['photo', 'sketch'\] hold no "
+            r"class folder",
         ),
         (
             {"photo": {"ball": 1}},
@@ -142,6 +155,19 @@ def test_scan_lists_stray_files_as_skipped_with_a_reason(tmp_path) -> None:
         ("photo/unsorted.png", "not inside a class folder"),
         ("photo/ball/labels.txt", "not an image file"),
         ("photo/ball/raw/scan.pdf", "not an image file"),
+    ]
+
+
+def test_files_at_the_root_are_listed_as_skipped_without_a_domain(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 1}})
+    (root / "README.txt").write_text("toy benchmark")
+    (root / "fetch.sh").write_text("wget ...")
+
+    _, skipped = index_benchmarks(ClassNames.model_validate(CLASSES), _params({"toy": {"root": str(root)}}))
+
+    assert skipped.values.tolist() == [
+        ["toy", "", str(root / "README.txt"), "at the benchmark's root, not a domain folder"],
+        ["toy", "", str(root / "fetch.sh"), "at the benchmark's root, not a domain folder"],
     ]
 
 

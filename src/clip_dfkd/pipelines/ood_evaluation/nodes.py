@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from clip_dfkd.benchmarks import scan_benchmark
+from clip_dfkd.benchmarks import scan_benchmark, skipped_at_root
 from clip_dfkd.errors import UserError
 from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, iterate_batches, open_rgb
 from clip_dfkd.models import ClipTeacher, StudentClassifier, load_zero_shot_teacher
@@ -53,10 +53,13 @@ NO_READABLE_IMAGE = "no readable image"
 def index_benchmarks(classes: ClassNames, params: OodEvaluationParams) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every image of every enabled benchmark's chosen domains with its class index
     (``benchmark, domain, path, label``), and the files left out with the reason (not
-    images, not inside a class folder, listed but missing). Reads no image."""
+    images, not inside a class folder, listed but missing, at the root but not a domain
+    folder: those have no domain). Reads no image."""
     rows, skipped = [], []
     for name, benchmark in params.enabled_benchmarks().items():
-        for domain in scan_benchmark(name, benchmark, list(classes)):
+        domains = scan_benchmark(name, benchmark, list(classes))
+        skipped += [(name, "", str(path), reason) for path, reason in skipped_at_root(name, benchmark)]
+        for domain in domains:
             if not domain.paths:
                 # Keeps the domain in the report even when it has no image file at all.
                 rows.append((name, domain.domain, None, -1))
