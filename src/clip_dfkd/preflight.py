@@ -16,7 +16,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel
 
-from clip_dfkd.benchmarks import BenchmarkError, scan_benchmark
+from clip_dfkd.benchmarks import BenchmarkError, DomainImages, scan_benchmark
 from clip_dfkd.errors import UserError
 from clip_dfkd.models.generator import (
     missing_decoder_weights,
@@ -31,6 +31,7 @@ from clip_dfkd.params import (
     ClassNames,
     ComparisonParams,
     ImageSynthesisParams,
+    OodEvaluationParams,
     PromptGenerationParams,
     TeacherParams,
 )
@@ -80,6 +81,24 @@ def _synthesis_problem(params: ImageSynthesisParams) -> str | None:
     if params.inversion.parameterization == "latent":
         return missing_decoder_weights(params.inversion.decoder)
     return None
+
+
+def _few_shot_problem(
+    evaluation: OodEvaluationParams, scanned: dict[str, list[DomainImages]], classes: list[str]
+) -> str | None:
+    """Why the few-shot draw cannot be served by the benchmarks on disk: a source domain that
+    is not evaluated, or a class with fewer than k image files in the source domains."""
+    if problem := evaluation.few_shot_source_error(
+        {name: [images.domain for images in domains] for name, domains in scanned.items()}
+    ):
+        return problem
+    counts = {name: dict.fromkeys(evaluation.few_shot.source_names(), 0) for name in classes}
+    for name, sources in evaluation.few_shot.source_domains.items():
+        for images in scanned[name]:
+            if images.domain in sources:
+                for label in images.labels:
+                    counts[classes[label]][f"{name}/{images.domain}"] += 1
+    return evaluation.few_shot_shortage_error(counts, "image files")
 
 
 def _loads_teacher(pipeline, catalog) -> bool:
@@ -167,8 +186,8 @@ class PreflightError(UserError, ValueError):
 class PreflightHook:
     """Checks what parameter validation cannot see, before the first node runs: every model's
     weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging Face cache),
-    benchmark roots exist, their class folders are known classes and the few-shot source
-    domains are among their domains."""
+    benchmark roots exist, each domain has class folders and they are known classes, and the
+    few-shot source domains are among their domains and hold k image files of every class."""
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -202,14 +221,14 @@ class PreflightHook:
         ]
         if "ood_evaluation" in used:
             evaluation = catalog.load("params:ood_evaluation")
-            found = {}
+            scanned = {}
             for name, benchmark in evaluation.enabled_benchmarks().items():
                 try:
-                    found[name] = [domain.domain for domain in scan_benchmark(name, benchmark, classes)]
+                    scanned[name] = scan_benchmark(name, benchmark, classes)
                 except BenchmarkError as exc:
                     problems.append(str(exc))
-            if evaluation.few_shot.k and len(found) == len(evaluation.enabled_benchmarks()):
-                problems.append(evaluation.few_shot_source_error(found))
+            if evaluation.few_shot.k and len(scanned) == len(evaluation.enabled_benchmarks()):
+                problems.append(_few_shot_problem(evaluation, scanned, classes))
         if "comparison" in used:
             from clip_dfkd.pipelines.comparison.nodes import comparison_problem  # imports matplotlib: only here
 

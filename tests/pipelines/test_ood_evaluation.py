@@ -379,21 +379,25 @@ def test_a_disabled_benchmark_is_neither_checked_nor_evaluated(tmp_path) -> None
     results, _, _ = _evaluate(params)
     assert set(results["benchmark"]) == {"toy"}
 
-    class Catalog:
-        def __init__(self, benchmarks: OodEvaluationParams):
-            self.params = {"params:classes": ClassNames.model_validate(CLASSES), "params:ood_evaluation": benchmarks}
+    _preflight(params)  # no error: "gone" is off
+    enabled = _params({"toy": {"root": str(root)}, "gone": {"root": str(tmp_path / "missing")}})
+    with pytest.raises(PreflightError, match=r"ood_evaluation\.benchmarks\.gone\.root=.*: no such folder"):
+        _preflight(enabled)
 
+
+def _preflight(params: OodEvaluationParams) -> None:
+    """The preflight hook on a pipeline that evaluates with ``params`` (what it reads of the
+    catalog: the classes and the evaluation's parameters)."""
+
+    class Catalog:
         def load(self, name):
-            return self.params[name]
+            return {"params:classes": ClassNames.model_validate(CLASSES), "params:ood_evaluation": params}[name]
 
     class OodPipeline:
         def inputs(self):
             return {"params:classes", "params:ood_evaluation"}
 
-    PreflightHook().before_pipeline_run({}, OodPipeline(), Catalog(params))  # no error: "gone" is off
-    enabled = _params({"toy": {"root": str(root)}, "gone": {"root": str(tmp_path / "missing")}})
-    with pytest.raises(PreflightError, match=r"ood_evaluation\.benchmarks\.gone\.root=.*: no such folder"):
-        PreflightHook().before_pipeline_run({}, OodPipeline(), Catalog(enabled))
+    PreflightHook().before_pipeline_run({}, OodPipeline(), Catalog())
 
 
 def test_at_least_one_benchmark_stays_enabled() -> None:
@@ -668,14 +672,39 @@ def test_a_few_shot_draw_the_benchmark_cannot_serve_fails_on_one_line(tmp_path) 
     classes = ClassNames.model_validate(CLASSES)
     index, _ = index_benchmarks(classes, _params({"toy": {"root": str(root)}}))
 
-    with pytest.raises(FewShotError, match=r"^ood_evaluation.few_shot.k=7: class 'ball' has 6 readable images"):
+    with pytest.raises(FewShotError) as caught:
         draw_few_shot(index, classes, _few_shot_params(root, k=7))
+    assert str(caught.value) == (
+        "ood_evaluation.few_shot.k=7: class 'ball' has 6 readable images in the source domains (toy/photo: 6), the "
+        "fewest of any class; allowed: k <= 6, or more source domains"
+    )
     with pytest.raises(FewShotError, match=r"source_domains.toy=\['painting'\]: \['painting'\] not evaluated"):
         draw_few_shot(index, classes, _few_shot_params(root, k=1, source_domains={"toy": ["painting"]}))
     with pytest.raises(FewShotError, match=r"leaves no evaluated domain to score the few-shot student on"):
         draw_few_shot(index, classes, _few_shot_params(root, k=1, source_domains={"toy": ["photo", "sketch"]}))
     shots, held_out = draw_few_shot(index, classes, _few_shot_params(root, k=0))
     assert shots.empty and held_out.empty
+
+
+def test_a_few_shot_k_above_the_image_files_of_a_class_fails_before_the_run(tmp_path) -> None:
+    root = _benchmark(
+        tmp_path, {"photo": {"ball": 3, "box": 4}, "sketch": {"ball": 2, "tent": 5}, "cartoon": {"ball": 1}}
+    )
+
+    with pytest.raises(PreflightError) as too_many:
+        _preflight(_few_shot_params(root, k=5, source_domains={"toy": ["photo", "sketch"]}))
+    with pytest.raises(PreflightError) as absent:
+        _preflight(_few_shot_params(root, k=1, source_domains={"toy": ["photo"]}))
+
+    assert str(too_many.value) == (
+        "ood_evaluation.few_shot.k=5: class 'box' has 4 image files in the source domains (toy/photo: 4, "
+        "toy/sketch: 0), the fewest of any class; allowed: k <= 4, or more source domains"
+    )
+    assert str(absent.value) == (
+        "ood_evaluation.few_shot.k=1: class 'tent' has no image files in the source domains toy/photo; allowed: "
+        "ood_evaluation.few_shot.source_domains that hold k=1 image files of every class"
+    )
+    _preflight(_few_shot_params(root, k=4, source_domains={"toy": ["photo", "sketch"]}))
 
 
 def test_the_report_says_which_setting_produced_each_row(tmp_path, monkeypatch) -> None:
