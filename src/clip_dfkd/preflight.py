@@ -2,9 +2,10 @@
 
 Parameter validation (:mod:`clip_dfkd.params`) sees values only; these checks see files:
 every model's weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging
-Face cache), saved artefacts fit the run, benchmark roots exist and their class folders
-are known classes. A failed check raises :class:`PreflightError` with one line per problem,
-and nothing has been written or logged yet.
+Face cache), a local generator folder is whole, saved artefacts fit the run, benchmark roots
+exist, each domain has class folders and they are known classes, and the few-shot source
+domains hold k image files of every class. A failed check raises :class:`PreflightError`
+with one line per problem, and nothing has been written or logged yet.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 from clip_dfkd.benchmarks import BenchmarkError, DomainImages, scan_benchmark
 from clip_dfkd.errors import UserError
 from clip_dfkd.models.generator import (
+    incomplete_generator_folder,
     missing_decoder_weights,
     missing_generator_weights,
     missing_tiny_vae_weights,
@@ -76,6 +78,7 @@ def _synthesis_problem(params: ImageSynthesisParams) -> str | None:
         return (
             missing_generator_weights(params.generator)
             or unsupported_generator(params.generator)
+            or incomplete_generator_folder(params.generator)
             or missing_tiny_vae_weights(params.generator)
         )
     if params.inversion.parameterization == "latent":
