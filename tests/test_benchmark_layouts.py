@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from clip_dfkd.benchmark_layouts import LAYOUTS, BenchmarkError
-from clip_dfkd.benchmarks import scan_benchmark
+from clip_dfkd.benchmarks import scan_benchmark, skipped_at_root
 from clip_dfkd.params import BenchmarkParams, ClassNames
 
 
@@ -22,6 +22,11 @@ def _image(path: Path, shade: int = 0) -> Path:
 def _scan(layout: str, root: Path, classes: str | list[str] | None = None, **settings):
     params = BenchmarkParams.model_validate({"root": str(root), "layout": layout, **settings})
     return {d.domain: d for d in scan_benchmark(layout, params, list(ClassNames.model_validate(classes or layout)))}
+
+
+def _skipped_at_root(layout: str, root: Path) -> list[tuple[str, str]]:
+    params = BenchmarkParams.model_validate({"root": str(root), "layout": layout})
+    return [(path.name, reason) for path, reason in skipped_at_root(layout, params)]
 
 
 def _relative(domain, root: Path) -> list[tuple[str, str]]:
@@ -69,6 +74,22 @@ def test_pacs_reads_the_official_lists_with_classes_from_the_listed_folders(tmp_
     assert _relative(domains["sketch"], kfold)[0] == ("sketch/dog/pic_001.png", 0)
 
 
+def test_only_root_entries_that_are_neither_domains_nor_lists_are_skipped(tmp_path) -> None:
+    kfold = _pacs(tmp_path)
+    (tmp_path / "splits" / "photo_test_kfold.txt").rename(kfold / "photo_test_kfold.txt")
+    (kfold / "splits").mkdir()
+    (kfold / "README.txt").write_text("PACS")
+    (kfold / ".DS_Store").write_bytes(b"finder")
+
+    assert _skipped_at_root("pacs", kfold) == [
+        ("README.txt", "at the benchmark's root, not a domain folder or list file of PACS")
+    ]
+    assert _skipped_at_root("folders", kfold) == [
+        ("README.txt", "at the benchmark's root, not a domain folder"),
+        ("photo_test_kfold.txt", "at the benchmark's root, not a domain folder"),
+    ]
+
+
 def test_pacs_without_its_lists_reads_the_class_folders(tmp_path) -> None:
     kfold = _pacs(tmp_path)
     for listed in (tmp_path / "splits").iterdir():
@@ -110,7 +131,8 @@ def test_a_missing_domain_names_the_folders_looked_for(tmp_path) -> None:
         folder.rmdir()
     (kfold / "sketch").rmdir()
 
-    with pytest.raises(BenchmarkError, match=r"domains \['sketch'\] not found \(looked for \['.*/kfold/sketch'\]\)"):
+    looked_for = r"domains \['sketch'\] not found \(looked for \['.*/kfold/sketch'\], in any case\)"
+    with pytest.raises(BenchmarkError, match=looked_for):
         _scan("pacs", kfold)
     with pytest.raises(BenchmarkError, match=r"domains=\['Sketch'\]: not domains of PACS; allowed: \['art_painting'"):
         _scan("pacs", kfold, domains=["Sketch"])
@@ -147,6 +169,44 @@ def test_vlcs_in_jigens_layout_with_numbered_class_folders(tmp_path, split, expe
     voc = domains["VOC2007"]
     assert [p.name for p in voc.paths] == expected
     assert set(_classes(voc, LAYOUTS["vlcs"].classes)) == {"dog"}  # folder 3 is dog
+
+
+def test_vlcs_domain_folders_in_any_case_and_other_root_entries_skipped(tmp_path) -> None:
+    """Circulating copies lower-case the domains; a folder or file beside them is no domain."""
+    for folder in ("caltech", "labelme", "pascal", "sun"):
+        _image(tmp_path / folder / "bird" / "a.jpg")
+    _image(tmp_path / "OfficeHome" / "Art" / "x.jpg")
+    (tmp_path / "download.sh").write_text("wget ...")
+
+    domains = _scan("vlcs", tmp_path)
+
+    assert list(domains) == ["Caltech101", "LabelMe", "SUN09", "VOC2007"]
+    assert [p.relative_to(tmp_path).parts[0] for d in domains.values() for p in d.paths] == [
+        "caltech",
+        "labelme",
+        "sun",
+        "pascal",
+    ]
+    assert _skipped_at_root("vlcs", tmp_path) == [
+        ("OfficeHome", "at the benchmark's root, not a domain folder or list file of VLCS"),
+        ("download.sh", "at the benchmark's root, not a domain folder or list file of VLCS"),
+    ]
+
+
+def test_a_domain_without_class_folders_stops_the_scan(tmp_path) -> None:
+    for folder in ("CALTECH", "LABELME", "PASCAL", "SUN"):
+        _image(tmp_path / folder / "full" / "3" / "a.jpg")
+        _image(tmp_path / folder / "test" / "3" / "b.jpg")
+    for image in list((tmp_path / "SUN").rglob("*.jpg")):
+        image.unlink()
+        image.parent.rmdir()  # SUN/full/ and SUN/test/ are left without class folders
+
+    with pytest.raises(BenchmarkError) as caught:
+        _scan("vlcs", tmp_path)
+    assert str(caught.value).startswith(
+        f"ood_evaluation.benchmarks.vlcs.root='{tmp_path}': the domain folders ['SUN09'] hold no class folder; "
+        "expected VLCS as <root>/<domain>/<class>/<images> (DomainBed)"
+    )
 
 
 # --- OfficeHome --------------------------------------------------------------------------
@@ -308,8 +368,33 @@ def test_a_class_that_matches_nothing_names_the_folder_and_the_allowed_names(tmp
     with pytest.raises(BenchmarkError) as caught:
         _scan("pacs", kfold, ["dog", "cat"])
     assert str(caught.value) == (
-        "ood_evaluation.benchmarks.pacs: class folder art_painting/'person' is not in classes; allowed: "
-        "['dog', 'cat'] (case, '_' and '-' are ignored; ood_evaluation.benchmarks.pacs.class_aliases maps other names)"
+        "ood_evaluation.benchmarks.pacs: class folder 'person' (in art_painting, cartoon, photo, sketch) is not in "
+        "classes; allowed: ['dog', 'cat'] (case, '_' and '-' are ignored; ood_evaluation.benchmarks.pacs.class_aliases "
+        "maps other names)"
     )
     with pytest.raises(BenchmarkError, match=r"class_aliases=\{'dog': 'wolf'\}: not classes of this run"):
         _scan("pacs", kfold, ["dog", "person"], class_aliases={"dog": "wolf"})
+
+
+def test_every_class_folder_that_matches_nothing_is_named_at_once(tmp_path) -> None:
+    _image(tmp_path / "photo" / "Hund" / "a.png")
+    _image(tmp_path / "photo" / "ball" / "b.png")
+    _image(tmp_path / "sketch" / "Katze" / "c.png")
+    _image(tmp_path / "sketch" / "Hund" / "d.png")
+    for folder in ("CALTECH", "LABELME", "PASCAL", "SUN"):
+        _image(tmp_path / "jigen" / folder / "full" / "0" / "a.jpg")
+        _image(tmp_path / "jigen" / folder / "test" / "3" / "b.jpg")
+
+    with pytest.raises(BenchmarkError) as folders:
+        _scan("folders", tmp_path, ["ball"], domains=["photo", "sketch"])
+    with pytest.raises(BenchmarkError) as vlcs:
+        _scan("vlcs", tmp_path / "jigen", ["bird"])
+
+    assert str(folders.value).startswith(
+        "ood_evaluation.benchmarks.folders: class folders 'Hund' (in photo, sketch), 'Katze' (in sketch) are not in "
+        "classes; allowed: ['ball']"
+    )
+    assert str(vlcs.value).startswith(
+        "ood_evaluation.benchmarks.vlcs: class folder 'dog' (in Caltech101, LabelMe, SUN09, VOC2007) is not in "
+        "classes; allowed: ['bird']"
+    )

@@ -90,7 +90,8 @@ def test_prompts_and_images_need_the_teachers_weights_only_for_inversion(
         (
             {"classes": ["ball", "box"]},
             PreflightError,
-            "ood_evaluation.benchmarks.demo_shapes: class folder cartoon/'kite' is not in classes",
+            "ood_evaluation.benchmarks.demo_shapes: class folders 'kite' (in cartoon, night, photo, sketch), 'tent' "
+            "(in cartoon, night, photo, sketch) are not in classes",
         ),
         (
             {"teacher": {"pretrained": "weights/missing.safetensors"}},
@@ -147,6 +148,30 @@ def _write_sdxl_like_folder(folder: Path) -> None:
     index = {"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def _half_copied_generator(project: Path, damage) -> None:
+    """The demo's generator copied to ``project/sd``, then ``damage(copy)``."""
+    import shutil
+
+    shutil.copytree(project / "data/06_models/demo/tiny-stable-diffusion", project / "sd")
+    damage(project / "sd")
+
+
+def _truncate_index(folder: Path) -> None:
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline",')
+
+
+def _empty_unet_folder(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder / "unet")
+    (folder / "unet").mkdir()
+
+
+def _image_without_class_folder(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n")  # preflight reads names, not pixels
 
 
 def _write_bank(path: Path, dim: int) -> None:
@@ -220,6 +245,31 @@ def _write_other_checkpoint(path: Path) -> None:
             "image_synthesis.generator.model_id='./sdxl': a StableDiffusionXLPipeline (text encoders: text_encoder, "
             "text_encoder_2); allowed: a Stable Diffusion 1.x/2.x pipeline with one CLIP text encoder",
         ),
+        (
+            {"image_synthesis": {"backend": "diffusion", "generator": {"model_id": "./sd"}}},
+            lambda project: _half_copied_generator(project, _truncate_index),
+            "image_synthesis.generator.model_id='./sd': sd/model_index.json is not readable JSON (Expecting "
+            "property name enclosed in double quotes: line 1 column 43 (char 42)); allowed: a whole "
+            "save_pretrained folder (model_index.json and a folder for each component it names) or a hub id",
+        ),
+        (
+            {"image_synthesis": {"backend": "diffusion", "generator": {"model_id": "./sd"}}},
+            lambda project: _half_copied_generator(project, _empty_unet_folder),
+            "image_synthesis.generator.model_id='./sd': sd/model_index.json names components whose folders are "
+            "missing or empty: ['unet']; allowed: a whole save_pretrained folder",
+        ),
+        (
+            {"ood_evaluation": {"few_shot": {"k": 26, "source_domains": {"demo_shapes": ["photo"]}}}},
+            lambda project: None,
+            "ood_evaluation.few_shot.k=26: class 'ball' has 25 image files in the source domains "
+            "(demo_shapes/photo: 25), the fewest of any class; allowed: k <= 25, or more source domains",
+        ),
+        (
+            {"ood_evaluation": {"benchmarks": {"demo_shapes": {"root": "flat"}}}},
+            lambda project: _image_without_class_folder(project / "flat" / "photo" / "ball_1.png"),
+            "ood_evaluation.benchmarks.demo_shapes.root='flat': the domain folders ['photo'] hold no class folder; "
+            "expected the layout <root>/<domain>/<class>/<image files>",
+        ),
     ],
     ids=[
         "bank-not-safetensors",
@@ -230,6 +280,10 @@ def _write_other_checkpoint(path: Path) -> None:
         "bank-of-the-other-backend",
         "device-absent",
         "sdxl",
+        "generator-index-truncated",
+        "generator-component-empty",
+        "few-shot-k-above-a-class",
+        "benchmark-without-class-folders",
     ],
 )
 def test_unusable_inputs_stop_before_the_mlflow_run_starts(

@@ -112,7 +112,7 @@ def test_bytes_and_paths_give_the_students_own_prediction(registered, model) -> 
     ("columns", "message"),
     [
         ({"path": ["{png}", "/no/such/photo.png"]}, "row 1: path '/no/such/photo.png': no such file"),
-        ({"path": ["{png}", "{root}"]}, "row 1: path '{root}': no such file"),
+        ({"path": ["{png}", "{root}"]}, "row 1: path '{root}': is a folder; allowed: an image file path"),
         ({"image": ["{png_bytes}", b"not an image"]}, r"row 1: image \(12 bytes\): not a readable image \(unknown"),
         ({"image": ["{png_bytes}", b"\x89PNG\r\n\x1a\n" + b"\0" * 8]}, r"row 1: image \(16 bytes\): not a readable"),
         ({"image": ["{png}"]}, "row 0: image is a str; allowed: encoded image bytes"),
@@ -192,6 +192,15 @@ def scoring_server(registered: SimpleNamespace):
         log.close()
 
 
+@pytest.mark.parametrize("column", ["image", "path"])
+def test_an_input_without_rows_is_a_one_line_error(model, column) -> None:
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as caught:
+        model.predict(pd.DataFrame({column: pd.Series([], dtype=object)}))
+    assert caught.value.message == "the input has no rows; allowed: one row per image, with its image or path set"
+
+
 def _tail(root: Path) -> str:
     return (root / "server.log").read_text()[-2000:]
 
@@ -243,6 +252,9 @@ def test_scoring_server_answers_a_bad_row_with_400_naming_it(registered, scoring
     assert response.status_code == 400
     assert response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
     assert f"row 1: path '{missing}': no such file" in response.json()["message"]
+    empty = scoring_server(_one_column("image", []))
+    assert empty.status_code == 400
+    assert "the input has no rows; allowed: one row per image" in empty.json()["message"]
 
 
 def test_the_registered_model_carries_its_final_training_metrics_and_a_description(registered) -> None:

@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 from clip_dfkd.errors import UserError
@@ -40,6 +41,8 @@ class ListedImages:
     paths: list[Path] = field(default_factory=list)
     benchmark_classes: list[str] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    class_dirs: list[Path] | None = None
+    """The class folders read; None where a list file gives the classes."""
 
 
 def visible(path: Path) -> bool:
@@ -73,6 +76,7 @@ def read_class_folders(domain_dir: Path, class_dirs: list[Path] | None = None) -
         entries = sorted(p for p in domain_dir.iterdir() if visible(p))
         listed.skipped += [(p, OUTSIDE_CLASS_FOLDERS) for p in entries if not p.is_dir()]
         class_dirs = [p for p in entries if p.is_dir()]
+    listed.class_dirs = class_dirs
     for class_dir in class_dirs:
         for path in visible_files(class_dir):
             if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -123,10 +127,13 @@ class PublishedLayout:
 
     ``domains`` maps each published domain name to the folder names it is found under in the
     distributions people use (DomainBed renames nothing, Transfer-Learning-Library writes
-    ``Real_World``, JiGen upper-cases VLCS's domains). ``folder_names`` are the class folders
-    (or list-file class words) in label order and ``classes`` the same classes as prompts
-    read them. ``read`` lists one domain's images for a split (``test``: the official test
-    list where there is one, else every image; ``all``: every image).
+    ``Real_World``, JiGen upper-cases VLCS's domains, other copies lower-case them), matched
+    ignoring case. ``folder_names`` are the class folders (or list-file class words) in label
+    order and ``classes`` the same classes as prompts read them. ``read`` lists one domain's
+    images for a split (``test``: the official test list where there is one, else every image;
+    ``all``: every image). ``list_entries`` name (as ``fnmatch`` patterns) the files and
+    folders at the root that hold the official lists; any other entry of the root that is not
+    a domain folder is listed as skipped.
     """
 
     title: str
@@ -137,6 +144,7 @@ class PublishedLayout:
     classes: tuple[str, ...]
     read: Callable[[PublishedLayout, Path, Path, str, str], ListedImages]
     default_domains: tuple[str, ...] | None = None
+    list_entries: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         assert len(self.folder_names) == len(self.classes), self.title
@@ -146,10 +154,21 @@ class PublishedLayout:
         return dict(zip(self.folder_names, self.classes, strict=True)).get(folder)
 
     def domain_dir(self, root: Path, domain: str) -> Path | None:
+        """The folder of ``domain`` under ``root``: its first name found as written, else the
+        first found in another case."""
         for folder in self.domains[domain]:
             if (root / folder).is_dir():
                 return root / folder
-        return None
+        folders = {p.name.lower(): p for p in sorted(root.iterdir()) if p.is_dir() and visible(p)}
+        return next((folders[name.lower()] for name in self.domains[domain] if name.lower() in folders), None)
+
+    def is_domain_folder(self, name: str) -> bool:
+        """Whether a folder called ``name`` is one of this benchmark's domains, in any case."""
+        return any(name.lower() == folder.lower() for folders in self.domains.values() for folder in folders)
+
+    def holds_lists(self, name: str) -> bool:
+        """Whether the root entry ``name`` is where the benchmark keeps its official lists."""
+        return any(fnmatch(name, pattern) for pattern in self.list_entries)
 
 
 def _find_list(name: str, places: list[Path]) -> Path | None:
@@ -162,11 +181,16 @@ def _missing_list(layout: PublishedLayout, name: str, places: list[Path]) -> Ben
     )
 
 
+PACS_LIST_FOLDER = "splits"
+DOMAINNET_LIST_FOLDERS = ("splits", "image_list", "txt")
+IMAGECLEF_LIST_FOLDER = "list"
+
+
 def _read_pacs(layout: PublishedLayout, root: Path, domain_dir: Path, domain: str, split: str) -> ListedImages:
     # PACS's official "<domain>_test_kfold.txt" lists the whole domain, so both splits read
     # it when it is there, and the class folders otherwise. The class is taken from the
     # listed path's class folder: copies of the 1-based lists circulate with a stray label 0.
-    places = [root, root / "splits", root.parent / "splits"]
+    places = [root, root / PACS_LIST_FOLDER, root.parent / PACS_LIST_FOLDER]
     list_file = _find_list(f"{domain}_test_kfold.txt", places)
     if list_file is None:
         return read_class_folders(domain_dir)
@@ -192,7 +216,7 @@ def _read_folders(layout: PublishedLayout, root: Path, domain_dir: Path, domain:
 
 
 def _read_domainnet(layout: PublishedLayout, root: Path, domain_dir: Path, domain: str, split: str) -> ListedImages:
-    places = [root, root / "splits", root / "image_list", root / "txt"]
+    places = [root, *(root / folder for folder in DOMAINNET_LIST_FOLDERS)]
     listed = ListedImages()
     for part in ["test"] if split == "test" else ["train", "test"]:
         name = f"{domain}_{part}.txt"
@@ -209,7 +233,7 @@ def _read_domainnet(layout: PublishedLayout, root: Path, domain_dir: Path, domai
 def _read_imageclef(layout: PublishedLayout, root: Path, domain_dir: Path, domain: str, split: str) -> ListedImages:
     # The folders do not carry the class words (numbered Caltech-256 folders, flat ImageNet
     # and VOC files): the list file is the only source of labels.
-    places = [root / "list"]
+    places = [root / IMAGECLEF_LIST_FOLDER]
     list_file = _find_list(f"{domain}List.txt", places)
     if list_file is None:
         raise _missing_list(layout, f"{domain}List.txt", places)
@@ -298,6 +322,7 @@ LAYOUTS: dict[str, PublishedLayout] = {
         folder_names=("dog", "elephant", "giraffe", "guitar", "horse", "house", "person"),
         classes=("dog", "elephant", "giraffe", "guitar", "horse", "house", "person"),
         read=_read_pacs,
+        list_entries=("*_test_kfold.txt", PACS_LIST_FOLDER),
     ),
     "vlcs": PublishedLayout(
         title="VLCS",
@@ -337,6 +362,7 @@ LAYOUTS: dict[str, PublishedLayout] = {
         folder_names=tuple(DOMAINNET_FOLDERS),
         classes=_prompt_names(DOMAINNET_FOLDERS, DOMAINNET_PROMPT_WORDS),
         read=_read_domainnet,
+        list_entries=("*_train.txt", "*_test.txt", *DOMAINNET_LIST_FOLDERS),
     ),
     "imageclef_da": PublishedLayout(
         title="ImageCLEF-DA",
@@ -346,6 +372,7 @@ LAYOUTS: dict[str, PublishedLayout] = {
         folder_names=tuple(IMAGECLEF_CLASSES),
         classes=tuple(IMAGECLEF_CLASSES),
         read=_read_imageclef,
+        list_entries=(IMAGECLEF_LIST_FOLDER,),
         # Bing ("b") is in the lists but rarely reported; the literature's domains come first.
         default_domains=("c", "i", "p"),
     ),

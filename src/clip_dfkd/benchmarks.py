@@ -4,7 +4,9 @@
 of :data:`clip_dfkd.benchmark_layouts.LAYOUTS` read a published benchmark as downloaded.
 Images may sit in sub-folders of a class folder (they count for that class). Hidden files and
 folders are ignored; any other file that is not an image, or that a list names but the disk
-lacks, is listed as skipped with the reason, never dropped silently.
+lacks, and any entry of the root that is neither a domain folder nor an official list, is
+listed as skipped with the reason, never dropped silently. A domain folder without class
+folders, or a class folder that is no class of the run, stops the run before any work.
 
 A benchmark's class becomes a run class through ``class_aliases`` (benchmark folder or class
 word → run class) first, then by name, ignoring case and ``_``/``-`` versus spaces.
@@ -26,6 +28,7 @@ from clip_dfkd.benchmark_layouts import (
 from clip_dfkd.params import BenchmarkParams
 
 FOLDERS_LAYOUT = "<root>/<domain>/<class>/<image files>"
+NOT_A_DOMAIN_FOLDER = "at the benchmark's root, not a domain folder"
 
 
 @dataclass
@@ -45,8 +48,8 @@ def canonical_class_name(name: str) -> str:
 
 
 class _ClassMatcher:
-    """Maps a benchmark's class words to indices of the run's classes, or fails naming the
-    word and what it could have been."""
+    """Maps a benchmark's class words to indices of the run's classes, and remembers the words
+    that match none, with their domains, to name them all in one error."""
 
     def __init__(self, key: str, published: PublishedLayout | None, aliases: dict[str, str], classes: list[str]):
         self.key, self.published, self.classes = key, published, classes
@@ -54,8 +57,10 @@ class _ClassMatcher:
         if bad := {word: target for word, target in aliases.items() if canonical_class_name(target) not in self.lookup}:
             raise BenchmarkError(f"{key}.class_aliases={bad!r}: not classes of this run; allowed targets: {classes}")
         self.aliases = {word: self.lookup[canonical_class_name(target)] for word, target in aliases.items()}
+        self.unmatched: dict[str, list[str]] = {}
+        """Class word → the domains where it matched no class of the run."""
 
-    def index(self, word: str, domain: str) -> int:
+    def index(self, word: str, domain: str) -> int | None:
         published_name = self.published.class_of_folder(word) if self.published else None
         for candidate in (word, published_name):
             if candidate is not None and candidate in self.aliases:
@@ -63,9 +68,20 @@ class _ClassMatcher:
         for candidate in (published_name, word):
             if candidate is not None and (index := self.lookup.get(canonical_class_name(candidate))) is not None:
                 return index
-        shown = f"{word!r} ({published_name!r})" if published_name and published_name != word else repr(word)
-        raise BenchmarkError(
-            f"{self.key}: class folder {domain}/{shown} is not in classes; allowed: {self.classes} "
+        self.unmatched.setdefault(word, []).append(domain)
+        return None
+
+    def unmatched_error(self) -> BenchmarkError | None:
+        if not self.unmatched:
+            return None
+        shown = []
+        for word, domains in self.unmatched.items():
+            published_name = self.published.class_of_folder(word) if self.published else None
+            renamed = f" = {published_name!r}" if published_name and published_name != word else ""
+            shown.append(f"{word!r}{renamed} (in {', '.join(domains)})")
+        folders, are = ("class folders", "are") if len(shown) > 1 else ("class folder", "is")
+        return BenchmarkError(
+            f"{self.key}: {folders} {', '.join(shown)} {are} not in classes; allowed: {self.classes} "
             f"(case, '_' and '-' are ignored; {self.key}.class_aliases maps other names)"
         )
 
@@ -85,21 +101,47 @@ def scan_benchmark(name: str, params: BenchmarkParams, classes: list[str]) -> li
         raise BenchmarkError(f"{key}.root={params.root!r}: no such folder; {expected}")
     domain_dirs = _domain_dirs(key, root, params, published, expected)
     matcher = _ClassMatcher(key, published, params.class_aliases, classes)
-    result = []
+    result, without_class_folders = [], []
     for domain, domain_dir in domain_dirs.items():
         listed: ListedImages = (
             published.read(published, root, domain_dir, domain, params.split)
             if published
             else read_class_folders(domain_dir)
         )
+        if listed.class_dirs == []:
+            without_class_folders.append(domain)
         images = DomainImages(name, domain, paths=listed.paths, skipped=listed.skipped)
-        known: dict[str, int] = {}
+        known: dict[str, int | None] = {}
         for word in listed.benchmark_classes:
             if word not in known:
                 known[word] = matcher.index(word, domain)
             images.labels.append(known[word])
         result.append(images)
+    if without_class_folders:
+        raise BenchmarkError(
+            f"{key}.root={params.root!r}: the domain folders {without_class_folders} hold no class folder; {expected}"
+        )
+    if error := matcher.unmatched_error():
+        raise error
     return result
+
+
+def skipped_at_root(name: str, params: BenchmarkParams) -> list[tuple[Path, str]]:
+    """The entries of a benchmark's root that are neither a domain folder (chosen or not) nor
+    where a published benchmark keeps its official lists (``README.txt``, ``download.sh``, a
+    folder of another dataset), with the reason; hidden ones are ignored."""
+    published = LAYOUTS.get(params.layout)
+    root = Path(params.root).expanduser()
+    if published is None:
+        return [(path, NOT_A_DOMAIN_FOLDER) for path in sorted(root.iterdir()) if visible(path) and not path.is_dir()]
+    reason = f"{NOT_A_DOMAIN_FOLDER} or list file of {published.title}"
+    return [
+        (path, reason)
+        for path in sorted(root.iterdir())
+        if visible(path)
+        and not (path.is_dir() and published.is_domain_folder(path.name))
+        and not published.holds_lists(path.name)
+    ]
 
 
 def _domain_dirs(
@@ -121,6 +163,6 @@ def _domain_dirs(
     if missing := [d for d, path in found.items() if path is None]:
         looked = [str(root / folder) for d in missing for folder in published.domains[d]]
         raise BenchmarkError(
-            f"{key}.root={params.root!r}: domains {missing} not found (looked for {looked}); {expected}"
+            f"{key}.root={params.root!r}: domains {missing} not found (looked for {looked}, in any case); {expected}"
         )
     return found

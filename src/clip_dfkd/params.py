@@ -620,6 +620,10 @@ class FewShotParams(Params):
         """The setting's name in reports: ``few-shot k=<k>``."""
         return f"few-shot k={self.k}"
 
+    def source_names(self) -> list[str]:
+        """The source domains as ``<benchmark>/<domain>``, in configuration order."""
+        return [f"{benchmark}/{domain}" for benchmark, domains in self.source_domains.items() for domain in domains]
+
 
 class OodEvaluationParams(Params):
     section: ClassVar[str] = "ood_evaluation"
@@ -685,6 +689,30 @@ class OodEvaluationParams(Params):
             key, value, reason = problem
             return f"{self.section}.{key}={value!r}: {reason}"
         return None
+
+    def few_shot_shortage_error(self, counts: Mapping[str, Mapping[str, int]], images: str) -> str | None:
+        """Why the source domains cannot give ``few_shot.k`` images of every class, as one
+        line, or None. ``counts``: per class, the ``images`` found (``"image files"`` before
+        the run, ``"readable images"`` once decoded) in each source domain
+        (``<benchmark>/<domain>``, as :meth:`FewShotParams.source_names`)."""
+        k = self.few_shot.k
+        totals = {name: sum(found.values()) for name, found in counts.items()}
+        if all(total >= k for total in totals.values()):
+            return None
+        key = f"{self.section}.few_shot.k={k}"
+        sources = ", ".join(self.few_shot.source_names())
+        if absent := [name for name, total in totals.items() if total == 0]:
+            classes = f"class {absent[0]!r} has" if len(absent) == 1 else f"classes {absent} have"
+            return (
+                f"{key}: {classes} no {images} in the source domains {sources}; allowed: "
+                f"{self.section}.few_shot.source_domains that hold k={k} {images} of every class"
+            )
+        fewest = min(totals, key=totals.get)
+        where = ", ".join(f"{domain}: {count}" for domain, count in counts[fewest].items())
+        return (
+            f"{key}: class {fewest!r} has {totals[fewest]} {images} in the source domains ({where}), the fewest "
+            f"of any class; allowed: k <= {totals[fewest]}, or more source domains"
+        )
 
     def evaluated_domains(self, name: str) -> list[str] | None:
         """The domains evaluated of benchmark ``name``: its ``domains``, else its published

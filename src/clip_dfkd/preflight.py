@@ -2,9 +2,11 @@
 
 Parameter validation (:mod:`clip_dfkd.params`) sees values only; these checks see files:
 every model's weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging
-Face cache), saved artefacts fit the run, benchmark roots exist and their class folders
-are known classes, and every output can be written. A failed check raises
-:class:`PreflightError` with one line per problem, and nothing has been written or logged yet.
+Face cache), a local generator folder is whole, saved artefacts fit the run, benchmark roots
+exist, each domain has class folders and they are known classes, the few-shot source
+domains hold k image files of every class, and every output can be written. A failed check
+raises :class:`PreflightError` with one line per problem, and nothing has been written or
+logged yet.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from kedro.io.core import get_protocol_and_path
 from pydantic import BaseModel
 
 from clip_dfkd.atomic import nearest_folder
-from clip_dfkd.benchmarks import BenchmarkError, scan_benchmark
+from clip_dfkd.benchmarks import BenchmarkError, DomainImages, scan_benchmark
 from clip_dfkd.datasets import StudentModelDataset, TeacherOutputCacheDataset
 from clip_dfkd.errors import UserError
 from clip_dfkd.models.generator import (
+    incomplete_generator_folder,
     missing_decoder_weights,
     missing_generator_weights,
     missing_tiny_vae_weights,
@@ -39,6 +42,7 @@ from clip_dfkd.params import (
     ClassNames,
     ComparisonParams,
     ImageSynthesisParams,
+    OodEvaluationParams,
     PromptGenerationParams,
     TeacherParams,
 )
@@ -83,11 +87,30 @@ def _synthesis_problem(params: ImageSynthesisParams) -> str | None:
         return (
             missing_generator_weights(params.generator)
             or unsupported_generator(params.generator)
+            or incomplete_generator_folder(params.generator)
             or missing_tiny_vae_weights(params.generator)
         )
     if params.inversion.parameterization == "latent":
         return missing_decoder_weights(params.inversion.decoder)
     return None
+
+
+def _few_shot_problem(
+    evaluation: OodEvaluationParams, scanned: dict[str, list[DomainImages]], classes: list[str]
+) -> str | None:
+    """Why the few-shot draw cannot be served by the benchmarks on disk: a source domain that
+    is not evaluated, or a class with fewer than k image files in the source domains."""
+    if problem := evaluation.few_shot_source_error(
+        {name: [images.domain for images in domains] for name, domains in scanned.items()}
+    ):
+        return problem
+    counts = {name: dict.fromkeys(evaluation.few_shot.source_names(), 0) for name in classes}
+    for name, sources in evaluation.few_shot.source_domains.items():
+        for images in scanned[name]:
+            if images.domain in sources:
+                for label in images.labels:
+                    counts[classes[label]][f"{name}/{images.domain}"] += 1
+    return evaluation.few_shot_shortage_error(counts, "image files")
 
 
 def _loads_teacher(pipeline, catalog) -> bool:
@@ -268,8 +291,9 @@ class PreflightError(UserError, ValueError):
 class PreflightHook:
     """Checks what parameter validation cannot see, before the first node runs: every model's
     weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging Face cache),
-    benchmark roots exist, their class folders are known classes, the few-shot source
-    domains are among their domains, and a file can be created where each output goes."""
+    benchmark roots exist, each domain has class folders and they are known classes, the
+    few-shot source domains are among their domains and hold k image files of every class,
+    and a file can be created where each output goes."""
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -303,14 +327,14 @@ class PreflightHook:
         ]
         if "ood_evaluation" in used:
             evaluation = catalog.load("params:ood_evaluation")
-            found = {}
+            scanned = {}
             for name, benchmark in evaluation.enabled_benchmarks().items():
                 try:
-                    found[name] = [domain.domain for domain in scan_benchmark(name, benchmark, classes)]
+                    scanned[name] = scan_benchmark(name, benchmark, classes)
                 except BenchmarkError as exc:
                     problems.append(str(exc))
-            if evaluation.few_shot.k and len(found) == len(evaluation.enabled_benchmarks()):
-                problems.append(evaluation.few_shot_source_error(found))
+            if evaluation.few_shot.k and len(scanned) == len(evaluation.enabled_benchmarks()):
+                problems.append(_few_shot_problem(evaluation, scanned, classes))
         if "comparison" in used:
             from clip_dfkd.pipelines.comparison.nodes import comparison_problem  # imports matplotlib: only here
 

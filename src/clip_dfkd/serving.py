@@ -14,11 +14,12 @@ e.g. ``{"dataframe_split": {"columns": ["image"], "data": [["iVBORw0…"], …]}
 callers may mix them row by row. Output: ``class_name`` (string) and ``probability`` (double,
 the softmax probability of that class) per row, in input order.
 
-A bad row (a missing or unreadable file, bytes that are no image, both or neither column
-set) fails the whole batch with an ``MlflowException`` (``INVALID_PARAMETER_VALUE``, HTTP 400
-from the scoring server) whose one-line message names the row's 0-based position, e.g.
-``row 2: path '/x.png': no such file``: the output has no place for an error, and a
-placeholder answer could be mistaken for a prediction.
+A bad row (a missing or unreadable file, a folder, bytes that are no image, both or neither
+column set) fails the whole batch with an ``MlflowException`` (``INVALID_PARAMETER_VALUE``,
+HTTP 400 from the scoring server) whose one-line message names the row's 0-based position,
+e.g. ``row 2: path '/x.png': no such file``: the output has no place for an error, and a
+placeholder answer could be mistaken for a prediction. An input without rows fails the same
+way: an empty answer would look like a client's images were classified.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
                 "path (image file path), one of them per row"
             )
         if model_input.empty:
-            return pd.DataFrame({"class_name": pd.Series(dtype=str), "probability": pd.Series(dtype=float)})
+            raise MlflowException.invalid_parameter_value(
+                "the input has no rows; allowed: one row per image, with its image or path set"
+            )
         unset = pd.Series(None, index=model_input.index, dtype=object)
         rows = zip(model_input.get("image", unset), model_input.get("path", unset), strict=True)
         pixels = torch.stack([self.transform(_read_row(row, image, path)) for row, (image, path) in enumerate(rows)])
@@ -105,6 +108,8 @@ def _read_row(row: int, image: Any, path: Any) -> Image.Image:
     if has_path:
         if not isinstance(path, str | os.PathLike):
             raise _row_error(row, f"path is a {type(path).__name__}; allowed: an image file path")
+        if Path(path).is_dir():
+            raise _row_error(row, f"path {str(path)!r}: is a folder; allowed: an image file path")
         if not Path(path).is_file():
             raise _row_error(row, f"path {str(path)!r}: no such file")
         source, described = path, f"path {str(path)!r}"

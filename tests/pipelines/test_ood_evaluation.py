@@ -50,9 +50,10 @@ CLASSES = ["ball", "box", "tent"]
 
 def _benchmark(root, layout: dict[str, dict[str, int]]):
     for domain, counts in layout.items():
+        (root / domain).mkdir(parents=True)
         for class_name, count in counts.items():
             folder = root / domain / class_name
-            folder.mkdir(parents=True)
+            folder.mkdir()
             for i in range(count):
                 Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
     return root
@@ -79,8 +80,20 @@ def test_scan_lists_domains_and_matches_class_folders_loosely(tmp_path) -> None:
         (
             {"photo": {"giraffe": 1}},
             {},
-            r"ood_evaluation\.benchmarks\.toy: class folder photo/'giraffe' is not in classes; "
+            r"ood_evaluation\.benchmarks\.toy: class folder 'giraffe' \(in photo\) is not in classes; "
             r"allowed: \['ball', 'box', 'tent'\]",
+        ),
+        (
+            {"photo": {"ball": 1}, "sketch": {}},
+            {},
+            r"ood_evaluation\.benchmarks\.toy\.root='.*bench': the domain folders \['sketch'\] hold no class folder; "
+            r"expected the layout <root>/<domain>/<class>/<image files>$",
+        ),
+        (
+            {"photo": {}, "sketch": {}},
+            {},
+            r"ood_evaluation\.benchmarks\.toy\.root='.*bench': the domain folders \['photo', 'sketch'\] hold no "
+            r"class folder",
         ),
         (
             {"photo": {"ball": 1}},
@@ -142,6 +155,19 @@ def test_scan_lists_stray_files_as_skipped_with_a_reason(tmp_path) -> None:
         ("photo/unsorted.png", "not inside a class folder"),
         ("photo/ball/labels.txt", "not an image file"),
         ("photo/ball/raw/scan.pdf", "not an image file"),
+    ]
+
+
+def test_files_at_the_root_are_listed_as_skipped_without_a_domain(tmp_path) -> None:
+    root = _benchmark(tmp_path, {"photo": {"ball": 1}})
+    (root / "README.txt").write_text("toy benchmark")
+    (root / "fetch.sh").write_text("wget ...")
+
+    _, skipped = index_benchmarks(ClassNames.model_validate(CLASSES), _params({"toy": {"root": str(root)}}))
+
+    assert skipped.values.tolist() == [
+        ["toy", "", str(root / "README.txt"), "at the benchmark's root, not a domain folder"],
+        ["toy", "", str(root / "fetch.sh"), "at the benchmark's root, not a domain folder"],
     ]
 
 
@@ -356,12 +382,19 @@ def test_a_disabled_benchmark_is_neither_checked_nor_evaluated(tmp_path) -> None
     results, _, _ = _evaluate(params)
     assert set(results["benchmark"]) == {"toy"}
 
-    class Catalog:
-        def __init__(self, benchmarks: OodEvaluationParams):
-            self.params = {"params:classes": ClassNames.model_validate(CLASSES), "params:ood_evaluation": benchmarks}
+    _preflight(params)  # no error: "gone" is off
+    enabled = _params({"toy": {"root": str(root)}, "gone": {"root": str(tmp_path / "missing")}})
+    with pytest.raises(PreflightError, match=r"ood_evaluation\.benchmarks\.gone\.root=.*: no such folder"):
+        _preflight(enabled)
 
+
+def _preflight(params: OodEvaluationParams) -> None:
+    """The preflight hook on a pipeline that evaluates with ``params`` (what it reads of the
+    catalog: the classes and the evaluation's parameters)."""
+
+    class Catalog:
         def load(self, name):
-            return self.params[name]
+            return {"params:classes": ClassNames.model_validate(CLASSES), "params:ood_evaluation": params}[name]
 
     class OodPipeline:
         def inputs(self):
@@ -370,10 +403,7 @@ def test_a_disabled_benchmark_is_neither_checked_nor_evaluated(tmp_path) -> None
         def all_outputs(self):
             return set()
 
-    PreflightHook().before_pipeline_run({}, OodPipeline(), Catalog(params))  # no error: "gone" is off
-    enabled = _params({"toy": {"root": str(root)}, "gone": {"root": str(tmp_path / "missing")}})
-    with pytest.raises(PreflightError, match=r"ood_evaluation\.benchmarks\.gone\.root=.*: no such folder"):
-        PreflightHook().before_pipeline_run({}, OodPipeline(), Catalog(enabled))
+    PreflightHook().before_pipeline_run({}, OodPipeline(), Catalog())
 
 
 def test_at_least_one_benchmark_stays_enabled() -> None:
@@ -648,14 +678,39 @@ def test_a_few_shot_draw_the_benchmark_cannot_serve_fails_on_one_line(tmp_path) 
     classes = ClassNames.model_validate(CLASSES)
     index, _ = index_benchmarks(classes, _params({"toy": {"root": str(root)}}))
 
-    with pytest.raises(FewShotError, match=r"^ood_evaluation.few_shot.k=7: class 'ball' has 6 readable images"):
+    with pytest.raises(FewShotError) as caught:
         draw_few_shot(index, classes, _few_shot_params(root, k=7))
+    assert str(caught.value) == (
+        "ood_evaluation.few_shot.k=7: class 'ball' has 6 readable images in the source domains (toy/photo: 6), the "
+        "fewest of any class; allowed: k <= 6, or more source domains"
+    )
     with pytest.raises(FewShotError, match=r"source_domains.toy=\['painting'\]: \['painting'\] not evaluated"):
         draw_few_shot(index, classes, _few_shot_params(root, k=1, source_domains={"toy": ["painting"]}))
     with pytest.raises(FewShotError, match=r"leaves no evaluated domain to score the few-shot student on"):
         draw_few_shot(index, classes, _few_shot_params(root, k=1, source_domains={"toy": ["photo", "sketch"]}))
     shots, held_out = draw_few_shot(index, classes, _few_shot_params(root, k=0))
     assert shots.empty and held_out.empty
+
+
+def test_a_few_shot_k_above_the_image_files_of_a_class_fails_before_the_run(tmp_path) -> None:
+    root = _benchmark(
+        tmp_path, {"photo": {"ball": 3, "box": 4}, "sketch": {"ball": 2, "tent": 5}, "cartoon": {"ball": 1}}
+    )
+
+    with pytest.raises(PreflightError) as too_many:
+        _preflight(_few_shot_params(root, k=5, source_domains={"toy": ["photo", "sketch"]}))
+    with pytest.raises(PreflightError) as absent:
+        _preflight(_few_shot_params(root, k=1, source_domains={"toy": ["photo"]}))
+
+    assert str(too_many.value) == (
+        "ood_evaluation.few_shot.k=5: class 'box' has 4 image files in the source domains (toy/photo: 4, "
+        "toy/sketch: 0), the fewest of any class; allowed: k <= 4, or more source domains"
+    )
+    assert str(absent.value) == (
+        "ood_evaluation.few_shot.k=1: class 'tent' has no image files in the source domains toy/photo; allowed: "
+        "ood_evaluation.few_shot.source_domains that hold k=1 image files of every class"
+    )
+    _preflight(_few_shot_params(root, k=4, source_domains={"toy": ["photo", "sketch"]}))
 
 
 def test_the_report_says_which_setting_produced_each_row(tmp_path, monkeypatch) -> None:

@@ -41,6 +41,50 @@ def missing_generator_weights(params: GeneratorParams) -> str | None:
     )
 
 
+def _components_given(params: GeneratorParams) -> set[str]:
+    """Components the loader passes itself (``safety_checker=None``; ``vae`` with
+    ``tiny_vae``): their folders are never read."""
+    return {"safety_checker", *(["vae"] if params.tiny_vae is not None else [])}
+
+
+def incomplete_generator_folder(params: GeneratorParams) -> str | None:
+    """Why a local pipeline folder is half-written (by a copy or download that stopped), or
+    None: its ``model_index.json`` must be a JSON object, and each component it names
+    (``"unet": ["diffusers", "UNet2DConditionModel"]``; ``[null, null]`` is none) needs a
+    non-empty folder of that name. Otherwise diffusers fails only when synthesis loads it."""
+    if not is_local_reference(params.model_id):
+        return None
+    folder = Path(params.model_id).expanduser()
+    index_file = folder / "model_index.json"
+    allowed = (
+        "allowed: a whole save_pretrained folder (model_index.json and a folder for each component it names) "
+        "or a hub id"
+    )
+    key = f"image_synthesis.generator.model_id={params.model_id!r}"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{key}: {index_file} is not readable JSON ({' '.join(str(exc).split())}); {allowed}"
+    if not isinstance(index, dict):
+        return f"{key}: {index_file} holds a {type(index).__name__}, not a JSON object; {allowed}"
+    components = [
+        name
+        for name, value in index.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and len(value) == 2
+        and None not in value
+        and name not in _components_given(params)
+    ]
+    if missing := [name for name in components if not _has_files(folder / name)]:
+        return f"{key}: {index_file} names components whose folders are missing or empty: {missing}; {allowed}"
+    return None
+
+
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
 def missing_tiny_vae_weights(params: GeneratorParams) -> str | None:
     """Why ``generator.tiny_vae`` cannot be loaded here, or None (as above, and None when unset)."""
     if params.tiny_vae is None:
@@ -94,7 +138,8 @@ SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 
 
 def _model_index(params: GeneratorParams) -> dict[str, Any] | None:
-    """The pipeline's ``model_index.json``, or None when it cannot be read here."""
+    """The pipeline's ``model_index.json``, or None when it cannot be read here (or holds
+    no JSON object)."""
     import huggingface_hub
 
     if is_local_reference(params.model_id):
@@ -105,14 +150,16 @@ def _model_index(params: GeneratorParams) -> dict[str, Any] | None:
         except Exception:  # noqa: BLE001 - not reachable or not cached: the weights check reports it
             return None
     try:
-        return json.loads(Path(index_file).read_text())
+        index = json.loads(Path(index_file).read_text())
     except (OSError, ValueError):
         return None
+    return index if isinstance(index, dict) else None
 
 
 def unsupported_generator(params: GeneratorParams) -> str | None:
     """Why the generator is not a pipeline this project can condition, or None (also when
-    its ``model_index.json`` cannot be read here; loading it then tells)."""
+    its ``model_index.json`` cannot be read here: :func:`incomplete_generator_folder` tells
+    for a folder, loading it for a hub id)."""
     index = _model_index(params)
     if index is None:
         return None
@@ -138,7 +185,7 @@ def load_text_to_image(params: GeneratorParams, runtime: Runtime):
     """``AutoPipelineForText2Image.from_pretrained`` on a hub id or a ``save_pretrained`` folder."""
     import diffusers
 
-    if problem := missing_generator_weights(params):
+    if problem := missing_generator_weights(params) or incomplete_generator_folder(params):
         raise ModelNotFoundError(problem)
     logger.info("Loading generator %s", params.model_id)
     if (_model_index(params) or {}).get("safety_checker", [None])[0] is not None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from clip_dfkd.benchmarks import scan_benchmark
+from clip_dfkd.benchmarks import scan_benchmark, skipped_at_root
 from clip_dfkd.errors import UserError
 from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, iterate_batches, open_rgb
 from clip_dfkd.models import ClipTeacher, StudentClassifier, load_zero_shot_teacher
@@ -53,10 +53,13 @@ NO_READABLE_IMAGE = "no readable image"
 def index_benchmarks(classes: ClassNames, params: OodEvaluationParams) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every image of every enabled benchmark's chosen domains with its class index
     (``benchmark, domain, path, label``), and the files left out with the reason (not
-    images, not inside a class folder, listed but missing). Reads no image."""
+    images, not inside a class folder, listed but missing, at the root but not a domain
+    folder: those have no domain). Reads no image."""
     rows, skipped = [], []
     for name, benchmark in params.enabled_benchmarks().items():
-        for domain in scan_benchmark(name, benchmark, list(classes)):
+        domains = scan_benchmark(name, benchmark, list(classes))
+        skipped += [(name, "", str(path), reason) for path, reason in skipped_at_root(name, benchmark)]
+        for domain in domains:
             if not domain.paths:
                 # Keeps the domain in the report even when it has no image file at all.
                 rows.append((name, domain.domain, None, -1))
@@ -77,7 +80,8 @@ def draw_few_shot(
 
     Raises:
         FewShotError: a source domain that was not indexed, no domain left to score, or a
-            class with fewer than k readable images in the source domains.
+            class with fewer than k readable images in the source domains (preflight has
+            counted the image files; only decoding finds those that are unreadable).
     """
     few_shot = params.few_shot
     if not few_shot.k:
@@ -93,7 +97,7 @@ def draw_few_shot(
     )
     pool = benchmark_index[is_source & benchmark_index["path"].notna()]
     rng = np.random.default_rng(few_shot.seed)
-    drawn, short = [], {}
+    drawn, readable = [], {}
     for label, name in enumerate(classes):
         candidates = pool.index[pool["label"] == label]
         taken = []
@@ -103,15 +107,12 @@ def draw_few_shot(
                 break
             if _readable(pool.at[index, "path"]):
                 taken.append(index)
-        if len(taken) < few_shot.k:
-            short[name] = len(taken)
+        # Counts are complete for a class short of k: all its candidates were decoded.
+        found = pool.loc[taken, "benchmark"] + "/" + pool.loc[taken, "domain"]
+        readable[name] = {source: int((found == source).sum()) for source in few_shot.source_names()}
         drawn += taken
-    if short:
-        fewest = min(short, key=short.get)
-        raise FewShotError(
-            f"ood_evaluation.few_shot.k={few_shot.k}: class {fewest!r} has {short[fewest]} readable images in "
-            f"the source domains {few_shot.source_domains}; allowed: k <= {short[fewest]}, or more source domains"
-        )
+    if problem := params.few_shot_shortage_error(readable, "readable images"):
+        raise FewShotError(problem)
     shots = benchmark_index.loc[drawn].reset_index(drop=True)
     held_out = benchmark_index[~is_source]
     # A held-out file that is a drawn image under another name (a link, a copy by hard link)
@@ -512,7 +513,7 @@ def _setting_description(setting: str, params: OodEvaluationParams) -> str:
     if setting == DATA_FREE:
         return "the distilled student, which has seen no real image; every evaluated domain."
     few_shot = params.few_shot
-    sources = ", ".join(f"{b}/{d}" for b, domains in few_shot.source_domains.items() for d in domains)
+    sources = ", ".join(few_shot.source_names())
     return (
         f"that student fine-tuned on {few_shot.k} real images per class drawn with seed {few_shot.seed} from "
         f"{sources} (true class weight {few_shot.label_weight:g}, teacher soft labels weight "
