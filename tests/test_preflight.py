@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, make_project_copy
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from kedro.validation import ParameterValidationError
@@ -19,7 +20,7 @@ from kedro.validation import ParameterValidationError
 from clip_dfkd.models import ModelNotFoundError, load_teacher, load_text_to_image
 from clip_dfkd.models.student import create_student
 from clip_dfkd.params import GeneratorParams, RuntimeParams, StudentParams, TeacherParams
-from clip_dfkd.preflight import PreflightError
+from clip_dfkd.preflight import PreflightError, read_parameter_sections, unread_section_problems
 from clip_dfkd.runtime import Runtime
 
 CPU = Runtime.resolve(RuntimeParams(device="cpu"))
@@ -281,3 +282,60 @@ def test_unreachable_hub_without_offline_mode_names_every_missing_model_at_once(
     assert "image_synthesis.generator.model_id='stabilityai/sd-turbo': not in the local Hugging Face cache" in output
     print(f"failed in {seconds:.1f} s")
     assert _outputs(fresh_project) == []
+
+
+# --- parameter sections ---------------------------------------------------------------
+
+SECTIONS = (
+    "classes, comparison, demo_assets, image_synthesis, ood_evaluation, prompt_generation, runtime, "
+    "student_distillation, teacher, teacher_labeling"
+)
+
+
+def test_a_misspelt_parameter_section_stops_the_run_before_every_other_check(tmp_path, monkeypatch) -> None:
+    """The real recipe, whose weights are missing here: the misspelt section is the only problem reported.
+    (tests/test_cli.py runs the demo's command: its assets are not even built.)"""
+    project = make_project_copy(tmp_path / "project")
+    monkeypatch.chdir(project)
+    with pytest.raises(PreflightError) as caught:
+        _run(project, "base", {"promt_generation": {"method": "mix"}})
+
+    assert str(caught.value) == (
+        "promt_generation: not a parameter section that any pipeline reads, so its values would be ignored; "
+        f"did you mean prompt_generation? allowed: {SECTIONS}"
+    )
+    assert _runs(project) == []
+
+
+def test_a_dotted_key_is_refused_and_underscored_keys_are_left_alone() -> None:
+    # What a --config file's `params: {prompt_generation.method: mix}` passes: Kedro keeps the dotted key.
+    parameters = {"prompt_generation.method": "mix", "_anchors": {"size": 32}, "classes": ["ball"]}
+
+    assert unread_section_problems(parameters, set(SECTIONS.split(", "))) == [
+        "prompt_generation.method: a parameter key with a dot, which Kedro does not split into sections here (a "
+        "--config file's params mapping is used as written), so its value would be ignored; allowed: nested keys "
+        '(prompt_generation: {...}) or params as one string, "prompt_generation.method=...", as on the command line'
+    ]
+
+
+def test_every_section_of_the_projects_config_is_read_by_a_pipeline_or_a_hook() -> None:
+    import yaml
+
+    bootstrap_project(REPO_ROOT)
+    configured = {
+        key for path in (REPO_ROOT / "conf").glob("*/parameters*.yml") for key in yaml.safe_load(path.read_text())
+    }
+    assert read_parameter_sections() == configured == set(SECTIONS.split(", "))
+
+
+def test_a_run_of_one_pipeline_knows_the_other_pipelines_sections(tmp_path, monkeypatch) -> None:
+    """Kedro loads only the pipelines a run asks for; the sections of the others are still known."""
+    project = make_project_copy(tmp_path / "project")
+    monkeypatch.chdir(project)
+    with pytest.raises(PreflightError) as caught:
+        _run(project, "base", None, ["teacher_labeling"])
+
+    lines = str(caught.value).splitlines()
+    assert "synthesis_manifest: not on disk yet; run `kedro run --pipelines=image_synthesis` first" in lines
+    assert not [line for line in lines if "not a parameter section" in line]
+    assert _runs(project) == []
