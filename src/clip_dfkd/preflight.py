@@ -4,9 +4,9 @@ Parameter validation (:mod:`clip_dfkd.params`) sees values only; these checks se
 every model's weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging
 Face cache), saved artefacts fit the run, benchmark roots exist and their class folders
 are known classes. They also see what a single parameter cannot: every top-level parameter
-key is read by some pipeline or hook (:class:`ParameterSectionsHook`). A failed check raises
-:class:`PreflightError` with one line per problem, and nothing has been written or logged
-yet.
+key is read by some pipeline (:class:`ParameterSectionsHook`), and the teacher's tokenizer
+tells the classes apart. A failed check raises :class:`PreflightError` with one line per
+problem, and nothing has been written or logged yet.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ from clip_dfkd.models.generator import (
     unsupported_generator,
 )
 from clip_dfkd.models.student import StudentClassifier, missing_student_weights
-from clip_dfkd.models.teacher import missing_teacher_weights, teacher_token_embedding_dim
+from clip_dfkd.models.teacher import (
+    indistinguishable_class_problems,
+    missing_teacher_weights,
+    teacher_token_embedding_dim,
+)
 from clip_dfkd.models.text_encoders import generator_embedding_dim
 from clip_dfkd.params import (
     ClassNames,
@@ -215,15 +219,18 @@ class ParameterSectionsHook:
 
 
 class PreflightHook:
-    """Checks what parameter validation cannot see, before the first node runs: every model's
-    weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging Face cache),
-    benchmark roots exist, their class folders are known classes and the few-shot source
-    domains are among their domains."""
+    """Checks what parameter validation cannot see, before the first node runs: the teacher's
+    tokenizer tells the classes apart, every model's weights can be found (files, folders,
+    and with HF_HUB_OFFLINE the Hugging Face cache), benchmark roots exist, their class
+    folders are known classes and the few-shot source domains are among their domains."""
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         used = {name.removeprefix("params:") for name in pipeline.inputs() if name.startswith("params:")}
+        classes = list(ClassNames.model_validate(_raw(catalog.load("params:classes"))))
         problems = []
+        if {"classes", "teacher"} <= used:
+            problems += indistinguishable_class_problems(catalog.load("params:teacher"), classes)
         if "runtime" in used:
             problems.append(unavailable_device(catalog.load("params:runtime")))
         if "teacher" in used and _loads_teacher(pipeline, catalog):
@@ -244,7 +251,6 @@ class PreflightHook:
         saved = sorted(name for name in pipeline.inputs() if not name.startswith("params:") and name != "parameters")
         missing = {name: problem for name in saved if (problem := _missing_input(name, catalog))}
         problems += missing.values()
-        classes = list(ClassNames.model_validate(_raw(catalog.load("params:classes"))))
         problems += [
             _class_list_problem(name, catalog, classes)
             for name in CLASS_CARRIERS
