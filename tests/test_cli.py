@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from conftest import make_project_copy
 from kedro.framework.cli.project import run as kedro_run
 from kedro.io import DatasetError
 from kedro.validation import ParameterValidationError
@@ -159,6 +160,26 @@ def test_a_user_error_is_one_line_without_traceback(fresh_project: Path, command
     assert len(errors) == 1, result.stderr
     assert errors[0].startswith(expected)
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_misspelt_parameter_section_fails_before_the_demo_assets_and_the_mlflow_run(tmp_path: Path) -> None:
+    import mlflow
+
+    project = make_project_copy(tmp_path / "project")  # no demo assets: the check comes before they are built
+    result = _kedro(project, "-m", "kedro", "run", "--env=demo", "--params=promt_generation.method=mix")
+
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        "Error: promt_generation: not a parameter section that any pipeline reads, so its values would be ignored; "
+        "did you mean prompt_generation? allowed: classes, comparison, demo_assets, image_synthesis, ood_evaluation, "
+        "prompt_generation, runtime, student_distillation, teacher, teacher_labeling"
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert client.search_runs([experiment.experiment_id for experiment in client.search_experiments()]) == []
+    assert not (project / "data/06_models/demo").exists()
 
 
 @pytest.mark.timeout(300)

@@ -34,7 +34,7 @@ PACS = {"benchmarks": {"pacs": {"root": "data/01_raw/PACS", "layout": "pacs"}}}
     ("model", "raw", "expected"),
     [
         (ClassNames, [], "classes=[]: must list at least one class name"),
-        (ClassNames, ["dog", "cat", "Dog"], "classes=['dog', 'cat', 'Dog']: has duplicate names ['Dog']"),
+        (ClassNames, ["dog", "cat", "Dog"], "classes=['dog', 'cat', 'Dog']: has duplicate names ['dog', 'Dog'] (the"),
         (ClassNames, "imagenet", "classes='imagenet': names no known list; allowed: a list of names or one of"),
         (
             PromptGenerationParams,
@@ -204,3 +204,52 @@ def test_good_values_pass_and_keep_their_values() -> None:
     assert params.training.epochs == 2
     assert params.loss.temperature == 4.0
     assert list(ClassNames.model_validate(["dog", "cat"])) == ["dog", "cat"]
+
+
+def test_class_names_are_whitespace_normalised() -> None:
+    names = ClassNames.model_validate([" ball ", "big\t\n  box", "tent\u00a0pole"])
+    assert list(names) == ["ball", "big box", "tent pole"]
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["ball", "ball "], "classes=['ball', 'ball ']: has duplicate names ['ball', 'ball '] (the same ignoring case"),
+        (["big box", "big  box"], "classes=['big box', 'big  box']: has duplicate names ['big box', 'big  box']"),
+        (["ball", "ball\u200b"], "classes=['ball', 'ball\\u200b']: has duplicate names ['ball', 'ball\\u200b']"),
+        (["caf\u00e9", "cafe\u0301"], "classes=['caf\u00e9', 'cafe\u0301']: has duplicate names"),
+        (["ball", ""], "classes=['ball', '']: has names with no visible character ['']; allowed: names with a visible"),
+        (["ball", " \t"], "classes=['ball', ' \\t']: has names with no visible character [' \\t']"),
+        (["ball", "\u200b\u200d"], "classes=['ball', '\\u200b\\u200d']: has names with no visible character"),
+        (["ball", "\x07"], "classes=['ball', '\\x07']: has names with no visible character ['\\x07']"),
+        (["ba\x00ll"], "classes=['ba\\x00ll']: has names with control characters ['ba\\x00ll']; allowed: printable"),
+    ],
+    ids=[
+        "trailing-space",
+        "double-space",
+        "zero-width-space",
+        "decomposed-accent",
+        "empty",
+        "whitespace-only",
+        "zero-width-only",
+        "control-only",
+        "control-inside",
+    ],
+)
+def test_class_names_that_read_the_same_or_show_nothing_are_refused(names, expected) -> None:
+    assert _error(ClassNames, names).startswith(expected)
+
+
+def test_a_run_of_any_pipeline_hands_its_nodes_the_normalised_class_names() -> None:
+    """Kedro validates a parameter, through a node's type hint, only for the pipelines that
+    run: each pipeline that reads classes must hint ClassNames, or a run of it alone would
+    pass the names as written."""
+    from kedro.validation.parameter_validator import ParameterValidator
+
+    from clip_dfkd.pipeline_registry import STAGES, every_pipeline
+
+    readers = {name: pipeline for name, pipeline in every_pipeline().items() if "params:classes" in pipeline.inputs()}
+    assert set(readers) == set(STAGES) - {"image_synthesis"}
+    for name, pipeline in readers.items():
+        validated = ParameterValidator({name: pipeline}).validate_raw_params({"classes": [" ball ", "big\tbox"]})
+        assert list(validated["classes"]) == ["ball", "big box"], name

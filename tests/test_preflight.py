@@ -12,15 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, make_project_copy
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from kedro.validation import ParameterValidationError
 
 from clip_dfkd.models import ModelNotFoundError, load_teacher, load_text_to_image
 from clip_dfkd.models.student import create_student
+from clip_dfkd.models.teacher import indistinguishable_class_problems
 from clip_dfkd.params import GeneratorParams, RuntimeParams, StudentParams, TeacherParams
-from clip_dfkd.preflight import PreflightError
+from clip_dfkd.preflight import PreflightError, read_parameter_sections, unread_section_problems
 from clip_dfkd.runtime import Runtime
+from clip_dfkd.vocabularies import CLASS_LISTS
 
 CPU = Runtime.resolve(RuntimeParams(device="cpu"))
 
@@ -363,3 +366,136 @@ def test_unreachable_hub_without_offline_mode_names_every_missing_model_at_once(
     assert "image_synthesis.generator.model_id='stabilityai/sd-turbo': not in the local Hugging Face cache" in output
     print(f"failed in {seconds:.1f} s")
     assert _outputs(fresh_project) == []
+
+
+# --- parameter sections ---------------------------------------------------------------
+
+SECTIONS = (
+    "classes, comparison, demo_assets, image_synthesis, ood_evaluation, prompt_generation, runtime, "
+    "student_distillation, teacher, teacher_labeling"
+)
+
+
+def test_a_misspelt_parameter_section_stops_the_run_before_every_other_check(tmp_path, monkeypatch) -> None:
+    """The real recipe, whose weights are missing here: the misspelt section is the only problem reported.
+    (tests/test_cli.py runs the demo's command: its assets are not even built.)"""
+    project = make_project_copy(tmp_path / "project")
+    monkeypatch.chdir(project)
+    with pytest.raises(PreflightError) as caught:
+        _run(project, "base", {"promt_generation": {"method": "mix"}})
+
+    assert str(caught.value) == (
+        "promt_generation: not a parameter section that any pipeline reads, so its values would be ignored; "
+        f"did you mean prompt_generation? allowed: {SECTIONS}"
+    )
+    assert _runs(project) == []
+
+
+def test_a_dotted_key_is_refused_and_underscored_keys_are_left_alone() -> None:
+    # What a --config file's `params: {prompt_generation.method: mix}` passes: Kedro keeps the dotted key.
+    parameters = {"prompt_generation.method": "mix", "_anchors": {"size": 32}, "classes": ["ball"]}
+
+    assert unread_section_problems(parameters, set(SECTIONS.split(", "))) == [
+        "prompt_generation.method: a parameter key with a dot, which Kedro does not split into sections here (a "
+        "--config file's params mapping is used as written), so its value would be ignored; allowed: nested keys "
+        '(prompt_generation: {...}) or params as one string, "prompt_generation.method=...", as on the command line'
+    ]
+
+
+def test_every_section_of_the_projects_config_is_read_by_a_pipeline_or_a_hook() -> None:
+    import yaml
+
+    bootstrap_project(REPO_ROOT)
+    configured = {
+        key for path in (REPO_ROOT / "conf").glob("*/parameters*.yml") for key in yaml.safe_load(path.read_text())
+    }
+    assert read_parameter_sections() == configured == set(SECTIONS.split(", "))
+
+
+def test_a_run_of_one_pipeline_knows_the_others_sections_and_checks_the_class_names(tmp_path, monkeypatch) -> None:
+    """Kedro loads only the pipelines a run asks for; the sections of the others are still
+    known. Teacher labelling reads classes and teacher: the tokenizer check comes first."""
+    project = make_project_copy(tmp_path / "project")
+    monkeypatch.chdir(project)
+    with pytest.raises(PreflightError) as caught:
+        _run(project, "base", {"classes": ["dog", "t-shirt", "t - shirt"]}, ["teacher_labeling"])
+
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith(
+        "classes: 't-shirt' and 't - shirt' are the same tokens for teacher.model_name=ViT-B-32 in every prompt"
+    )
+    assert "synthesis_manifest: not on disk yet; run `kedro run --pipelines=image_synthesis` first" in lines
+    assert not [line for line in lines if "not a parameter section" in line]
+    assert _runs(project) == []
+
+
+# --- class names the teacher cannot tell apart ----------------------------------------
+
+DEMO_TEACHER = TeacherParams(
+    model_name="clip-dfkd-tiny",
+    pretrained="data/06_models/demo/clip-dfkd-tiny.safetensors",
+    templates=["a {class_name}.", "a photo of a {class_name}."],  # the longest prompt is the second
+)
+CLIP_TEACHER = TeacherParams(model_name="ViT-B-32", pretrained="openai", templates=["a photo of a {class_name}."])
+# 9 tokens; the demo teacher's prompts add 7 (start, "a photo of a", ".", end) to reach its 16.
+NINE_TOKENS = "spotted woodpecker of the northern pine forests in spring"
+
+
+def test_classes_that_tokenise_alike_are_named_together() -> None:
+    for teacher in (DEMO_TEACHER, CLIP_TEACHER):
+        assert indistinguishable_class_problems(teacher, ["ball", "t-shirt", "rock & roll", "t - shirt", "box"]) == [
+            f"classes: 't-shirt' and 't - shirt' are the same tokens for teacher.model_name={teacher.model_name} in "
+            "every prompt of teacher.templates, so the teacher cannot tell them apart; allowed: names that its "
+            "tokenizer tells apart"
+        ]
+
+
+def test_a_prompt_cut_at_the_context_length_names_its_class_and_tokens() -> None:
+    assert indistinguishable_class_problems(DEMO_TEACHER, ["ball", NINE_TOKENS]) == []
+    longer = f"{NINE_TOKENS} rain"
+    assert indistinguishable_class_problems(DEMO_TEACHER, ["ball", longer]) == [
+        f"classes: {longer!r} makes the teacher's prompt 'a photo of a {longer}.' 17 tokens long (start and end "
+        "included), and teacher.model_name=clip-dfkd-tiny reads 16: the rest is cut off; allowed: names whose every "
+        "prompt of teacher.templates fits in 16 tokens"
+    ]
+    # CLIP reads 77 tokens: 70 words fit beside the template's 7, 71 do not.
+    fits, cut = " ".join(["ball"] * 70), " ".join(["ball"] * 71)
+    assert indistinguishable_class_problems(CLIP_TEACHER, [fits]) == []
+    (problem,) = indistinguishable_class_problems(CLIP_TEACHER, [cut])
+    assert problem.startswith(f"classes: {cut!r} makes the teacher's prompt ")
+    assert "78 tokens long (start and end included), and teacher.model_name=ViT-B-32 reads 77" in problem
+
+
+def test_names_cut_to_the_same_prompt_are_both_reported() -> None:
+    # The demo teacher keeps 14 tokens of the prompt between start and end: "a photo of a",
+    # NINE_TOKENS and "rain"; the rest is cut off.
+    today, tonight = f"{NINE_TOKENS} rain today", f"{NINE_TOKENS} rain tonight"
+    teacher = DEMO_TEACHER.model_copy(update={"templates": ["a photo of a {class_name}."]})
+    problems = indistinguishable_class_problems(teacher, [today, tonight, "ball"])
+
+    assert [problem.split(" makes ")[0] for problem in problems[:2]] == [f"classes: {today!r}", f"classes: {tonight!r}"]
+    assert "18 tokens long" in problems[0]
+    assert problems[2].startswith(f"classes: {today!r} and {tonight!r} are the same tokens")
+    assert len(problems) == 3
+    # Beside "a {class_name}.", whose prompts are whole and differ, they are only cut off.
+    problems = indistinguishable_class_problems(DEMO_TEACHER, [today, tonight])
+    assert [problem.split(" makes ")[0] for problem in problems] == [f"classes: {today!r}", f"classes: {tonight!r}"]
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_one_line() -> None:
+    """nllb-clip's tokenizer comes from the Hugging Face hub, which the tests cannot reach."""
+    teacher = TeacherParams(
+        model_name="nllb-clip-base-siglip", pretrained="nllb.safetensors", templates=["{class_name}"]
+    )
+
+    (problem,) = indistinguishable_class_problems(teacher, ["ball", "box"])
+    assert problem.startswith("teacher.model_name=nllb-clip-base-siglip: its tokenizer cannot be loaded here (")
+    assert "\n" not in problem
+
+
+def test_the_recipe_teacher_tells_every_named_class_list_apart() -> None:
+    import yaml
+
+    recipe = yaml.safe_load((REPO_ROOT / "conf/base/parameters.yml").read_text())["teacher"]
+    for name, classes in CLASS_LISTS.items():
+        assert indistinguishable_class_problems(TeacherParams.model_validate(recipe), classes) == [], name

@@ -72,9 +72,13 @@ class DemoAssetsHook:
     (only ``conf/demo`` has a ``demo_assets`` section), once parameters have been validated
     and before the preflight checks look for them."""
 
+    # The parameter section it reads, which no node takes (so that ParameterSectionsHook knows it).
+    parameter_sections = ("demo_assets",)
+
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        raw = catalog.load("parameters").get("demo_assets")
+        (section,) = self.parameter_sections
+        raw = catalog.load("parameters").get(section)
         # The comparison reads tracked runs only: it needs no model and no benchmark.
         if raw is None or pipeline.inputs() <= {"params:comparison"}:
             return

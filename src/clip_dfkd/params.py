@@ -13,6 +13,7 @@ the data.
 from __future__ import annotations
 
 import string
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -116,11 +117,31 @@ def _scale_range(scale: tuple[float, float]) -> tuple[float, float]:
 ScaleRange = Annotated[tuple[float, float], AfterValidator(_scale_range)]
 
 
+# Characters that show nothing on their own: controls (Cc), format characters such as the
+# zero-width space and joiners, the soft hyphen and the byte-order mark (Cf), and separators (Z*).
+_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Zs", "Zl", "Zp"}
+
+
+def _visible_form(name: str) -> str:
+    """What a reader sees of ``name``: without format characters (Cf), compatibility forms
+    folded (NFKC: a composed and a decomposed ``é`` agree) and case-folded."""
+    shown = "".join(char for char in name if unicodedata.category(char) != "Cf")
+    return unicodedata.normalize("NFKC", shown).casefold()
+
+
 class ClassNames(_OneLineErrors, RootModel[list[str]]):
     """The category names the student learns; their order fixes the class indices.
 
     A list, or the name of a benchmark's class list (``pacs``, ``vlcs``: see
     :data:`clip_dfkd.vocabularies.CLASS_LISTS`), which ``--params`` can set.
+
+    Whitespace is normalised: leading and trailing whitespace is stripped and every run of
+    whitespace inside a name (spaces, tabs, newlines, no-break spaces) becomes one space, so
+    ``"ball "`` is ``ball``. The normalised names are the class names everywhere: in prompts,
+    labels and the class lists that saved artefacts record. Refused: a name with no visible
+    character (empty, or only whitespace, control or zero-width characters), a name with a
+    control character, and two names that read the same (equal ignoring case, Unicode
+    compatibility forms and invisible format characters such as the zero-width space).
     """
 
     section: ClassVar[str] = "classes"
@@ -132,16 +153,31 @@ class ClassNames(_OneLineErrors, RootModel[list[str]]):
 
     @field_validator("root")
     @classmethod
-    def _non_empty_unique(cls, names: list[str]) -> list[str]:
+    def _normalised_and_distinct(cls, names: list[str]) -> list[str]:
         if not names:
             raise ValueError("must list at least one class name")
-        if blank := [n for n in names if not n.strip()]:
-            raise ValueError(f"has blank names {blank}")
-        seen: set[str] = set()
-        duplicates = sorted({n for n in names if n.lower() in seen or seen.add(n.lower())})
-        if duplicates:
-            raise ValueError(f"has duplicate names {duplicates}; class names must be unique")
-        return names
+        normalised = [" ".join(name.split()) for name in names]
+        # Each name as written, with the Unicode categories of its characters once normalised.
+        shown = [
+            (name, {unicodedata.category(char) for char in normal})
+            for name, normal in zip(names, normalised, strict=True)
+        ]
+        if blank := [name for name, found in shown if found <= _INVISIBLE_CATEGORIES]:
+            raise ValueError(f"has names with no visible character {blank}; allowed: names with a visible character")
+        if controls := [name for name, found in shown if "Cc" in found]:
+            raise ValueError(
+                f"has names with control characters {controls}; allowed: printable characters "
+                "(tabs and newlines count as spaces)"
+            )
+        spellings: dict[str, list[str]] = {}
+        for name, normal in zip(names, normalised, strict=True):
+            spellings.setdefault(_visible_form(normal), []).append(name)
+        if duplicates := [group for group in spellings.values() if len(group) > 1]:
+            raise ValueError(
+                f"has duplicate names {' and '.join(map(repr, duplicates))} (the same ignoring case, spacing, Unicode "
+                "normalisation and invisible characters); class names must be unique"
+            )
+        return normalised
 
     def __iter__(self):  # type: ignore[override]
         return iter(self.root)

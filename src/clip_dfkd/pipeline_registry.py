@@ -1,8 +1,13 @@
 """The project's pipelines: ``__default__`` running all five stages in order, each stage, and
 the comparison; listed in that order (kedro-viz's pipeline menu follows it)."""
 
+import importlib
+import pkgutil
+
 from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
+
+import clip_dfkd.pipelines
 
 STAGES = ["prompt_generation", "image_synthesis", "teacher_labeling", "student_distillation", "ood_evaluation"]
 
@@ -17,3 +22,11 @@ def register_pipelines() -> dict[str, Pipeline]:
     if all(stage in pipelines for stage in STAGES):
         pipelines = {"__default__": sum((pipelines[stage] for stage in STAGES), Pipeline([])), **pipelines}
     return pipelines
+
+
+def every_pipeline() -> dict[str, Pipeline]:
+    """Every pipeline of the project by name, also during a run that asked Kedro to load only
+    some (``kedro.framework.project.pipelines`` then holds those alone). Found as
+    ``find_pipelines`` finds them: each sub-package of :mod:`clip_dfkd.pipelines`."""
+    packages = [module.name for module in pkgutil.iter_modules(clip_dfkd.pipelines.__path__) if module.ispkg]
+    return {name: importlib.import_module(f"clip_dfkd.pipelines.{name}").create_pipeline() for name in packages}

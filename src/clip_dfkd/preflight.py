@@ -4,17 +4,20 @@ Parameter validation (:mod:`clip_dfkd.params`) sees values only; these checks se
 every model's weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging
 Face cache), a local generator folder is whole, saved artefacts fit the run, benchmark roots
 exist, each domain has class folders and they are known classes, the few-shot source
-domains hold k image files of every class, and every output can be written. A failed check
-raises :class:`PreflightError` with one line per problem, and nothing has been written or
-logged yet.
+domains hold k image files of every class, and every output can be written. They also see
+what a single parameter cannot: every top-level parameter key is read by some pipeline
+(:class:`ParameterSectionsHook`), and the teacher's tokenizer tells the classes apart. A
+failed check raises :class:`PreflightError` with one line per problem, and nothing has been
+written or logged yet.
 """
 
 from __future__ import annotations
 
-import importlib
+import difflib
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -36,7 +39,11 @@ from clip_dfkd.models.generator import (
     unsupported_generator,
 )
 from clip_dfkd.models.student import StudentClassifier, missing_student_weights
-from clip_dfkd.models.teacher import missing_teacher_weights, teacher_token_embedding_dim
+from clip_dfkd.models.teacher import (
+    indistinguishable_class_problems,
+    missing_teacher_weights,
+    teacher_token_embedding_dim,
+)
 from clip_dfkd.models.text_encoders import generator_embedding_dim
 from clip_dfkd.params import (
     ClassNames,
@@ -46,7 +53,7 @@ from clip_dfkd.params import (
     PromptGenerationParams,
     TeacherParams,
 )
-from clip_dfkd.pipeline_registry import STAGES
+from clip_dfkd.pipeline_registry import STAGES, every_pipeline
 from clip_dfkd.rendering import ray_executor_problem
 from clip_dfkd.runtime import unavailable_device
 from clip_dfkd.styles import saved_bank_dim
@@ -155,11 +162,8 @@ CLASS_CARRIERS = ("prompt_table", "synthesis_manifest", "teacher_labels", "stude
 
 def _stage_making(dataset: str) -> str:
     """The stage whose pipeline writes ``dataset``."""
-    return next(
-        stage
-        for stage in STAGES
-        if dataset in importlib.import_module(f"clip_dfkd.pipelines.{stage}.pipeline").create_pipeline().all_outputs()
-    )
+    pipelines = every_pipeline()
+    return next(stage for stage in STAGES if dataset in pipelines[stage].all_outputs())
 
 
 def _missing_input(name: str, catalog) -> str | None:
@@ -288,17 +292,71 @@ class PreflightError(UserError, ValueError):
     """Files that a run needs and that are missing; one line per problem."""
 
 
+def read_parameter_sections() -> set[str]:
+    """The top-level parameter keys that something reads: the ``params:`` inputs of every
+    pipeline's nodes (``params:a.b`` reads ``a``), whichever pipelines run, and the
+    ``parameter_sections`` that the project's hooks declare."""
+    from kedro.framework.project import settings
+
+    inputs = {name for pipeline in every_pipeline().values() for name in pipeline.inputs()}
+    sections = {name.removeprefix("params:").split(".")[0] for name in inputs if name.startswith("params:")}
+    return sections | {section for hook in settings.HOOKS for section in getattr(hook, "parameter_sections", ())}
+
+
+def unread_section_problems(parameters: Mapping[str, Any], known: set[str]) -> list[str]:
+    """One line per top-level key of ``parameters`` that nothing in ``known`` reads, so that
+    its values would be ignored: a misspelt section, or a dotted key that Kedro took as one
+    name (a ``--config`` file's ``params`` mapping is used as written, unlike ``--params``).
+    Keys starting with ``_`` are Kedro's convention for YAML anchors and variables."""
+    problems = []
+    for key in parameters:
+        if key in known or key.startswith("_"):
+            continue
+        section = key.split(".")[0]
+        if section in known:
+            problems.append(
+                f"{key}: a parameter key with a dot, which Kedro does not split into sections here (a --config "
+                "file's params mapping is used as written), so its value would be ignored; allowed: nested keys "
+                f'({section}: {{...}}) or params as one string, "{key}=...", as on the command line'
+            )
+            continue
+        closest = difflib.get_close_matches(section, known, n=1)
+        guess = f"did you mean {closest[0]}? " if closest else ""
+        unread = "not a parameter section" if key == section else f"{section} is not a parameter section"
+        problems.append(
+            f"{key}: {unread} that any pipeline reads, so its values would be ignored; {guess}"
+            f"allowed: {', '.join(sorted(known))}"
+        )
+    return problems
+
+
+class ParameterSectionsHook:
+    """Refuses a run whose parameters have a top-level key that no pipeline and no hook reads
+    (``--params=promt_generation.method=mix`` would otherwise run the configured method):
+    before every other hook, so before the demo's assets are built and the MLflow run starts.
+    A key read by a pipeline that does not run is fine."""
+
+    @hook_impl
+    def before_pipeline_run(self, catalog) -> None:
+        if problems := unread_section_problems(catalog.load("parameters"), read_parameter_sections()):
+            raise PreflightError("\n".join(problems))
+
+
 class PreflightHook:
-    """Checks what parameter validation cannot see, before the first node runs: every model's
-    weights can be found (files, folders, and with HF_HUB_OFFLINE the Hugging Face cache),
-    benchmark roots exist, each domain has class folders and they are known classes, the
-    few-shot source domains are among their domains and hold k image files of every class,
-    and a file can be created where each output goes."""
+    """Checks what parameter validation cannot see, before the first node runs: the teacher's
+    tokenizer tells the classes apart, every model's weights can be found (files, folders,
+    and with HF_HUB_OFFLINE the Hugging Face cache), benchmark roots exist, each domain has
+    class folders and they are known classes, the few-shot source domains are among their
+    domains and hold k image files of every class, and a file can be created where each
+    output goes."""
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         used = {name.removeprefix("params:") for name in pipeline.inputs() if name.startswith("params:")}
+        classes = list(ClassNames.model_validate(_raw(catalog.load("params:classes"))))
         problems = []
+        if {"classes", "teacher"} <= used:
+            problems += indistinguishable_class_problems(catalog.load("params:teacher"), classes)
         if "runtime" in used:
             problems.append(unavailable_device(catalog.load("params:runtime")))
         if "teacher" in used and _loads_teacher(pipeline, catalog):
@@ -319,7 +377,6 @@ class PreflightHook:
         saved = sorted(_saved_inputs(pipeline))
         missing = {name: problem for name in saved if (problem := _missing_input(name, catalog))}
         problems += missing.values()
-        classes = list(ClassNames.model_validate(_raw(catalog.load("params:classes"))))
         problems += [
             _class_list_problem(name, catalog, classes)
             for name in CLASS_CARRIERS

@@ -62,7 +62,7 @@ class ClipTeacher:
 
     def zero_shot_weights(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """One unit vector per class: the normalised mean of its prompt-ensemble embeddings."""
-        prompts = [t.format(class_name=name) for name in class_names for t in templates]
+        prompts = zero_shot_prompts(class_names, templates)
         embeddings = self.encode_texts(prompts).view(len(class_names), len(templates), -1)
         return F.normalize(embeddings.mean(dim=1), dim=-1)
 
@@ -106,6 +106,71 @@ class ClipTeacher:
             progress.update(len(pixels))
         progress.close()
         return torch.cat(logits), torch.cat(embeddings)
+
+
+def zero_shot_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """The prompts of a zero-shot head, class by class: every template with the class's name."""
+    return [template.format(class_name=name) for name in class_names for template in templates]
+
+
+def teacher_tokenizer(model_name: str) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for ``model_name``, padding or cutting to its context length
+    (``context_length``, from the model's config); no weights are read."""
+    import open_clip
+
+    register_project_model_configs()
+    return open_clip.get_tokenizer(model_name)
+
+
+def _token_counts(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str]) -> torch.Tensor:
+    """How many tokens each text has uncut, start and end tokens included: tokenised in a
+    context long enough for any text (a token stands for at least one UTF-8 byte, and a
+    character is at most four), the position after its last token that is not padding."""
+    room = 4 * max(map(len, texts)) + 3
+    tokens = tokenizer(list(texts), context_length=room)
+    padding = tokens[:, -1:]  # the last position is padding in every row
+    return room - (tokens != padding).int().flip(1).argmax(dim=1)
+
+
+def indistinguishable_class_problems(params: TeacherParams, class_names: Sequence[str]) -> list[str]:
+    """Classes that the teacher's zero-shot head cannot tell apart, one line each: a class
+    whose prompt (a template of ``params.templates`` with its name) is longer than the
+    teacher's context, which cuts off the end; and classes whose prompts are the same tokens
+    under every template, so the same head row (or why the tokenizer cannot be loaded). From
+    the tokenizer alone: fast, and no weights are read."""
+    try:
+        tokenizer = teacher_tokenizer(params.model_name)
+    except OSError as exc:  # a Hugging Face tokenizer, neither in the local cache nor downloadable here
+        reason = str(exc).splitlines()[0]
+        return [
+            f"teacher.model_name={params.model_name}: its tokenizer cannot be loaded here ({reason}); allowed: a "
+            f"model whose tokenizer is cached (open_clip.get_tokenizer({params.model_name!r}) fills "
+            "~/.cache/huggingface where there is network)"
+        ]
+    limit = tokenizer.context_length
+    prompts = zero_shot_prompts(class_names, params.templates)
+    counts = _token_counts(tokenizer, prompts).view(len(class_names), len(params.templates))
+    problems = []
+    for index, name in enumerate(class_names):
+        longest = int(counts[index].argmax())
+        if (count := int(counts[index, longest])) > limit:
+            prompt = prompts[index * len(params.templates) + longest]
+            problems.append(
+                f"classes: {name!r} makes the teacher's prompt {prompt!r} {count} tokens long (start and end "
+                f"included), and teacher.model_name={params.model_name} reads {limit}: the rest is cut off; allowed: "
+                f"names whose every prompt of teacher.templates fits in {limit} tokens"
+            )
+    seen = tokenizer(prompts).view(len(class_names), -1)
+    classes_by_tokens: dict[tuple[int, ...], list[str]] = {}
+    for name, tokens in zip(class_names, seen, strict=True):
+        classes_by_tokens.setdefault(tuple(tokens.tolist()), []).append(name)
+    for same in (names for names in classes_by_tokens.values() if len(names) > 1):
+        problems.append(
+            f"classes: {' and '.join(map(repr, same))} are the same tokens for teacher.model_name="
+            f"{params.model_name} in every prompt of teacher.templates, so the teacher cannot tell them apart; "
+            "allowed: names that its tokenizer tells apart"
+        )
+    return problems
 
 
 class TeacherOutOfMemoryError(UserError, RuntimeError):
@@ -237,7 +302,7 @@ def load_teacher(params: TeacherParams, runtime: Runtime) -> ClipTeacher:
     return ClipTeacher(
         model=model,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(params.model_name),
+        tokenizer=teacher_tokenizer(params.model_name),
         runtime=runtime,
         name=f"{params.model_name}/{params.pretrained}",
     )
