@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -26,6 +27,16 @@ _SERVER_PROBE_SECONDS = 5.0
 
 # The stages of a full `kedro run`, which the run name calls "all stages".
 ALL_STAGES = "__default__"
+
+# The process that runs a run: a run left RUNNING by a process that no longer exists (SIGKILL,
+# out of memory, a machine restarted) is ended as KILLED by the next run. The process's start
+# time tells it from a later process that was given the same pid.
+PID_TAG = "clip_dfkd.pid"
+HOST_TAG = "clip_dfkd.host"
+PROCESS_STARTED_TAG = "clip_dfkd.process_started"
+# psutil derives a start time from the boot time, which the kernel may report a second off
+# from one process to the next.
+_START_TIME_TOLERANCE_S = 1.0
 
 
 class TypedParamsMlflowHook(MlflowHook):
@@ -55,8 +66,9 @@ class TypedParamsMlflowHook(MlflowHook):
         if not self._is_mlflow_enabled or mlflow.active_run() is None:
             return
         parameters = catalog.load("parameters")
-        mlflow.set_tags(run_tags(run_params) | shard_tags(pipeline, catalog))
+        mlflow.set_tags(run_tags(run_params) | shard_tags(pipeline, catalog) | process_tags())
         mlflow.set_tag("mlflow.runName", run_name(run_params, parameters, pipeline))
+        end_abandoned_runs(mlflow.active_run().info.experiment_id)
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
@@ -135,6 +147,40 @@ def run_tags(run_params: dict[str, Any]) -> dict[str, str]:
     if commit := _git_commit(project):
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def process_tags() -> dict[str, str]:
+    """This process: its pid, host and start time (seconds since the epoch)."""
+    import psutil
+
+    this = psutil.Process()
+    return {PID_TAG: str(this.pid), HOST_TAG: socket.gethostname(), PROCESS_STARTED_TAG: repr(this.create_time())}
+
+
+def end_abandoned_runs(experiment_id: str) -> None:
+    """Ends as KILLED each run of the experiment that is RUNNING although the process of this
+    host that ran it no longer exists, with a warning each. Runs of other hosts are left alone:
+    their processes cannot be seen from here."""
+    import mlflow
+    import psutil
+
+    client = mlflow.MlflowClient()
+    for run in client.search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{socket.gethostname()}'"
+    ):
+        pid, started = int(run.data.tags[PID_TAG]), float(run.data.tags[PROCESS_STARTED_TAG])
+        try:
+            if abs(psutil.Process(pid).create_time() - started) < _START_TIME_TOLERANCE_S:
+                continue
+        except psutil.NoSuchProcess:
+            pass
+        client.set_terminated(run.info.run_id, "KILLED")
+        logger.warning(
+            "MLflow run %s (%s) was left RUNNING by process %d, which no longer exists: marked KILLED",
+            run.info.run_id,
+            run.info.run_name,
+            pid,
+        )
 
 
 def tracking_server_problem(uri: str | None) -> str | None:
