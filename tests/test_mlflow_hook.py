@@ -54,7 +54,7 @@ def test_runs_are_named_after_what_ran_and_tagged_to_be_reproduced(new_project) 
     assert run.info.run_name == "prompt_generation · demo · mix prompts"
     assert tags["env"] == "demo"
     assert tags["kedro_command"] == (
-        "kedro run --pipelines=prompt_generation --env=demo --params=prompt_generation.method=mix"
+        "kedro run --env=demo --pipelines=prompt_generation --params=prompt_generation.method=mix"
     )
     assert tags["clip_dfkd_version"] == version("clip-dfkd")
     assert tags["runner"] == "SequentialRunner"

@@ -110,12 +110,21 @@ def test_a_sharded_run_of_more_than_rendering_is_refused_in_one_line(project) ->
 
     with pytest.raises(PreflightError) as error:
         _render(project, {"num_shards": 2, "shard_index": 1}, pipelines=["image_synthesis"])
-    # (One line per problem: a missing prompt table would be another.)
+    # The run's own parameters, with (and then without) the shard's. (One line per problem: a
+    # missing prompt table would be another.)
+    prompts = "prompt_generation.images_per_class_and_style=1,prompt_generation.method=random"
+    synthesis = "image_synthesis.inversion.iterations=10,image_synthesis.batch_size=2"
+    student = (
+        "student_distillation.student.model_name=test_resnet,student_distillation.training.epochs=2,"
+        "student_distillation.registry.export_onnx=false"
+    )
+    shard = "image_synthesis.num_shards=2,image_synthesis.shard_index=<k>"
     assert (
         "image_synthesis.num_shards=2: a sharded run renders synthetic_images only; run `kedro run --env=demo "
-        "--pipelines=image_synthesis --to-outputs=synthetic_images --params=image_synthesis.num_shards=2,"
-        "image_synthesis.shard_index=<k>` for each k, then `kedro run --env=demo --pipelines=image_synthesis` once, "
-        "which finds every image on disk and writes the manifest"
+        "--pipelines=image_synthesis --to-outputs=synthetic_images "
+        f"--params='{prompts},{synthesis},{shard},{student}'` for each k, then `kedro run --env=demo "
+        f"--pipelines=image_synthesis --params={prompts},{synthesis},{student}` once, which finds every image on "
+        "disk and writes the manifest"
     ) in str(error.value).splitlines()
 
 

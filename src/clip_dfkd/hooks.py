@@ -19,6 +19,7 @@ from kedro_mlflow.framework.hooks import MlflowHook
 from pydantic import BaseModel
 
 from clip_dfkd.errors import UserError
+from clip_dfkd.rerun import kedro_run_command
 from clip_dfkd.runtime import release_device_memory
 
 logger = logging.getLogger(__name__)
@@ -236,27 +237,13 @@ def _command(run_params: dict[str, Any]) -> str:
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     if program in ("kedro", "clip-dfkd") or sys.argv[0].endswith(("kedro/__main__.py", "clip_dfkd/__main__.py")):
         return shlex.join(["kedro", *sys.argv[1:]])
-    words = ["kedro", "run"]
+    options = []
     if names := run_params.get("pipeline_names"):
-        words.append(f"--pipelines={','.join(names)}")
-    if run_params.get("env"):
-        words.append(f"--env={run_params['env']}")
+        options.append(f"--pipelines={','.join(names)}")
     for option in ("tags", "node_names", "from_nodes", "to_nodes", "from_inputs", "to_outputs", "namespaces"):
         if values := run_params.get(option):
-            words.append(f"--{option.replace('_', '-').replace('node-names', 'nodes')}={','.join(values)}")
-    if runtime := run_params.get("runtime_params"):
-        words.append(f"--params={','.join(f'{k}={v}' for k, v in _flattened(runtime).items())}")
-    return shlex.join(words)
-
-
-def _flattened(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat |= _flattened(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+            options.append(f"--{option.replace('_', '-').replace('node-names', 'nodes')}={','.join(values)}")
+    return kedro_run_command(run_params, *options)
 
 
 def _runner_name(text: str) -> str:
