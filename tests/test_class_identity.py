@@ -1,12 +1,17 @@
 """Every artefact that depends on the class list carries it, and a stage that reads one made
-for other classes (or the same classes in another order) stops before any work."""
+for other classes (or the same classes in another order), or one it cannot use at all, stops
+before any work."""
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import pytest
+from conftest import plumbing_params
 
 from clip_dfkd.preflight import PreflightError
+from clip_dfkd.rerun import kedro_run_command
 
 DEMO_CLASSES = ["ball", "box", "tent", "kite"]
 REORDERED = ["kite", "tent", "box", "ball"]  # the silent failure: every class index shifts
@@ -49,9 +54,11 @@ def test_a_stage_refuses_an_artefact_made_for_other_classes(trained, stage, arte
     with pytest.raises(PreflightError) as caught, trained.session(runtime_params={"classes": REORDERED}) as session:
         session.run(pipeline_names=[stage])
 
+    # With the run's env and parameters (tests/test_preflight.py checks how they are written).
+    run = {"env": "demo", "runtime_params": plumbing_params({"classes": REORDERED})}
     assert str(caught.value) == (
         f"{artefact} was made for classes {DEMO_CLASSES}, but classes={REORDERED}; "
-        f"rerun `kedro run --pipelines={rerun}` to remake it for these classes"
+        f"rerun `{kedro_run_command(run, f'--pipelines={rerun}')}` to remake it for these classes"
     )
     assert _run_count(trained) == runs_before
 
@@ -62,3 +69,34 @@ def test_a_named_class_list_is_checked_like_a_written_one(trained) -> None:
     ):
         with trained.session(runtime_params={"classes": "vlcs"}) as session:
             session.run(pipeline_names=["image_synthesis"])
+
+
+def test_a_stage_refuses_saved_inputs_it_cannot_use_and_says_how_to_remake_them(trained) -> None:
+    """Images of the manifest gone, and a student saved by an older version: with the command
+    that remakes them, in this run's env and with its parameters."""
+    run = {"env": "demo", "runtime_params": plumbing_params()}
+    images = sorted((trained.path / "data/03_primary/synthetic_images").rglob("*.png"))
+    gone = images[0].with_suffix(".aside")
+    config = trained.path / "data/06_models/student/config.json"
+    saved = config.read_text()
+    images[0].rename(gone)
+    config.write_text(json.dumps({key: value for key, value in json.loads(saved).items() if key != "data_config"}))
+    try:
+        with pytest.raises(PreflightError) as labelling, trained.session() as session:
+            session.run(pipeline_names=["teacher_labeling"])
+        with pytest.raises(PreflightError) as evaluation, trained.session() as session:
+            session.run(pipeline_names=["ood_evaluation"])
+    finally:
+        gone.rename(images[0])
+        config.write_text(saved)
+
+    image_id = str(images[0].relative_to(trained.path / "data/03_primary/synthetic_images").with_suffix(""))
+    assert str(labelling.value) == (
+        f"synthetic_images lacks 1 of the {len(images)} images in synthesis_manifest (first: {image_id!r}); "
+        f"rerun `{kedro_run_command(run, '--pipelines=image_synthesis')}`"
+    )
+    retrain = kedro_run_command(run, "--pipelines=student_distillation")
+    assert str(evaluation.value) == (
+        f"{config}: no data_config (saved before preprocessing came from timm); allowed: a student saved by this "
+        f"version, e.g. retrain with `{retrain}`"
+    )

@@ -1,5 +1,5 @@
-"""The project's `kedro run`: user errors on one line, bugs with their traceback, Ctrl-C
-leaving the MLflow run KILLED, and no library warnings."""
+"""The project's `kedro run`: user errors on one line, bugs with their traceback, Ctrl-C and
+SIGTERM leaving the MLflow run KILLED, and no library warnings."""
 
 from __future__ import annotations
 
@@ -99,25 +99,83 @@ def test_a_user_error_becomes_one_click_error_line() -> None:
     assert result.output == "Error: teacher.batch_size=0: must be positive\n"
 
 
-def test_ctrl_c_ends_every_active_mlflow_run_as_killed(tmp_path: Path) -> None:
+def _ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the handler raises before this ends
+
+
+def test_ctrl_c_and_sigterm_end_every_active_mlflow_run_as_killed(tmp_path: Path) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     # An experiment of this store: an earlier test's active experiment lives in another one.
     mlflow.set_experiment("interrupted")
-    outer = mlflow.start_run()
-    inner = mlflow.start_run(nested=True)
-
-    def interrupted() -> None:
-        raise KeyboardInterrupt
-
-    result = CliRunner().invoke(click.Command("cmd", callback=guarded(interrupted)))
-    assert result.exit_code == 130
-    assert mlflow.active_run() is None
     client = mlflow.MlflowClient()
-    assert client.get_run(outer.info.run_id).info.status == "KILLED"
-    assert client.get_run(inner.info.run_id).info.status == "KILLED"
-    assert result.output.strip() == f"Interrupted: MLflow run {inner.info.run_id}, {outer.info.run_id} ended as KILLED."
+    handler = signal.getsignal(signal.SIGTERM)
+    for stop, exit_code, reason in ((_ctrl_c, 130, "Interrupted"), (_sigterm_self, 143, "Terminated")):
+        outer = mlflow.start_run()
+        inner = mlflow.start_run(nested=True)
+
+        result = CliRunner().invoke(click.Command("cmd", callback=guarded(stop)))
+        assert result.exit_code == exit_code
+        assert mlflow.active_run() is None
+        assert client.get_run(outer.info.run_id).info.status == "KILLED"
+        assert client.get_run(inner.info.run_id).info.status == "KILLED"
+        assert result.output.strip() == (
+            f"{reason}: MLflow run {inner.info.run_id}, {outer.info.run_id} ended as KILLED."
+        )
+        assert signal.getsignal(signal.SIGTERM) is handler  # installed for the command only
+
+
+def test_sigterm_to_every_process_of_a_job_kills_a_forked_worker_and_the_runs_once(tmp_path: Path) -> None:
+    """A DataLoader worker, forked during the run, inherits the handler; Slurm signals every
+    process of the job. The worker dies of SIGTERM as without the handler, touching no run, and
+    its death does not disturb the main process ending its runs (torch's SIGCHLD handler raises
+    when a worker dies)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("terminated")
+    run = mlflow.start_run()
+    workers = []
+
+    def worker_died(signum, frame) -> None:
+        raise RuntimeError("DataLoader worker is killed by signal: Terminated")
+
+    def job() -> None:
+        signal.signal(signal.SIGCHLD, worker_died)
+        ready, started = os.pipe()
+        worker = os.fork()
+        if worker == 0:
+            try:
+                # A signal that comes while os.fork() returns is dropped: say when it may come.
+                os.write(started, b".")
+                time.sleep(30)  # the handler ends the worker before this ends
+            finally:
+                os._exit(0)  # never a second pytest
+        workers.append(worker)
+        os.read(ready, 1)
+        os.close(ready)
+        os.close(started)
+        for pid in (worker, os.getpid()):
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(30)  # the handler raises before this ends
+
+    sigchld = signal.getsignal(signal.SIGCHLD)
+    try:
+        result = CliRunner().invoke(click.Command("cmd", callback=guarded(job)))
+        _, status = os.waitpid(workers[0], 0)
+    finally:
+        signal.signal(signal.SIGCHLD, sigchld)
+
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert result.exit_code == 143, result.output
+    assert result.output.strip() == f"Terminated: MLflow run {run.info.run_id} ended as KILLED."
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
 
 
 def test_run_is_kedros_own_command_with_every_option() -> None:
@@ -246,3 +304,37 @@ def test_ctrl_c_leaves_the_mlflow_run_killed(fresh_project: Path) -> None:
     assert f"Interrupted: MLflow run {run_before.info.run_id} ended as KILLED." in stderr.splitlines()
     # Interrupted mid-synthesis, before the later stages.
     assert len(list(images.rglob("*.png"))) < 240
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_leaves_the_mlflow_run_killed(fresh_project: Path) -> None:
+    """As `timeout`, `docker stop`, Slurm or Kubernetes stop a run: SIGTERM while a node runs
+    (in the main thread: Kedro's default, sequential runner). A cheap node that runs long:
+    contrastive prompts learnt for a million iterations."""
+    import mlflow
+
+    long_node = "prompt_generation.method=contrastive,prompt_generation.contrastive.iterations=1000000"
+    command = ["-m", "kedro", "run", "--env=demo", "--pipelines=prompt_generation", f"--params={long_node}"]
+    with (fresh_project / "err.log").open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, *command], cwd=fresh_project, env=_env(), stdout=subprocess.DEVNULL, stderr=err
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while "Learning contrastive prompts" not in (fresh_project / "err.log").read_text():
+                assert process.poll() is None, (fresh_project / "err.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the node did not start in time"
+                time.sleep(0.2)
+            process.terminate()
+            returncode = process.wait(timeout=120)
+        finally:
+            process.kill()
+
+    stderr = (fresh_project / "err.log").read_text()
+    assert returncode == 143, stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{fresh_project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("clip-dfkd-demo").experiment_id])
+    assert run.info.status == "KILLED"
+    assert [line for line in stderr.splitlines() if line.startswith("Terminated")] == [
+        f"Terminated: MLflow run {run.info.run_id} ended as KILLED."
+    ]

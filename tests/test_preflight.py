@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -112,6 +113,37 @@ def test_bad_demo_runs_fail_before_writing_anything(
 
     assert expected in str(caught.value)
     assert _outputs(fresh_project) == []
+
+
+def test_the_commands_a_failed_check_suggests_keep_the_env_and_params_of_the_run(fresh_project, monkeypatch) -> None:
+    monkeypatch.chdir(fresh_project)
+    params = {"classes": "vlcs", "teacher_labeling": {"filter": {"enabled": True, "min_confidence": 0.5}}}
+    with pytest.raises(PreflightError) as caught:
+        _run(fresh_project, "demo", params, ["teacher_labeling"])
+
+    rerun = (
+        "kedro run --env=demo --pipelines=image_synthesis "
+        "--params=classes=vlcs,teacher_labeling.filter.enabled=true,teacher_labeling.filter.min_confidence=0.5"
+    )
+    assert str(caught.value).splitlines() == [
+        f"synthesis_manifest: not on disk yet; run `{rerun}` first",
+        f"synthetic_images: not on disk yet; run `{rerun}` first",
+    ]
+
+
+def test_a_suggested_command_passes_the_parameters_as_the_command_line_reads_them() -> None:
+    from omegaconf import OmegaConf
+
+    from clip_dfkd.rerun import kedro_run_command
+
+    run = {"env": "demo", "runtime_params": {"a": {"b": None, "c": False}, "d": "x y", "e": 2}}
+    command = kedro_run_command(run, "--pipelines=p", params={"a.c": True, "f": "<k>"}, without=("e",))
+    assert command == "kedro run --env=demo --pipelines=p --params='a.b=null,a.c=true,d=x y,f=<k>'"
+    # What the shell hands `kedro run`, parsed as Kedro parses --params (a dot list).
+    pairs = shlex.split(command)[-1].removeprefix("--params=").split(",")
+    expected = {"a": {"b": None, "c": True}, "d": "x y", "f": "<k>"}
+    assert OmegaConf.to_container(OmegaConf.from_dotlist(pairs)) == expected
+    assert kedro_run_command(None, "--pipelines=p") == "kedro run --pipelines=p"
 
 
 def test_a_saved_bank_of_the_wrong_size_fails_before_any_work(fresh_project, monkeypatch) -> None:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import signal
 import socket
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -110,12 +114,21 @@ def test_a_sharded_run_of_more_than_rendering_is_refused_in_one_line(project) ->
 
     with pytest.raises(PreflightError) as error:
         _render(project, {"num_shards": 2, "shard_index": 1}, pipelines=["image_synthesis"])
-    # (One line per problem: a missing prompt table would be another.)
+    # The run's own parameters, with (and then without) the shard's. (One line per problem: a
+    # missing prompt table would be another.)
+    prompts = "prompt_generation.images_per_class_and_style=1,prompt_generation.method=random"
+    synthesis = "image_synthesis.inversion.iterations=10,image_synthesis.batch_size=2"
+    student = (
+        "student_distillation.student.model_name=test_resnet,student_distillation.training.epochs=2,"
+        "student_distillation.registry.export_onnx=false"
+    )
+    shard = "image_synthesis.num_shards=2,image_synthesis.shard_index=<k>"
     assert (
         "image_synthesis.num_shards=2: a sharded run renders synthetic_images only; run `kedro run --env=demo "
-        "--pipelines=image_synthesis --to-outputs=synthetic_images --params=image_synthesis.num_shards=2,"
-        "image_synthesis.shard_index=<k>` for each k, then `kedro run --env=demo --pipelines=image_synthesis` once, "
-        "which finds every image on disk and writes the manifest"
+        "--pipelines=image_synthesis --to-outputs=synthetic_images "
+        f"--params='{prompts},{synthesis},{shard},{student}'` for each k, then `kedro run --env=demo "
+        f"--pipelines=image_synthesis --params={prompts},{synthesis},{student}` once, which finds every image on "
+        "disk and writes the manifest"
     ) in str(error.value).splitlines()
 
 
@@ -141,7 +154,16 @@ def test_two_ray_workers_render_the_bytes_this_process_renders(project, backend)
         (project.path / IMAGES / name).parent.mkdir(parents=True, exist_ok=True)
         (project.path / IMAGES / name).write_bytes(local[name])
 
-    _render(project, {**synthesis, "executor": "ray", "ray": {"num_actors": 2, "num_gpus_per_actor": 0}}, **stages)
+    # As `kedro run` has it (clip_dfkd.cli): SIGTERM ends the MLflow run as KILLED.
+    def run_sigterm_handler(signum, frame) -> None:
+        raise AssertionError("only a signal calls this")
+
+    previous = signal.signal(signal.SIGTERM, run_sigterm_handler)
+    try:
+        _render(project, {**synthesis, "executor": "ray", "ray": {"num_actors": 2, "num_gpus_per_actor": 0}}, **stages)
+        assert signal.getsignal(signal.SIGTERM) is run_sigterm_handler  # not ray.init's
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
     assert not ray.is_initialized()  # the local Ray the run started, and its actors, are gone
     assert len(local) == 12
@@ -180,7 +202,79 @@ def test_ray_executor_without_ray_installed_fails_in_one_line(monkeypatch) -> No
     from clip_dfkd.params import RayExecutorParams
     from clip_dfkd.rendering import ray_executor_problem
 
-    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # what `import ray` sees without Ray
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees without Ray
     assert ray_executor_problem(RayExecutorParams()) == (
         "image_synthesis.executor='ray': Ray is not installed; allowed: pip install -e '.[ray]', or executor local"
     )
+
+
+def test_a_ray_address_for_ray_client_without_it_installed_fails_in_one_line(monkeypatch) -> None:
+    from clip_dfkd.params import RayExecutorParams
+    from clip_dfkd.rendering import ray_executor_problem
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # what `import grpc` sees without ray[client]
+    address = f"ray://127.0.0.1:{_closed_port()}"
+    assert ray_executor_problem(RayExecutorParams(address=address)) == (
+        f"image_synthesis.ray.address='{address}': a ray:// address connects through Ray Client, which is not "
+        "installed (no module 'grpc'); allowed: pip install 'ray[client]', or the cluster's <head>:6379 from a "
+        "machine of the cluster"
+    )
+
+
+@contextlib.contextmanager
+def _server_answering(answer: bytes) -> Iterator[int]:
+    """A port on 127.0.0.1 that accepts one connection and answers what a client sends first
+    with ``answer`` (nothing, when empty)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def serve() -> None:
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(64)
+                connection.sendall(answer)
+                # Until the client closes (it resets the connection when it left bytes unread).
+                with contextlib.suppress(ConnectionResetError):
+                    connection.recv(64)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield server.getsockname()[1]
+        thread.join(timeout=5)
+
+
+HTTP2_SETTINGS_FRAME = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize(
+    ("answer", "is_ray"),
+    [(HTTP2_SETTINGS_FRAME, True), (b"", False), (b"HTTP/1.1 400 Bad Request\r\n\r\n", False)],
+    ids=["grpc", "silent", "http1"],
+)
+def test_a_ray_address_must_answer_as_ray_does(monkeypatch, answer, is_ray) -> None:
+    """A firewall that accepts every connection, or a port of something else, is no Ray."""
+    from clip_dfkd import rendering
+    from clip_dfkd.params import RayExecutorParams
+
+    monkeypatch.setattr(rendering, "RAY_PROBE_SECONDS", 0.5)
+    with _server_answering(answer) as port:
+        problem = rendering.ray_executor_problem(RayExecutorParams(address=f"127.0.0.1:{port}"))
+    assert problem == (
+        None
+        if is_ray
+        else f"image_synthesis.ray.address='127.0.0.1:{port}': something accepts connections there but does not "
+        "answer as Ray's gRPC server does; allowed: the address of a running Ray (<head>:6379, the GCS port of "
+        "`ray start --head`, or ray://<head>:10001 for Ray Client)"
+    )
+
+
+def test_with_tls_a_ray_address_is_only_connected_to(monkeypatch) -> None:
+    """Ray's servers expect a TLS handshake first then: an HTTP/2 preface would get no answer."""
+    from clip_dfkd import rendering
+    from clip_dfkd.params import RayExecutorParams
+
+    monkeypatch.setenv("RAY_USE_TLS", "1")
+    monkeypatch.setattr(rendering, "RAY_PROBE_SECONDS", 0.5)
+    with _server_answering(b"") as port:
+        assert rendering.ray_executor_problem(RayExecutorParams(address=f"127.0.0.1:{port}")) is None

@@ -1,4 +1,4 @@
-"""The project's ``kedro run``: Kedro's own command, with two changes to how a run ends.
+"""The project's ``kedro run``: Kedro's own command, with three changes to how a run ends.
 
 Kedro loads this module's ``cli`` group ahead of its built-in commands and of plugins',
 so its ``run`` replaces Kedro's for ``kedro run`` (and for ``python -m clip_dfkd``, through
@@ -10,15 +10,20 @@ with only its callback wrapped by :func:`guarded`:
   any other exception is a bug and keeps its traceback;
 - Ctrl-C ends the active MLflow run as KILLED and exits 130. A KeyboardInterrupt is not an
   ``Exception``, so Kedro calls no ``on_pipeline_error`` hook, and MLflow's exit handler
-  would otherwise mark the half-done run FINISHED.
+  would otherwise mark the half-done run FINISHED;
+- SIGTERM (``timeout``, ``docker stop``, Slurm, Kubernetes) does the same and exits 143:
+  Python's default would end the process at once and leave the run RUNNING for ever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import os
 import re
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -83,25 +88,71 @@ def _kill_active_mlflow_runs() -> list[str]:
     return killed
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as KeyboardInterrupt is for SIGINT. Not an
+    ``Exception``: Kedro's runner and session let it through without calling
+    ``on_pipeline_error``, whose kedro-mlflow hook would end the run as FAILED."""
+
+
+@contextlib.contextmanager
+def sigterm_raises_terminated() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in this process; the previous handler
+    is back afterwards, and after the first SIGTERM (a second one acts as it would without
+    this).
+
+    A process forked meanwhile (a DataLoader worker) inherits the handler: there the signal
+    ends it as the default action would, touching none of the parent's runs. When SIGTERM goes
+    to every process of a job (Slurm, a process group), the workers end with the main process;
+    torch's SIGCHLD handler would then raise "DataLoader worker ... is killed by signal" in the
+    main process while it ends its runs, or as it drops their frames after (an "Exception
+    ignored" traceback): after a SIGTERM, SIGCHLD is left to its default, as the process ends."""
+    owner = os.getpid()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def terminate(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end_killed(reason: str, exit_code: int) -> click.exceptions.Exit:
+    """Ends the active MLflow runs as KILLED and says so in one line on stderr; the exit to raise."""
+    killed = _kill_active_mlflow_runs()
+    runs = f"MLflow run {', '.join(killed)} ended as KILLED" if killed else "no MLflow run was active"
+    # The leading newline ends the terminal's ``^C`` echo or a progress bar's line.
+    click.echo(f"\n{reason}: {runs}.", err=True)
+    return click.exceptions.Exit(exit_code)
+
+
 def guarded(callback: Callable[..., Any]) -> Callable[..., Any]:
-    """``callback`` with user errors turned into one-line click errors (exit 1) and Ctrl-C
-    into KILLED MLflow runs (exit 130); bugs propagate unchanged."""
+    """``callback`` with user errors turned into one-line click errors (exit 1), and Ctrl-C
+    and SIGTERM into KILLED MLflow runs (exit 130 and 143, 128 + the signal's number, as a
+    shell reports a process that the signal ended); bugs propagate unchanged."""
 
     @functools.wraps(callback)
     def run_guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return callback(*args, **kwargs)
-        except KeyboardInterrupt:
-            killed = _kill_active_mlflow_runs()
-            runs = f"MLflow run {', '.join(killed)} ended as KILLED" if killed else "no MLflow run was active"
-            # The leading newline ends the terminal's ``^C`` echo or a progress bar's line.
-            click.echo(f"\nInterrupted: {runs}.", err=True)
-            raise click.exceptions.Exit(130) from None
-        except Exception as exc:
-            if (message := user_error_message(exc)) is None:
-                raise
-            # click prints it as "Error: <message>" on stderr and exits 1.
-            raise click.ClickException(message) from exc
+        with sigterm_raises_terminated():
+            try:
+                return callback(*args, **kwargs)
+            except KeyboardInterrupt:
+                raise _end_killed("Interrupted", 128 + signal.SIGINT) from None
+            except Terminated:
+                raise _end_killed("Terminated", 128 + signal.SIGTERM) from None
+            except Exception as exc:
+                if (message := user_error_message(exc)) is None:
+                    raise
+                # click prints it as "Error: <message>" on stderr and exits 1.
+                raise click.ClickException(message) from exc
 
     return run_guarded
 

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +19,7 @@ from kedro_mlflow.framework.hooks import MlflowHook
 from pydantic import BaseModel
 
 from clip_dfkd.errors import UserError
+from clip_dfkd.rerun import kedro_run_command
 from clip_dfkd.runtime import release_device_memory
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,16 @@ _SERVER_PROBE_SECONDS = 5.0
 
 # The stages of a full `kedro run`, which the run name calls "all stages".
 ALL_STAGES = "__default__"
+
+# The process that runs a run: a run left RUNNING by a process that no longer exists (SIGKILL,
+# out of memory, a machine restarted) is ended as KILLED by the next run. The process's start
+# time tells it from a later process that was given the same pid.
+PID_TAG = "clip_dfkd.pid"
+HOST_TAG = "clip_dfkd.host"
+PROCESS_STARTED_TAG = "clip_dfkd.process_started"
+# psutil derives a start time from the boot time, which the kernel may report a second off
+# from one process to the next.
+_START_TIME_TOLERANCE_S = 1.0
 
 
 class TypedParamsMlflowHook(MlflowHook):
@@ -55,8 +67,9 @@ class TypedParamsMlflowHook(MlflowHook):
         if not self._is_mlflow_enabled or mlflow.active_run() is None:
             return
         parameters = catalog.load("parameters")
-        mlflow.set_tags(run_tags(run_params) | shard_tags(pipeline, catalog))
+        mlflow.set_tags(run_tags(run_params) | shard_tags(pipeline, catalog) | process_tags())
         mlflow.set_tag("mlflow.runName", run_name(run_params, parameters, pipeline))
+        end_abandoned_runs(mlflow.active_run().info.experiment_id)
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
@@ -141,6 +154,40 @@ def run_tags(run_params: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+def process_tags() -> dict[str, str]:
+    """This process: its pid, host and start time (seconds since the epoch)."""
+    import psutil
+
+    this = psutil.Process()
+    return {PID_TAG: str(this.pid), HOST_TAG: socket.gethostname(), PROCESS_STARTED_TAG: repr(this.create_time())}
+
+
+def end_abandoned_runs(experiment_id: str) -> None:
+    """Ends as KILLED each run of the experiment that is RUNNING although the process of this
+    host that ran it no longer exists, with a warning each. Runs of other hosts are left alone:
+    their processes cannot be seen from here."""
+    import mlflow
+    import psutil
+
+    client = mlflow.MlflowClient()
+    for run in client.search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{socket.gethostname()}'"
+    ):
+        pid, started = int(run.data.tags[PID_TAG]), float(run.data.tags[PROCESS_STARTED_TAG])
+        try:
+            if abs(psutil.Process(pid).create_time() - started) < _START_TIME_TOLERANCE_S:
+                continue
+        except psutil.NoSuchProcess:
+            pass
+        client.set_terminated(run.info.run_id, "KILLED")
+        logger.warning(
+            "MLflow run %s (%s) was left RUNNING by process %d, which no longer exists: marked KILLED",
+            run.info.run_id,
+            run.info.run_name,
+            pid,
+        )
+
+
 def tracking_server_problem(uri: str | None) -> str | None:
     """Why the MLflow tracking server at ``uri`` cannot be used (nothing answers in a few
     seconds), or None; only http(s) URIs are servers."""
@@ -194,27 +241,13 @@ def _command(run_params: dict[str, Any]) -> str:
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     if program in ("kedro", "clip-dfkd") or sys.argv[0].endswith(("kedro/__main__.py", "clip_dfkd/__main__.py")):
         return shlex.join(["kedro", *sys.argv[1:]])
-    words = ["kedro", "run"]
+    options = []
     if names := run_params.get("pipeline_names"):
-        words.append(f"--pipelines={','.join(names)}")
-    if run_params.get("env"):
-        words.append(f"--env={run_params['env']}")
+        options.append(f"--pipelines={','.join(names)}")
     for option in ("tags", "node_names", "from_nodes", "to_nodes", "from_inputs", "to_outputs", "namespaces"):
         if values := run_params.get(option):
-            words.append(f"--{option.replace('_', '-').replace('node-names', 'nodes')}={','.join(values)}")
-    if runtime := run_params.get("runtime_params"):
-        words.append(f"--params={','.join(f'{k}={v}' for k, v in _flattened(runtime).items())}")
-    return shlex.join(words)
-
-
-def _flattened(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat |= _flattened(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+            options.append(f"--{option.replace('_', '-').replace('node-names', 'nodes')}={','.join(values)}")
+    return kedro_run_command(run_params, *options)
 
 
 def _runner_name(text: str) -> str:

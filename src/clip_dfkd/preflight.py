@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from kedro.framework.hooks import hook_impl
+from kedro.io import DatasetError
 from kedro.io.core import get_protocol_and_path
 from pydantic import BaseModel
 
@@ -38,7 +39,7 @@ from clip_dfkd.models.generator import (
     missing_tiny_vae_weights,
     unsupported_generator,
 )
-from clip_dfkd.models.student import StudentClassifier, missing_student_weights
+from clip_dfkd.models.student import OutdatedStudentError, StudentClassifier, missing_student_weights
 from clip_dfkd.models.teacher import (
     indistinguishable_class_problems,
     missing_teacher_weights,
@@ -55,6 +56,7 @@ from clip_dfkd.params import (
 )
 from clip_dfkd.pipeline_registry import STAGES, every_pipeline
 from clip_dfkd.rendering import ray_executor_problem
+from clip_dfkd.rerun import kedro_run_command
 from clip_dfkd.runtime import unavailable_device
 from clip_dfkd.styles import saved_bank_dim
 
@@ -137,7 +139,7 @@ def _loads_teacher(pipeline, catalog) -> bool:
     return inversion and bool(functions & {build_style_bank, measure_prompt_diversity, synthesize_images})
 
 
-def _shard_run_problem(params: ImageSynthesisParams, pipeline, env: str | None) -> str | None:
+def _shard_run_problem(params: ImageSynthesisParams, pipeline, run_params: dict[str, Any]) -> str | None:
     """A sharded run may only render: its manifest, metrics and sample grid would hold one
     shard, and N runs would overwrite each other's (and rerun any earlier stage N times)."""
     if params.num_shards == 1:
@@ -147,12 +149,17 @@ def _shard_run_problem(params: ImageSynthesisParams, pipeline, env: str | None) 
     rendering = {node.name for node in create_pipeline().to_outputs("synthetic_images").nodes}
     if not {node.name for node in pipeline.nodes} - rendering:
         return None
-    run = f"kedro run{f' --env={env}' if env else ''} --pipelines=image_synthesis"
-    shard = f"image_synthesis.num_shards={params.num_shards},image_synthesis.shard_index=<k>"
+    num_shards, shard_index = "image_synthesis.num_shards", "image_synthesis.shard_index"
+    render = kedro_run_command(
+        run_params,
+        "--pipelines=image_synthesis",
+        "--to-outputs=synthetic_images",
+        params={num_shards: params.num_shards, shard_index: "<k>"},
+    )
+    gather = kedro_run_command(run_params, "--pipelines=image_synthesis", without=(num_shards, shard_index))
     return (
         f"image_synthesis.num_shards={params.num_shards}: a sharded run renders synthetic_images only; run "
-        f"`{run} --to-outputs=synthetic_images --params={shard}` for each k, then `{run}` once, which finds every "
-        "image on disk and writes the manifest"
+        f"`{render}` for each k, then `{gather}` once, which finds every image on disk and writes the manifest"
     )
 
 
@@ -166,28 +173,47 @@ def _stage_making(dataset: str) -> str:
     return next(stage for stage in STAGES if dataset in pipelines[stage].all_outputs())
 
 
-def _missing_input(name: str, catalog) -> str | None:
+def _missing_input(name: str, catalog, run_params: dict[str, Any]) -> str | None:
     if catalog.exists(name):
         return None
-    return f"{name}: not on disk yet; run `kedro run --pipelines={_stage_making(name)}` first"
+    return f"{name}: not on disk yet; run `{kedro_run_command(run_params, f'--pipelines={_stage_making(name)}')}` first"
 
 
-def _class_list_problem(name: str, catalog, classes: list[str]) -> str | None:
-    """Why the saved artefact ``name`` cannot be used with ``classes``, or None.
+def _unrendered_images(catalog, run_params: dict[str, Any]) -> str | None:
+    """Images of the saved manifest that are not on disk (deleted, or a folder from another
+    run): labelling would stop at them. Rendering again makes exactly those."""
+    from clip_dfkd.pipelines.teacher_labeling.nodes import missing_images
+
+    problem = missing_images(catalog.load("synthetic_images"), catalog.load("synthesis_manifest"))
+    return problem and f"{problem}; rerun `{kedro_run_command(run_params, '--pipelines=image_synthesis')}`"
+
+
+def _class_list_problem(name: str, catalog, classes: list[str], run_params: dict[str, Any]) -> str | None:
+    """Why the saved artefact ``name`` cannot be used with ``classes`` (or at all: a student
+    saved by an older version), or None.
 
     Classes enter at prompt generation, so the fix is to rerun every stage from there up to
     the one that makes the artefact.
     """
-    artefact = catalog.load(name)
+    try:
+        artefact = catalog.load(name)
+    except DatasetError as exc:
+        # Kedro wraps the dataset's error, and wraps that again.
+        outdated: BaseException | None = exc
+        while outdated is not None and not isinstance(outdated, OutdatedStudentError):
+            outdated = outdated.__cause__
+        if outdated is None:
+            raise
+        return str(
+            OutdatedStudentError(outdated.config, kedro_run_command(run_params, f"--pipelines={_stage_making(name)}"))
+        )
     found = list(artefact.class_names) if isinstance(artefact, StudentClassifier) else artefact.attrs.get("classes")
     if found == classes:
         return None
     stages = STAGES[: STAGES.index(_stage_making(name)) + 1]
     made_for = f"was made for classes {found}" if found else "records no class list (made by an older version)"
-    return (
-        f"{name} {made_for}, but classes={classes}; rerun `kedro run --pipelines={','.join(stages)}` "
-        "to remake it for these classes"
-    )
+    rerun = kedro_run_command(run_params, f"--pipelines={','.join(stages)}")
+    return f"{name} {made_for}, but classes={classes}; rerun `{rerun}` to remake it for these classes"
 
 
 def _saved_inputs(pipeline) -> set[str]:
@@ -363,7 +389,7 @@ class PreflightHook:
             problems.append(missing_teacher_weights(catalog.load("params:teacher")))
         if "image_synthesis" in used:
             synthesis = catalog.load("params:image_synthesis")
-            problems += [_synthesis_problem(synthesis), _shard_run_problem(synthesis, pipeline, run_params.get("env"))]
+            problems += [_synthesis_problem(synthesis), _shard_run_problem(synthesis, pipeline, run_params)]
         if "prompt_generation" in used:
             problems.append(
                 _saved_bank_problem(
@@ -375,10 +401,12 @@ class PreflightHook:
         if "student_distillation" in used:
             problems.append(missing_student_weights(catalog.load("params:student_distillation").student))
         saved = sorted(_saved_inputs(pipeline))
-        missing = {name: problem for name in saved if (problem := _missing_input(name, catalog))}
+        missing = {name: problem for name in saved if (problem := _missing_input(name, catalog, run_params))}
         problems += missing.values()
+        if {"synthetic_images", "synthesis_manifest"} <= set(saved) - set(missing):
+            problems.append(_unrendered_images(catalog, run_params))
         problems += [
-            _class_list_problem(name, catalog, classes)
+            _class_list_problem(name, catalog, classes, run_params)
             for name in CLASS_CARRIERS
             if name in saved and name not in missing
         ]
@@ -397,7 +425,7 @@ class PreflightHook:
 
             # Before the comparison's own MLflow run starts: no empty run is left behind.
             comparison = ComparisonParams.model_validate(_raw(catalog.load("params:comparison")))
-            problems.append(comparison_problem(comparison, run_params.get("env")))
+            problems.append(comparison_problem(comparison, run_params))
         problems += _unwritable_outputs(pipeline, catalog)
         if problems := [problem for problem in problems if problem]:
             raise PreflightError("\n".join(problems))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -379,7 +381,13 @@ class RayImages(OnDemandImages):
         import ray
 
         if not ray.is_initialized():
+            # ray.init sets SIGTERM to exit the process (sys.exit): the run's own handler, which
+            # ends the MLflow run as KILLED (clip_dfkd.cli), is put back. (Outside the main
+            # thread neither can set one.)
+            sigterm = signal.getsignal(signal.SIGTERM)
             ray.init(address=self._ray.address, include_dashboard=False, log_to_driver=False)
+            if signal.getsignal(signal.SIGTERM) is not sigterm:
+                signal.signal(signal.SIGTERM, sigterm)
             self._started_ray = True
         gpus = self._ray.num_gpus_per_actor
         if gpus is None:
@@ -436,9 +444,9 @@ class RayImages(OnDemandImages):
 
 
 def ray_executor_problem(params: RayExecutorParams) -> str | None:
-    """Why ``image_synthesis.executor: ray`` cannot run here, or None: Ray is not installed, or
-    nothing answers at ``image_synthesis.ray.address`` (checked with one quick connection,
-    where ``ray.init`` would wait for minutes)."""
+    """Why ``image_synthesis.executor: ray`` cannot run here, or None: Ray is not installed, a
+    ``ray://`` address without Ray Client, or no Ray answers at ``image_synthesis.ray.address``
+    (checked with one quick connection, where ``ray.init`` would wait for minutes)."""
     try:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
@@ -453,8 +461,52 @@ def ray_executor_problem(params: RayExecutorParams) -> str | None:
     key = f"image_synthesis.ray.address={address!r}"
     if not parsed.hostname or not parsed.port:
         return f"{key}: not host:port; allowed: null (a Ray on this machine), auto, <head>:6379 or ray://<head>:10001"
+    if parsed.scheme == "ray" and (missing := _missing_ray_client()):
+        return (
+            f"{key}: a ray:// address connects through Ray Client, which is not installed (no module {missing!r}); "
+            "allowed: pip install 'ray[client]', or the cluster's <head>:6379 from a machine of the cluster"
+        )
+    return _ray_answer_problem(key, parsed.hostname, parsed.port)
+
+
+def _missing_ray_client() -> str | None:
+    """The module that Ray Client needs and does not find (``ray[client]`` adds grpcio, which
+    Ray imports as ``grpc`` to decide whether the client can run), or None."""
     try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=5):
-            return None
+        import grpc  # noqa: F401
+    except ImportError:
+        return "grpc"
+    return None
+
+
+# An HTTP/2 client's first bytes: the preface and an empty SETTINGS frame (RFC 9113, 3.4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HTTP2_SETTINGS = 4
+RAY_PROBE_SECONDS = 5.0
+
+
+def _ray_answer_problem(key: str, host: str, port: int) -> str | None:
+    """Why no Ray answers at ``host:port``, or None. Both of Ray's ports (the GCS of ``ray start
+    --head`` and Ray Client's) serve gRPC, which answers an HTTP/2 client's preface with its
+    SETTINGS frame; a port that accepts the connection and answers nothing, or something else
+    (a dashboard, another service, a firewall that accepts every connection), is no Ray. With
+    RAY_USE_TLS the servers expect a TLS handshake first: the connection alone is checked."""
+    try:
+        connection = socket.create_connection((host, port), timeout=RAY_PROBE_SECONDS)
     except OSError as exc:
         return f"{key}: nothing answers there ({exc.strerror or exc}); start the cluster or fix the address"
+    with connection:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return None
+        try:
+            connection.sendall(_HTTP2_PREFACE)
+            header = connection.recv(9)
+        except OSError:  # no answer in time, or the connection closed
+            header = b""
+    if len(header) > 3 and header[3] == _HTTP2_SETTINGS:
+        return None
+    return (
+        f"{key}: something accepts connections there but does not answer as Ray's gRPC server does; allowed: the "
+        "address of a running Ray (<head>:6379, the GCS port of `ray start --head`, or ray://<head>:10001 for Ray "
+        "Client)"
+    )

@@ -395,7 +395,7 @@ def test_no_matching_run_fails_on_one_line_with_the_experiment_the_filter_and_th
         "comparison: no FINISHED run with ood_evaluation/ood_evaluation.csv in MLflow experiment 'cmp' at "
         f"{tracking['uri']} matching filter \"params.prompt_generation.method = 'contrastive'\""
     )
-    assert 'kedro run --params="prompt_generation.method=mix"' in message
+    assert "`kedro run --params=prompt_generation.method=mix`" in message
     assert "then rerun `kedro run --pipelines=comparison`" in message
 
 

@@ -24,11 +24,24 @@ from clip_dfkd.imaging import Transform
 from clip_dfkd.models.checkpoints import architecture_mismatch, checkpoint_shapes
 from clip_dfkd.models.errors import ModelNotFoundError
 from clip_dfkd.params import AugmentationParams, StudentParams
+from clip_dfkd.rerun import kedro_run_command
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+class OutdatedStudentError(ModelNotFoundError):
+    """A student saved before preprocessing came from timm. Outside a run the message suggests
+    a plain ``kedro run``; the preflight checks say it again with the run's own ``retrain``."""
+
+    def __init__(self, config: Path, retrain: str = kedro_run_command(None, "--pipelines=student_distillation")):
+        super().__init__(
+            f"{config}: no data_config (saved before preprocessing came from timm); "
+            f"allowed: a student saved by this version, e.g. retrain with `{retrain}`"
+        )
+        self.config = config
 
 
 class StudentClassifier(nn.Module):
@@ -126,11 +139,7 @@ class StudentClassifier(nn.Module):
             raise ModelNotFoundError(f"{directory}: no {CONFIG_NAME}; not a saved clip-dfkd student")
         config = json.loads((directory / CONFIG_NAME).read_text())
         if "data_config" not in config:
-            raise ModelNotFoundError(
-                f"{directory / CONFIG_NAME}: no data_config (saved before preprocessing came from timm); "
-                "allowed: a student saved by this version, e.g. retrain with "
-                "`kedro run --pipelines=student_distillation`"
-            )
+            raise OutdatedStudentError(directory / CONFIG_NAME)
         student = cls(**config)
         student.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)))
         return student.to(device).eval()

@@ -18,7 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import matplotlib
 
@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from clip_dfkd.errors import UserError
 from clip_dfkd.params import DATA_FREE, ComparisonParams, ImageSynthesisParams, PromptGenerationParams
+from clip_dfkd.rerun import kedro_run_command
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +87,21 @@ class EvaluationSearch:
         matching = f' matching filter "{self.filter_string}"' if self.filter_string else ""
         return f"MLflow experiment {self.experiment!r} at {self.tracking_uri}{matching}"
 
-    def nothing_found(self, env: str | None = None) -> str:
-        """The one-line error for a search that found no run to compare."""
-        kedro_run = f"kedro run --env={env}" if env else "kedro run"
+    def nothing_found(self, run_params: dict[str, Any] | None = None) -> str:
+        """The one-line error for a search that found no run to compare; its commands have the
+        env and parameters of ``run_params`` (see :func:`clip_dfkd.rerun.kedro_run_command`)."""
         found = self.not_finished + self.without_evaluation
         left_out = (
             f"{found} runs found: {self.not_finished} not FINISHED, {self.without_evaluation} without an evaluation"
             if found
             else "no run found"
         )
+        fill = kedro_run_command(run_params, params={METHOD_PARAM: "mix"})
+        compare = kedro_run_command(run_params, "--pipelines=comparison")
         return (
             f"comparison: no FINISHED run with {EVALUATION_ARTIFACT} in {self.where()} ({left_out}); "
-            f'fill it with a run per prompt method, e.g. `{kedro_run} --params="prompt_generation.method=mix"` '
-            f"(vanilla, mix, random, contrastive), then rerun `{kedro_run} --pipelines=comparison`"
+            f"fill it with a run per prompt method, e.g. `{fill}` (vanilla, mix, random, contrastive), "
+            f"then rerun `{compare}`"
         )
 
 
@@ -204,14 +207,14 @@ def _download(tracking_uri: str, run_id: str, artifact: str, scratch: str) -> st
     )
 
 
-def comparison_problem(params: ComparisonParams, env: str | None = None) -> str | None:
+def comparison_problem(params: ComparisonParams, run_params: dict[str, Any] | None = None) -> str | None:
     """Why the comparison would find nothing to compare, or None; for the preflight checks,
     which run before the comparison's own MLflow run starts."""
     try:
         search = search_evaluations(params.experiment, params.filter_string, download=False)
     except ComparisonError as exc:
         return str(exc)
-    return None if search.evaluations else search.nothing_found(env)
+    return None if search.evaluations else search.nothing_found(run_params)
 
 
 def collect_evaluations(params: ComparisonParams) -> pd.DataFrame:

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,17 @@ def label_images(
     return teacher_labels(images, manifest, teacher_model, head, teacher.batch_size, params)
 
 
+def missing_images(images: Mapping[str, Any], manifest: pd.DataFrame) -> str | None:
+    """Which images of ``manifest`` are not among ``images``, or None."""
+    missing = [image_id for image_id in manifest["image_id"] if image_id not in images]
+    if not missing:
+        return None
+    return (
+        f"synthetic_images lacks {len(missing)} of the {len(manifest)} images in synthesis_manifest "
+        f"(first: {missing[0]!r})"
+    )
+
+
 def teacher_labels(
     images: dict[str, Callable[[], Image.Image]],
     manifest: pd.DataFrame,
@@ -46,12 +58,9 @@ def teacher_labels(
     recognises with less than ``min_confidence``) get ``kept = False``; they stay in the table
     so that the drop is visible per class and style.
     """
-    missing = [image_id for image_id in manifest["image_id"] if image_id not in images]
-    if missing:
-        raise ValueError(
-            f"synthetic_images lacks {len(missing)} of the {len(manifest)} images in synthesis_manifest "
-            f"(first: {missing[0]!r}); rerun `kedro run --pipelines=image_synthesis`"
-        )
+    # The preflight checks saved images and manifest, and says what to rerun.
+    if problem := missing_images(images, manifest):
+        raise ValueError(problem)
     sources = [images[image_id] for image_id in manifest["image_id"]]
     try:
         logits, embeddings = teacher_model.classify_images(sources, zero_shot_head, batch_size, "Teacher labelling")
