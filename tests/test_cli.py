@@ -338,3 +338,29 @@ def test_sigterm_leaves_the_mlflow_run_killed(fresh_project: Path) -> None:
     assert [line for line in stderr.splitlines() if line.startswith("Terminated")] == [
         f"Terminated: MLflow run {run.info.run_id} ended as KILLED."
     ]
+
+
+def test_a_full_disk_under_a_kedro_datasets_output_is_one_line_naming_its_file(tmp_path, monkeypatch) -> None:
+    """kedro-datasets' writers (Parquet here) raise the bare OSError, without a file name,
+    inside Kedro's DatasetError: the command line still names the file and the space left."""
+    import errno
+
+    import pandas as pd
+    from kedro_datasets.pandas import ParquetDataset
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full_disk)
+    table = tmp_path / "08_reporting" / "ood_evaluation.parquet"
+    with pytest.raises(DatasetError) as caught:
+        ParquetDataset(filepath=str(table)).save(pd.DataFrame({"a": [1]}))
+
+    assert re.fullmatch(
+        rf"{table}: no space left on device \(\S+ \S?B free on /\S*\); free some space there or point the output "
+        "elsewhere",
+        user_error_message(caught.value) or "",
+    ), caught.value
+    # Any other OSError is no user error: it keeps its traceback.
+    assert user_error_message(DatasetError("Failed while saving data to dataset X")) is None
+    assert user_error_message(OSError(errno.EACCES, "Permission denied")) is None

@@ -24,6 +24,7 @@ import os
 import re
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -31,6 +32,7 @@ import mlflow
 from kedro.framework.cli.project import run as kedro_run
 from kedro.validation import ParameterValidationError
 
+from clip_dfkd.atomic import out_of_space_error
 from clip_dfkd.errors import UserError
 
 # How Kedro's ParameterValidator reports each bad parameter (kedro/validation/
@@ -63,18 +65,34 @@ def _parameter_problems(exc: ParameterValidationError) -> str | None:
     return "\n".join(problems)
 
 
+# How Kedro's DatasetError names a file dataset that failed to save: its repr holds
+# ``filepath=PurePosixPath('...')`` (kedro-datasets' file datasets).
+_SAVED_FILEPATH = re.compile(r"Failed while saving data to dataset .*?filepath=\w*Path\('(?P<path>[^']+)'\)")
+
+
 def user_error_message(exc: BaseException) -> str | None:
     """The message of the user error that ``exc`` is or wraps (``raise ... from``, as Kedro
     wraps a dataset's error), or None for a bug. An exception raised while handling a user
-    error (``__context__`` only) is a bug and keeps its traceback."""
+    error (``__context__`` only) is a bug and keeps its traceback.
+
+    A full disk is the user's to fix wherever it struck: a dataset that kedro-datasets writes
+    (Parquet, CSV, JSON, plots) raises the bare OSError, which becomes the same one line as
+    the project's own writers give (:func:`clip_dfkd.atomic.out_of_space_error`)."""
     seen: set[int] = set()
     current: BaseException | None = exc
+    saving = None
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, UserError):
             return str(current)
         if isinstance(current, ParameterValidationError):
             return _parameter_problems(current)
+        if saving is None and (match := _SAVED_FILEPATH.match(str(current))):
+            saving = match["path"]
+        if isinstance(current, OSError) and (
+            full := out_of_space_error(current.filename or saving or Path.cwd(), current)
+        ):
+            return str(full)
         current = current.__cause__
     return None
 
