@@ -456,7 +456,10 @@ def test_a_run_of_one_pipeline_knows_the_others_sections_and_checks_the_class_na
     assert lines[0].startswith(
         "classes: 't-shirt' and 't - shirt' are the same tokens for teacher.model_name=ViT-B-32 in every prompt"
     )
-    assert "synthesis_manifest: not on disk yet; run `kedro run --pipelines=image_synthesis` first" in lines
+    assert (
+        "synthesis_manifest: not on disk yet; run `kedro run --env=base --pipelines=image_synthesis "
+        "--params='classes=[dog, t-shirt, t - shirt]'` first"
+    ) in lines
     assert not [line for line in lines if "not a parameter section" in line]
     assert _runs(project) == []
 
