@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from kedro.io import AbstractDataset, DatasetError
@@ -433,10 +434,24 @@ def test_a_full_disk_stops_an_atomic_write_with_one_line_and_nothing_left(
     assert list((tmp_path / "outputs").iterdir()) == []
 
 
-def test_a_full_disk_during_a_run_ends_it_failed_with_one_line(fresh_project: Path, monkeypatch) -> None:
+def _parquet_fills_the_disk(data: Any, file: Any, *args: Any, **kwargs: Any) -> None:
+    """A stand-in for ``DataFrame.to_parquet(file)`` as kedro-datasets calls it, on the output
+    file opened in place: a few bytes out, then the disk is full."""
+    file.write(b"PAR1")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# The style bank is written atomically by the project; the prompt table in place, by
+# kedro-datasets' Parquet writer, which raises the bare OSError without a file name, after
+# the style bank was saved whole.
+@pytest.mark.parametrize(
+    ("output", "kept"), [("style_bank.safetensors", []), ("prompt_table.parquet", ["style_bank.safetensors"])]
+)
+def test_a_full_disk_during_a_run_ends_it_failed_with_one_line(fresh_project: Path, monkeypatch, output, kept) -> None:
     """Through Kedro as `kedro run` meets it: the node's output save fails inside Kedro's
     dataset wrapper and runner, the command line finds the one line, kedro-mlflow marks the
-    run FAILED and no staging file stays beside the output."""
+    run FAILED and nothing of the output stays: no staging file beside it, no cut-short file
+    under its name."""
     import mlflow
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
@@ -445,7 +460,10 @@ def test_a_full_disk_during_a_run_ends_it_failed_with_one_line(fresh_project: Pa
 
     monkeypatch.chdir(fresh_project)
     _twelve_megabytes_free(monkeypatch)
-    monkeypatch.setattr(styles, "save_file", _fills_the_disk())
+    if output == "style_bank.safetensors":
+        monkeypatch.setattr(styles, "save_file", _fills_the_disk())
+    else:
+        monkeypatch.setattr(pd.DataFrame, "to_parquet", _parquet_fills_the_disk)
     bootstrap_project(fresh_project)
 
     with (
@@ -454,13 +472,13 @@ def test_a_full_disk_during_a_run_ends_it_failed_with_one_line(fresh_project: Pa
     ):
         session.run(pipeline_names=["prompt_generation"])
 
-    bank = fresh_project / "data/02_intermediate/style_bank.safetensors"
+    written = fresh_project / "data/02_intermediate" / output
     assert re.fullmatch(
-        rf"{bank}: no space left on device \(12\.0 MB free on /\S*\); free some space there or point the output "
+        rf"{written}: no space left on device \(12\.0 MB free on /\S*\); free some space there or point the output "
         "elsewhere",
         user_error_message(caught.value) or "",
     ), caught.value
-    assert list((fresh_project / "data/02_intermediate").iterdir()) == []
+    assert sorted(path.name for path in (fresh_project / "data/02_intermediate").iterdir()) == kept
     client = mlflow.MlflowClient(f"sqlite:///{fresh_project / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [run.info.status for run in runs] == ["FAILED"]

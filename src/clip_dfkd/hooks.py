@@ -100,6 +100,35 @@ class DemoAssetsHook:
         ensure_demo_assets(DemoAssetsParams.model_validate(raw), Path(run_params["project_path"]))
 
 
+class CutShortOutputsHook:
+    """Tables, charts and JSON files are written in place by kedro-datasets: a save that fails
+    half-way (a full disk) leaves a cut-short file under the output's name, which a rerun of a
+    later stage would read as whole. When the run fails, the file of each save that started
+    and did not finish is removed, so that an output is whole or absent."""
+
+    def __init__(self) -> None:
+        self._saving: set[str] = set()
+
+    @hook_impl
+    def before_dataset_saved(self, dataset_name: str) -> None:
+        self._saving.add(dataset_name)
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        self._saving.discard(dataset_name)
+
+    @hook_impl
+    def on_pipeline_error(self, catalog) -> None:
+        from clip_dfkd.preflight import saved_file
+
+        for name in sorted(self._saving):
+            path = saved_file(catalog.get(name)._describe())
+            if path is not None and path.is_file():
+                path.unlink()
+                logger.warning("Removed %s: saving %s did not finish", path, name)
+        self._saving.clear()
+
+
 class DeviceMemoryHook:
     """Models live inside the node that loads them; before each node (and after the run) the
     device memory of those that are gone is handed back, so a stage starts with the GPU free

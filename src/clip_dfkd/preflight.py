@@ -221,15 +221,30 @@ def _saved_inputs(pipeline) -> set[str]:
     return {name for name in pipeline.inputs() if not name.startswith("params:") and name != "parameters"}
 
 
+def _local_filepath(described: dict[str, Any]) -> Path | None:
+    """The ``filepath`` of a file dataset described so (its ``_describe()``) when it is local."""
+    protocol, path = get_protocol_and_path(str(described["filepath"]))
+    return Path(path) if described.get("protocol", protocol) == "file" else None
+
+
+def saved_file(described: dict[str, Any]) -> Path | None:
+    """The local file that a dataset described so (its ``_describe()``, wrappers' included)
+    writes in place, or None: a folder, a versioned file, data in memory, in MLflow or in a
+    remote store."""
+    if "filepath" in described:
+        return None if described.get("version") else _local_filepath(described)
+    inner = described.get("dataset")
+    return saved_file(inner) if isinstance(inner, dict) and "path" not in described else None
+
+
 def _written_folder(described: dict[str, Any]) -> Path | None:
     """The local folder in which a dataset described so (its ``_describe()``) creates files,
     or None: it keeps its data in memory, in MLflow or in a remote store."""
     if "filepath" in described:
-        protocol, path = get_protocol_and_path(str(described["filepath"]))
-        if described.get("protocol", protocol) != "file":
+        if (path := _local_filepath(described)) is None:
             return None
         # A versioned dataset writes <filepath>/<version>/<file name>.
-        return Path(path) if described.get("version") else Path(path).parent
+        return path if described.get("version") else path.parent
     if "path" in described:  # a folder of files: partitions, cache entries, a saved model
         protocol, path = get_protocol_and_path(str(described["path"]))
         return Path(path) if protocol == "file" else None

@@ -11,13 +11,25 @@ quiet_library_warnings()
 from kedro.config import OmegaConfigLoader  # noqa: E402
 
 from clip_dfkd.config_resolvers import artifact_location, tracking_uri  # noqa: E402
-from clip_dfkd.hooks import DemoAssetsHook, DeviceMemoryHook, TypedParamsMlflowHook  # noqa: E402
+from clip_dfkd.hooks import (  # noqa: E402
+    CutShortOutputsHook,
+    DemoAssetsHook,
+    DeviceMemoryHook,
+    TypedParamsMlflowHook,
+)
 from clip_dfkd.preflight import ParameterSectionsHook, PreflightHook  # noqa: E402
 
 # Pluggy calls the last registered hook first: misspelt parameter sections are refused before
 # anything else, demo assets exist before the preflight checks look for them, and every check
 # runs before the MLflow run starts.
-HOOKS = (TypedParamsMlflowHook(), PreflightHook(), DemoAssetsHook(), DeviceMemoryHook(), ParameterSectionsHook())
+HOOKS = (
+    TypedParamsMlflowHook(),
+    CutShortOutputsHook(),
+    PreflightHook(),
+    DemoAssetsHook(),
+    DeviceMemoryHook(),
+    ParameterSectionsHook(),
+)
 
 # kedro-mlflow's own hook is replaced by TypedParamsMlflowHook above. Kedro matches the
 # distribution's metadata name, which kedro-mlflow publishes as "kedro_mlflow".
