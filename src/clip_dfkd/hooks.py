@@ -121,10 +121,12 @@ class CutShortOutputsHook:
     def on_pipeline_error(self, catalog) -> None:
         from clip_dfkd.preflight import saved_file
 
+        # Nothing here may raise: an error of this hook would hide the run's own.
         for name in sorted(self._saving):
-            path = saved_file(catalog.get(name)._describe())
+            dataset = catalog.get(name)
+            path = saved_file(dataset._describe()) if dataset is not None else None
             if path is not None and path.is_file():
-                path.unlink()
+                path.unlink(missing_ok=True)
                 logger.warning("Removed %s: saving %s did not finish", path, name)
         self._saving.clear()
 
