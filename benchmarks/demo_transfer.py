@@ -30,6 +30,14 @@ VARIANTS: dict[str, dict] = {
         f"inversion, {method}": {"prompt_generation": {"method": method}, "image_synthesis": {"backend": "inversion"}}
         for method in ("vanilla", "mix", "random", "contrastive")
     },
+    # Where the student's targets come from (the images are the vanilla inversion's).
+    **{
+        f"inversion, vanilla, teacher targets: {targets}": {
+            "image_synthesis": {"backend": "inversion"},
+            "student_distillation": {"teacher_targets": targets},
+        }
+        for targets in ("centre", "stored_views", "online")
+    },
     "diffusion (random generator), vanilla": {"image_synthesis": {"backend": "diffusion"}},
     "teacher-labelled noise": {
         "image_synthesis": {

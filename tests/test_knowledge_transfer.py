@@ -202,6 +202,7 @@ def distillation_inputs(demo_run: Path):
         parameters = catalog.load("parameters")
         images = catalog.load("synthetic_images")
         labels = catalog.load("teacher_labels")
+        view_labels = catalog.load("teacher_view_labels")
         manifest = catalog.load("synthesis_manifest")
         student = catalog.load("student_model")
         teacher_cache = catalog.load("ood_teacher_cache")
@@ -212,6 +213,7 @@ def distillation_inputs(demo_run: Path):
     inputs = {
         "images": images,
         "labels": labels,
+        "view_labels": view_labels,
         "manifest": manifest,
         "teacher": teacher,
         "teacher_params": teacher_params,
@@ -227,10 +229,18 @@ def distillation_inputs(demo_run: Path):
         yield inputs
 
 
-def _train(inputs, labels: pd.DataFrame):
+def _train(inputs, labels: pd.DataFrame, view_labels: pd.DataFrame):
     from clip_dfkd.pipelines.student_distillation.nodes import train_student
 
-    student, _ = train_student(inputs["images"], labels, inputs["classes"], inputs["student_params"], inputs["runtime"])
+    student, _ = train_student(
+        inputs["images"],
+        labels,
+        view_labels,
+        inputs["classes"],
+        inputs["teacher_params"],
+        inputs["student_params"],
+        inputs["runtime"],
+    )
     return student
 
 
@@ -276,7 +286,21 @@ def _permuted_labels(inputs) -> pd.DataFrame:
 
 
 def _student_of_permuted_labels(inputs):
-    return _train(inputs, _permuted_labels(inputs))
+    """Trained with the demo's recipe on labels whose classes are rotated, in the labels its
+    teacher_targets reads (the demo replays stored views)."""
+    assert inputs["student_params"].teacher_targets == "stored_views"
+    view_labels = inputs["view_labels"].assign(teacher_logits=_rotated(inputs["view_labels"]["teacher_logits"]))
+    return _train(inputs, _permuted_labels(inputs), view_labels)
+
+
+def _student_of_views_of_other_images(inputs):
+    """Trained on stored views replayed with the targets of another image's views, as a join of
+    views to images in the wrong order would give: images are listed class by class, so a
+    shift by half the list gives most of them another class's targets."""
+    view_labels = inputs["view_labels"]
+    ids = list(dict.fromkeys(view_labels["image_id"]))
+    shifted = dict(zip(ids, ids[len(ids) // 2 :] + ids[: len(ids) // 2], strict=True))
+    return _train(inputs, inputs["labels"], view_labels.assign(image_id=view_labels["image_id"].map(shifted)))
 
 
 def _labels_from_a_shuffled_head(inputs) -> pd.DataFrame:
@@ -312,6 +336,7 @@ def _demo_student_served_with_other_normalisation(inputs):
 
 FAULTY_STUDENTS = {
     "permuted teacher labels": _student_of_permuted_labels,
+    "stored views replayed with other images' targets": _student_of_views_of_other_images,
     "0–255 pixels when served": _demo_student_served_with_other_normalisation,
 }
 

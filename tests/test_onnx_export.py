@@ -72,9 +72,11 @@ def student(demo_project, demo_assets) -> StudentClassifier:
         {
             "student": {"model_name": "test_resnet", "image_size": demo_assets.image_size},
             "training": {"epochs": 10, "batch_size": 32, "learning_rate": 3e-3},
+            "teacher_targets": "centre",
         }
     )
-    return train_student(drawings, labels, classes, params, runtime)[0]
+    no_views = pd.DataFrame(columns=["image_id", "augmentation"])
+    return train_student(drawings, labels, no_views, classes, teacher_params, params, runtime)[0]
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,8 @@ def test_the_student_trains_and_predicts_in_channels_last_and_comes_back_contigu
     from clip_dfkd.models.student import StudentClassifier, create_student
     from clip_dfkd.params import AugmentationParams, OodEvaluationParams, StudentParams, TrainingParams
     from clip_dfkd.pipelines.ood_evaluation.nodes import predict_student
-    from clip_dfkd.student_training import AugmentedImages, fit_student
+    from clip_dfkd.student_training import FreshViews, ViewedImages, fit_student
+    from clip_dfkd.views import ViewRenderer
 
     torch.manual_seed(0)
     student = create_student(StudentParams(model_name="test_resnet", image_size=32), ["ball", "box"], None)
@@ -96,7 +97,8 @@ def test_the_student_trains_and_predicts_in_channels_last_and_comes_back_contigu
     for n in range(4):
         Image.new("RGB", (32, 32), (60 * n, 0, 0)).save(tmp_path / f"{n}.png")
         paths.append(str(tmp_path / f"{n}.png"))
-    images = AugmentedImages(paths, [torch.tensor([0, 1, 0, 1])], student.train_transform(AugmentationParams()))
+    views = FreshViews(AugmentationParams(), [torch.tensor([0, 1, 0, 1])])
+    images = ViewedImages(paths, ViewRenderer.for_student(student.config["data_config"]), views)
     training_layouts = _first_conv_layouts(student)
     runtime = Runtime.resolve(RuntimeParams(device="cpu", channels_last=True))
 

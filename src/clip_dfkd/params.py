@@ -494,10 +494,20 @@ class LabelFilterParams(Params):
     min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
+class ViewLabelingParams(Params):
+    """Augmented views of every image, labelled by the teacher for a student that trains
+    with ``teacher_targets: stored_views``: ``per_image`` views (0: none), drawn with
+    ``student_distillation.augmentation`` from ``seed`` and each image's id."""
+
+    per_image: int = Field(default=8, ge=0)
+    seed: int = 0
+
+
 class TeacherLabelingParams(Params):
     section: ClassVar[str] = "teacher_labeling"
 
     filter: LabelFilterParams = LabelFilterParams()
+    views: ViewLabelingParams = ViewLabelingParams()
 
 
 # --- student_distillation -------------------------------------------------------------
@@ -534,6 +544,12 @@ class DistillationLossParams(Params):
         if self.kd_weight == 0 and self.embedding_weight == 0:
             raise _bad("kd_weight", 0, "kd_weight and embedding_weight are both 0; allowed: at least one > 0")
         return self
+
+
+# Where the teacher's targets for a training step come from: its outputs on the whole image
+# (``centre``, computed once), on views of the image stored ahead with their outputs and
+# replayed exactly (``stored_views``), or the teacher run on the step's own views (``online``).
+TeacherTargets = Literal["centre", "stored_views", "online"]
 
 
 class AugmentationParams(Params):
@@ -573,6 +589,7 @@ class StudentDistillationParams(Params):
     training: TrainingParams = TrainingParams()
     loss: DistillationLossParams = DistillationLossParams()
     augmentation: AugmentationParams = AugmentationParams()
+    teacher_targets: TeacherTargets = "stored_views"
     registry: RegistryParams = RegistryParams()
 
 
@@ -624,7 +641,8 @@ class FewShotParams(Params):
     """The few-shot setting: ``k`` real images per class (0: data-free only), drawn with
     ``seed`` from ``source_domains`` (``{benchmark: [domain, ...]}``), fine-tune the distilled
     student against their true class (``label_weight``, cross-entropy) and the teacher's
-    zero-shot logits on them (``kd_weight``, T² · KL at ``temperature``); that student is
+    zero-shot logits on the view being trained on (``kd_weight``, T² · KL at ``temperature``;
+    ``teacher_targets`` as in student_distillation); that student is
     scored on every other evaluated domain, next to the data-free one. ``layers``: train
     ``all`` of them or only the ``classifier`` (a linear probe); ``freeze_batch_norm`` keeps
     the batch-norm statistics the student learnt on the synthetic images."""
@@ -639,6 +657,9 @@ class FewShotParams(Params):
     freeze_batch_norm: bool = True
     training: TrainingParams = TrainingParams(epochs=30, batch_size=32, learning_rate=1e-4)
     augmentation: AugmentationParams = AugmentationParams()
+    # stored_views labels views_per_image views of each few-shot image before fine-tuning.
+    teacher_targets: TeacherTargets = "stored_views"
+    views_per_image: PositiveInt = 8
 
     @model_validator(mode="after")
     def _some_signal(self) -> FewShotParams:

@@ -126,17 +126,43 @@ def _loads_teacher(pipeline, catalog) -> bool:
     """Whether a node of ``pipeline`` loads the teacher's weights. Labelling and evaluation
     do; prompt generation and synthesis only for inversion, where the teacher encodes the
     prompts and guides the images (with diffusion, a render machine needs no CLIP weights);
+    the student's training when the teacher runs beside it (``teacher_targets: online``);
     registration only records the teacher's name."""
     from clip_dfkd.pipelines.image_synthesis.nodes import synthesize_images
     from clip_dfkd.pipelines.ood_evaluation.nodes import fine_tune_student, predict_teacher
     from clip_dfkd.pipelines.prompt_generation.nodes import build_style_bank, measure_prompt_diversity
+    from clip_dfkd.pipelines.student_distillation.nodes import train_student
     from clip_dfkd.pipelines.teacher_labeling.nodes import label_images
 
     functions = {node.func for node in pipeline.nodes}
     if functions & {label_images, predict_teacher, fine_tune_student}:
         return True
+    if train_student in functions and catalog.load("params:student_distillation").teacher_targets == "online":
+        return True
     inversion = catalog.load("params:image_synthesis").backend == "inversion"
     return inversion and bool(functions & {build_style_bank, measure_prompt_diversity, synthesize_images})
+
+
+def _stored_views_problem(pipeline, catalog) -> str | None:
+    """A student set to replay stored views that will find none: this run's labelling draws
+    no views, or the saved teacher_view_labels holds no row (read from the file's footer)."""
+    if catalog.load("params:student_distillation").teacher_targets != "stored_views":
+        return None
+    targets = "student_distillation.teacher_targets=stored_views"
+    allowed = "allowed: teacher_labeling.views.per_image >= 1, or teacher_targets centre or online"
+    if "teacher_view_labels" in pipeline.all_outputs():
+        per_image = catalog.load("params:teacher_labeling").views.per_image
+        return (
+            f"{targets}: teacher_labeling.views.per_image={per_image} labels no view to replay; {allowed}"
+            if not per_image
+            else None
+        )
+    import pyarrow.parquet as pq
+
+    path = saved_file(catalog.get("teacher_view_labels")._describe())
+    if path is None or not path.is_file() or pq.read_metadata(path).num_rows:
+        return None
+    return f"{targets}: the saved teacher_view_labels ({path}) holds no view; {allowed}, and rerun teacher_labeling"
 
 
 def _shard_run_problem(params: ImageSynthesisParams, pipeline, run_params: dict[str, Any]) -> str | None:
@@ -415,6 +441,8 @@ class PreflightHook:
             )
         if "student_distillation" in used:
             problems.append(missing_student_weights(catalog.load("params:student_distillation").student))
+            if "teacher_view_labels" in pipeline.inputs() | pipeline.all_outputs():
+                problems.append(_stored_views_problem(pipeline, catalog))
         saved = sorted(_saved_inputs(pipeline))
         missing = {name: problem for name in saved if (problem := _missing_input(name, catalog, run_params))}
         problems += missing.values()

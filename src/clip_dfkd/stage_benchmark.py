@@ -893,7 +893,8 @@ class Bench:
             TrainingParams,
         )
         from clip_dfkd.pipelines.student_distillation.nodes import distillation_loss
-        from clip_dfkd.student_training import AugmentedImages, fit_student
+        from clip_dfkd.student_training import FreshViews, ViewedImages, fit_student
+        from clip_dfkd.views import ViewRenderer
 
         preset = self.preset
         batch = preset.training_batch
@@ -908,7 +909,7 @@ class Bench:
         augmentation = AugmentationParams()
         student_params = StudentParams(model_name=preset.student, image_size=preset.student_size)
         student = create_student(student_params, list(CLASSES), embedding_dim)
-        transform = student.train_transform(augmentation)
+        renderer = ViewRenderer.for_student(student.config["data_config"])
         targets = [teacher_logits, teacher_embeddings]
 
         def step_loss(logits, embedding, batch_targets):
@@ -920,7 +921,8 @@ class Bench:
             return TrainingParams(epochs=epochs, batch_size=batch, learning_rate=1e-3, weight_decay=0.05, seed=0)
 
         def project(epochs=preset.training_epochs, count=count):
-            images = AugmentedImages(self.catalog_loaders(paths[:count]), [t[:count] for t in targets], transform)
+            views = FreshViews(augmentation, [t[:count] for t in targets])
+            images = ViewedImages(self.catalog_loaders(paths[:count]), renderer, views)
             return fit_student(student, images, step_loss, training(epochs), self.runtime, "Distilling student")
 
         # The bare side: timm, torch and the same transform, in a plain loop.

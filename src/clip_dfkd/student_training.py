@@ -8,17 +8,19 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from clip_dfkd.errors import UserError
-from clip_dfkd.imaging import ImageSource, Transform, open_rgb
+from clip_dfkd.imaging import ImageSource, open_rgb
 from clip_dfkd.models import StudentClassifier
-from clip_dfkd.params import TrainingParams
+from clip_dfkd.params import AugmentationParams, TrainingParams
 from clip_dfkd.runtime import FittingBatches, Runtime
+from clip_dfkd.views import ViewRenderer, draw_views, image_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -32,24 +34,118 @@ StepLoss = Callable[
 MetricHistory = dict[str, list[dict[str, float]]]
 
 
-class AugmentedImages(Dataset):
-    """Images decoded on demand, augmented, each with its row of every target tensor."""
+class FreshViews:
+    """Targets per image, and a view drawn anew for every image at every step (the teacher's
+    targets then come either from one view of the image, e.g. its centre, or from running the
+    teacher on the drawn view: ``teacher_view`` renders it as the teacher's input, appended
+    to the image's targets for :func:`with_online_teacher`)."""
 
-    def __init__(self, sources: Sequence[ImageSource], targets: Sequence[torch.Tensor], transform: Transform):
-        if any(len(target) != len(sources) for target in targets):
-            raise ValueError(f"{len(sources)} images but targets of lengths {[len(t) for t in targets]}")
-        self._sources = sources
+    def __init__(
+        self,
+        augmentation: AugmentationParams,
+        targets: Sequence[torch.Tensor],
+        teacher_view: ViewRenderer | None = None,
+    ):
+        self._augmentation = augmentation
         self._targets = targets
-        self._transform = transform
+        self._teacher_view = teacher_view
+
+    def count(self) -> int | None:
+        return len(self._targets[0]) if self._targets else None
+
+    def keys(self, order: list[int], generator: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+        return list(zip(order, draw_views(len(order), self._augmentation, generator), strict=True))
+
+    def view(self, index: int, key: torch.Tensor) -> torch.Tensor:
+        return key
+
+    def targets(self, index: int, key: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
+        rows = [target[index] for target in self._targets]
+        if self._teacher_view is not None:
+            rows.append(self._teacher_view(image, key))
+        return rows
+
+
+class StoredViews:
+    """``per_image`` views of every image, each with its own targets (``(images, per_image,
+    ...)`` tensors): every step replays one of an image's views, chosen at random, with the
+    targets stored for exactly that view."""
+
+    def __init__(self, views: torch.Tensor, targets: Sequence[torch.Tensor]):
+        if any(target.shape[:2] != views.shape[:2] for target in targets):
+            raise ValueError(f"views of shape {tuple(views.shape)} but targets of {[tuple(t.shape) for t in targets]}")
+        self._views = views
+        self._targets = targets
+
+    def count(self) -> int:
+        return len(self._views)
+
+    def keys(self, order: list[int], generator: torch.Generator) -> list[tuple[int, int]]:
+        chosen = torch.randint(self._views.shape[1], (len(order),), generator=generator)
+        return list(zip(order, chosen.tolist(), strict=True))
+
+    def view(self, index: int, key: int) -> torch.Tensor:
+        return self._views[index, key]
+
+    def targets(self, index: int, key: int, image: torch.Tensor) -> list[torch.Tensor]:
+        return [target[index, key] for target in self._targets]
+
+
+class ViewedImages(Dataset):
+    """Training images, each seen at each step through a view (:mod:`clip_dfkd.views`) with
+    the targets that belong to that view. Items are keyed ``(image index, view key)``; the
+    keys come from :meth:`sampler`, which orders the images anew each epoch and picks each
+    one's view, so views and order follow the training seed, with or without workers."""
+
+    def __init__(self, sources: Sequence[ImageSource], renderer: ViewRenderer, views: FreshViews | StoredViews):
+        if (count := views.count()) is not None and count != len(sources):
+            raise ValueError(f"{len(sources)} images but targets for {count}")
+        self._sources = sources
+        self._renderer = renderer
+        self._views = views
 
     def __len__(self) -> int:
         return len(self._sources)
 
-    def __getitem__(self, index: int):
-        # Augmenting needs no autograd; the collated batch is an ordinary tensor again.
+    def __getitem__(self, key: tuple[int, Any]):
+        index, view_key = key
+        image = image_tensor(open_rgb(self._sources[index]))
+        view = self._views.view(index, view_key)
+        # Rendering needs no autograd; the collated batch is an ordinary tensor again.
         with torch.inference_mode():
-            pixels = self._transform(open_rgb(self._sources[index]))
-        return pixels, *(target[index] for target in self._targets)
+            pixels = self._renderer(image, view)
+            targets = self._views.targets(index, view_key, image)
+        return pixels, *targets
+
+    def sampler(self, seed: int) -> Sampler:
+        return _ViewSampler(len(self), self._views, seed)
+
+
+class _ViewSampler(Sampler):
+    def __init__(self, count: int, views: FreshViews | StoredViews, seed: int):
+        self._count = count
+        self._views = views
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        order = torch.randperm(self._count, generator=self._generator).tolist()
+        return iter(self._views.keys(order, self._generator))
+
+
+def with_online_teacher(step_loss: StepLoss, teacher: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> StepLoss:
+    """``step_loss`` with the batch's last target, the teacher's rendering of each image's
+    view (:class:`FreshViews` with ``teacher_view``), replaced by ``teacher``'s outputs on it."""
+
+    def step(logits: torch.Tensor, embedding: torch.Tensor | None, targets: list[torch.Tensor]):
+        *others, teacher_pixels = targets
+        # Outside inference mode, so that the losses may keep them for the backward pass.
+        outputs = [output.clone() for output in teacher(teacher_pixels)]
+        return step_loss(logits, embedding, [*others, *outputs])
+
+    return step
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -151,7 +247,7 @@ def _batch_norm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def fit_student(
     student: StudentClassifier,
-    images: AugmentedImages,
+    images: ViewedImages,
     step_loss: StepLoss,
     training: TrainingParams,
     runtime: Runtime,
@@ -165,7 +261,7 @@ def fit_student(
     batch-norm layers on their running statistics (neither using nor updating the batch's),
     as fine-tuning on a few images of one domain needs: else they become that domain's. The
     caller seeds (before creating the student, so that its initial weights are seeded too);
-    ``training.seed`` orders the images.
+    ``training.seed`` orders the images and draws or picks their views.
 
     A batch whose step does not fit in device memory is taken in parts of half as many
     images, down to one, their gradients accumulated into the batch's (see
@@ -182,11 +278,10 @@ def fit_student(
     loader = DataLoader(
         images,
         batch_size=min(training.batch_size, len(images)),
-        shuffle=True,
+        sampler=images.sampler(training.seed),
         drop_last=len(images) > training.batch_size,
         num_workers=runtime.num_workers,
         persistent_workers=runtime.num_workers > 0,  # workers start once, not once per epoch
-        generator=torch.Generator().manual_seed(training.seed),
         pin_memory=runtime.device.type == "cuda",
     )
     optimizer = torch.optim.AdamW(

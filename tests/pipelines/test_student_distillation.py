@@ -83,7 +83,31 @@ def _training_data(n: int = 12) -> tuple[dict, pd.DataFrame]:
     return images, pd.DataFrame(rows)
 
 
-def test_training_lowers_the_loss_and_learns_the_teacher(tmp_path) -> None:
+def _train(images, labels: pd.DataFrame, params: StudentDistillationParams, view_labels: pd.DataFrame | None = None):
+    """``train_student`` on the CPU, with no teacher at hand (``centre`` or ``stored_views``)."""
+    return train_student(
+        images,
+        labels,
+        pd.DataFrame(columns=["image_id", "augmentation"]) if view_labels is None else view_labels,
+        ClassNames.model_validate(CLASSES),
+        None,
+        params,
+        RuntimeParams(device="cpu"),
+    )
+
+
+def _stored_views_of_centre_targets(labels: pd.DataFrame, augmentation, per_image: int) -> pd.DataFrame:
+    """``per_image`` views of each image, each labelled with the image's own targets."""
+    from clip_dfkd.views import views_of, views_table
+
+    ids = list(labels["image_id"])
+    table = pd.DataFrame(views_table(ids, torch.stack([views_of(i, per_image, augmentation, 0) for i in ids])))
+    table = table.merge(labels[["image_id", "teacher_logits", "teacher_embedding"]], on="image_id")
+    return table.assign(augmentation=augmentation.model_dump_json())
+
+
+@pytest.mark.parametrize("teacher_targets", ["centre", "stored_views"])
+def test_training_lowers_the_loss_and_learns_the_teacher(teacher_targets) -> None:
     images, labels = _training_data()
     params = StudentDistillationParams.model_validate(
         {
@@ -91,12 +115,14 @@ def test_training_lowers_the_loss_and_learns_the_teacher(tmp_path) -> None:
             "training": {"epochs": 12, "batch_size": 6, "learning_rate": 3e-3, "weight_decay": 0.0},
             "loss": {"embedding_weight": 0.5},
             "augmentation": {"crop_scale": [0.9, 1.0], "color_jitter": 0.0},
+            "teacher_targets": teacher_targets,
         }
     )
-
-    student, history = train_student(
-        images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu")
+    views = (
+        _stored_views_of_centre_targets(labels, params.augmentation, 2) if teacher_targets == "stored_views" else None
     )
+
+    student, history = _train(images, labels, params, views)
 
     losses = [step["value"] for step in history["total_loss"]]
     assert len(losses) == 12 and [s["step"] for s in history["total_loss"]] == list(range(12))
@@ -130,9 +156,11 @@ def test_student_round_trips_through_its_dataset(tmp_path) -> None:
 def test_filter_leaving_no_image_is_an_error(tmp_path) -> None:
     images, labels = _training_data(3)
     labels["kept"] = False
-    params = StudentDistillationParams.model_validate({"student": {"model_name": "test_resnet", "image_size": 32}})
+    params = StudentDistillationParams.model_validate(
+        {"student": {"model_name": "test_resnet", "image_size": 32}, "teacher_targets": "centre"}
+    )
     with pytest.raises(ValueError, match="teacher_labels keeps no image"):
-        train_student(images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu"))
+        _train(images, labels, params)
 
 
 # (images, batch size, epochs). Ten steps in all (3 images in batches of 2 for 10 epochs, 2 in
@@ -147,10 +175,11 @@ def test_every_legal_count_batch_and_epoch_combination_trains(count, batch_size,
         {
             "student": {"model_name": "test_resnet", "image_size": 32},
             "training": {"epochs": epochs, "batch_size": batch_size},
+            "teacher_targets": "centre",
         }
     )
 
-    _, history = train_student(images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu"))
+    _, history = _train(images, labels, params)
 
     assert len(history["total_loss"]) == epochs
     assert all(math.isfinite(step["value"]) for step in history["total_loss"])
@@ -158,9 +187,11 @@ def test_every_legal_count_batch_and_epoch_combination_trains(count, batch_size,
 
 def test_a_training_set_or_batch_of_one_image_is_refused_in_one_line() -> None:
     images, labels = _training_data(1)
-    params = StudentDistillationParams.model_validate({"student": {"model_name": "test_resnet", "image_size": 32}})
+    params = StudentDistillationParams.model_validate(
+        {"student": {"model_name": "test_resnet", "image_size": 32}, "teacher_targets": "centre"}
+    )
     with pytest.raises(TooFewTrainingImagesError, match=r"^Distilling student: 1 training image; .* at least 2$"):
-        train_student(images, labels, ClassNames.model_validate(CLASSES), params, RuntimeParams(device="cpu"))
+        _train(images, labels, params)
     with pytest.raises(
         InvalidParameterError,
         match=r"^student_distillation\.training\.batch_size=1: a training batch needs at least 2 images .*>= 2$",
@@ -216,16 +247,25 @@ def test_a_step_that_does_not_fit_accumulates_the_gradient_over_parts(caplog) ->
 
     import torch.nn.functional as F
 
-    from clip_dfkd.params import TrainingParams
+    from clip_dfkd.params import AugmentationParams, TrainingParams
     from clip_dfkd.runtime import Runtime
-    from clip_dfkd.student_training import AugmentedImages, StudentOutOfMemoryError, fit_student, soft_label_loss
+    from clip_dfkd.student_training import (
+        FreshViews,
+        StudentOutOfMemoryError,
+        ViewedImages,
+        fit_student,
+        soft_label_loss,
+    )
+    from clip_dfkd.views import ViewRenderer
 
     torch.manual_seed(0)
     student = create_student(StudentParams(model_name="test_resnet", image_size=32), CLASSES, None)
     constrained = copy.deepcopy(student)
     images, labels = _training_data(10)
     teacher_logits = torch.as_tensor(np.stack(labels["teacher_logits"].to_numpy()))
-    data = AugmentedImages(list(images.values()), [teacher_logits], student.eval_transform())  # no randomness
+    whole_images = AugmentationParams(crop_scale=(1.0, 1.0), horizontal_flip=False, color_jitter=0.0)
+    renderer = ViewRenderer.for_student(student.config["data_config"])
+    data = ViewedImages(list(images.values()), renderer, FreshViews(whole_images, [teacher_logits]))  # no randomness
     training = TrainingParams(epochs=2, batch_size=5, learning_rate=1e-2, weight_decay=0.0)
     runtime = Runtime.resolve(RuntimeParams(device="cpu"))
 

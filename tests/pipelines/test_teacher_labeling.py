@@ -155,3 +155,95 @@ def test_a_batch_that_does_not_fit_is_encoded_in_smaller_batches(teacher, teache
         f"{teacher_params.pretrained} in float32; set runtime.precision=bf16 (or fp16), or a smaller "
         "teacher.model_name"
     )
+
+
+def _drawings(demo_assets, count: int) -> tuple[dict, pd.DataFrame]:
+    """``count`` of the demo benchmark's drawings, which the demo teacher recognises, as
+    synthetic images and their manifest."""
+    from pathlib import Path
+
+    paths = sorted(Path(demo_assets.benchmark_root).glob("*/*/*.png"))[::61][:count]
+    images = {f"drawing-{i}": (lambda p=p: Image.open(p)) for i, p in enumerate(paths)}
+    manifest = pd.DataFrame(
+        {"image_id": list(images), "class_name": "ball", "class_index": 0, "style": "x", "method": "vanilla"}
+    )
+    return images, manifest
+
+
+@pytest.fixture(scope="module")
+def stored(teacher, teacher_params, demo_assets):
+    """Three stored views of six drawings, with the demo teacher's outputs on each."""
+    from clip_dfkd.params import AugmentationParams, ViewLabelingParams
+    from clip_dfkd.pipelines.teacher_labeling.nodes import teacher_view_labels
+
+    head = teacher.zero_shot_weights(demo_assets.benchmark_classes, teacher_params.templates)
+    images, manifest = _drawings(demo_assets, 6)
+    augmentation = AugmentationParams(crop_scale=(0.3, 1.0), color_jitter=0.4)
+    table = teacher_view_labels(
+        images, manifest, teacher, head, 5, ViewLabelingParams(per_image=3, seed=1), augmentation
+    )
+    return images, manifest, head, augmentation, table
+
+
+def test_a_replayed_view_comes_with_the_teacher_outputs_on_exactly_that_view(teacher, stored) -> None:
+    """The student replays stored views: run the teacher on the very pixels a training item
+    holds (rendered at the teacher's input here, so that it can be run on them) and it gives
+    the stored targets of that item, for every view the sampler picks."""
+    from clip_dfkd.pipelines.student_distillation.nodes import stored_views
+    from clip_dfkd.student_training import ViewedImages
+
+    images, manifest, head, augmentation, table = stored
+    assert len(table) == 18 and table.groupby("image_id")["view"].apply(list).map(sorted).eq([[0, 1, 2]] * 6).all()
+    # Shuffled rows: replay must not depend on the table's order.
+    views = stored_views(list(manifest["image_id"]), table.sample(frac=1, random_state=0), augmentation)
+    data = ViewedImages([images[i] for i in manifest["image_id"]], teacher.view_renderer, views)
+
+    keys = list(data.sampler(seed=0)) + list(data.sampler(seed=1))
+    assert {key[1] for key in keys} == {0, 1, 2}
+    pixels, logits, embeddings = (torch.stack(parts) for parts in zip(*(data[key] for key in keys), strict=True))
+    expected_logits, expected_embeddings = teacher.classify(pixels, head)
+    assert torch.allclose(logits, expected_logits, atol=1e-4)
+    assert torch.allclose(embeddings, expected_embeddings, atol=1e-5)
+    # The views are different enough that another view's targets would be wrong.
+    other_view = torch.stack([views.targets(i, (k + 1) % 3, None)[1] for i, k in keys])
+    assert (other_view - expected_embeddings).abs().max() > 1e-2
+
+
+def test_the_online_teacher_and_the_stored_views_agree_on_the_same_view(teacher, stored) -> None:
+    from clip_dfkd.student_training import FreshViews, with_online_teacher
+    from clip_dfkd.views import image_tensor
+
+    images, manifest, head, augmentation, table = stored
+    online = FreshViews(augmentation, [], teacher_view=teacher.view_renderer)
+    received = []
+    step = with_online_teacher(
+        lambda logits, embedding, targets: received.append(targets), lambda px: teacher.classify(px, head)
+    )
+    pixels = torch.stack(
+        [
+            online.targets(0, torch.from_numpy(row.view_params), image_tensor(images[row.image_id]().convert("RGB")))[0]
+            for row in table.itertuples()
+        ]
+    )
+    step(None, None, [pixels])
+
+    ((logits, embeddings),) = received
+    assert torch.allclose(logits, torch.from_numpy(np.stack(table["teacher_logits"])), atol=1e-5)
+    assert torch.allclose(embeddings, torch.from_numpy(np.stack(table["teacher_embedding"])), atol=1e-5)
+    assert not (logits.is_inference() or embeddings.is_inference())  # usable in losses that are backpropagated
+
+
+def test_views_drawn_with_another_augmentation_or_missing_are_refused(stored) -> None:
+    from clip_dfkd.params import AugmentationParams
+    from clip_dfkd.pipelines.student_distillation.nodes import MissingViewLabelsError, stored_views
+
+    _, manifest, _, augmentation, table = stored
+    ids = list(manifest["image_id"])
+    with pytest.raises(
+        MissingViewLabelsError, match=r"^student_distillation.augmentation=.*teacher_view_labels were drawn"
+    ):
+        stored_views(ids, table, AugmentationParams())
+    with pytest.raises(MissingViewLabelsError, match=r"no views of 1 training images \(first: 'new'\); set teacher"):
+        stored_views([*ids, "new"], table, augmentation)
+    with pytest.raises(MissingViewLabelsError, match=r"between 2 and 3 views"):
+        stored_views(ids, table.iloc[1:], augmentation)

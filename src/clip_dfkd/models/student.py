@@ -23,7 +23,7 @@ from torch import nn
 from clip_dfkd.imaging import Transform
 from clip_dfkd.models.checkpoints import architecture_mismatch, checkpoint_shapes
 from clip_dfkd.models.errors import ModelNotFoundError
-from clip_dfkd.params import AugmentationParams, StudentParams
+from clip_dfkd.params import StudentParams
 from clip_dfkd.rerun import kedro_run_command
 
 logger = logging.getLogger(__name__)
@@ -111,19 +111,6 @@ class StudentClassifier(nn.Module):
         import timm
 
         return timm.data.create_transform(**self.config["data_config"], is_training=False)
-
-    def train_transform(self, augmentation: AugmentationParams) -> Transform:
-        """timm's training preprocessing: random resized crop, optional flip and colour jitter."""
-        import timm
-
-        return timm.data.create_transform(
-            **self.config["data_config"],
-            is_training=True,
-            scale=augmentation.crop_scale,
-            hflip=0.5 if augmentation.horizontal_flip else 0.0,
-            # None leaves ColorJitter out; a zero-strength one would still draw random numbers.
-            color_jitter=augmentation.color_jitter if augmentation.color_jitter > 0 else None,
-        )
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -11,16 +11,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from clip_dfkd.errors import UserError
-from clip_dfkd.imaging import ImageSource, iterate_batches
+from clip_dfkd.imaging import ImageSource, iterate_batches, open_rgb
 from clip_dfkd.models.checkpoints import architecture_mismatch, checkpoint_shapes
 from clip_dfkd.models.errors import ModelNotFoundError
 from clip_dfkd.models.hub import hub_reachable
 from clip_dfkd.models.model_configs import building_without_weights, register_project_model_configs
 from clip_dfkd.params import TeacherParams, looks_like_path
 from clip_dfkd.runtime import FittingBatches, Runtime
+from clip_dfkd.views import ViewRenderer, image_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,57 @@ class ClipTeacher:
             progress.update(len(pixels))
         progress.close()
         return torch.cat(logits), torch.cat(embeddings)
+
+    @property
+    def view_renderer(self) -> ViewRenderer:
+        """How a view (:mod:`clip_dfkd.views`) becomes this teacher's input: its image size,
+        interpolation and normalisation."""
+        return ViewRenderer.for_open_clip(self.model.visual.preprocess_cfg)
+
+    def classify_views(
+        self,
+        sources: Sequence[ImageSource],
+        views: torch.Tensor,
+        weights: torch.Tensor,
+        batch_size: int,
+        description: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`classify` on every view of ``views`` ``(images, per_image, 8)``, rendered by
+        :attr:`view_renderer`: logits ``(images, per_image, classes)`` and embeddings
+        ``(images, per_image, dim)``, on the CPU. Each image is decoded once for all its views."""
+        per_image = views.shape[1]
+        loader = DataLoader(
+            _RenderedViews(sources, views, self.view_renderer),
+            batch_size=max(1, batch_size // per_image),
+            num_workers=self.runtime.num_workers,
+            pin_memory=self.runtime.device.type == "cuda",
+        )
+        logits, embeddings = [], []
+        progress = tqdm(total=len(sources) * per_image, desc=description, unit="view")
+        for pixels in loader:
+            batch_logits, batch_embeddings = self.classify(pixels.flatten(0, 1), weights)
+            logits.append(batch_logits.cpu().unflatten(0, (-1, per_image)))
+            embeddings.append(batch_embeddings.cpu().unflatten(0, (-1, per_image)))
+            progress.update(pixels.shape[0] * per_image)
+        progress.close()
+        return torch.cat(logits), torch.cat(embeddings)
+
+
+class _RenderedViews(Dataset):
+    """Item ``i``: every view of image ``i``, rendered, ``(per_image, 3, size, size)``."""
+
+    def __init__(self, sources: Sequence[ImageSource], views: torch.Tensor, renderer: ViewRenderer):
+        self._sources = sources
+        self._views = views
+        self._renderer = renderer
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = image_tensor(open_rgb(self._sources[index]))
+        with torch.inference_mode():
+            return torch.stack([self._renderer(image, view) for view in self._views[index]])
 
 
 def zero_shot_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:

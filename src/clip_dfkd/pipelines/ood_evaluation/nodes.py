@@ -27,14 +27,18 @@ from clip_dfkd.params import DATA_FREE, ClassNames, OodEvaluationParams, Runtime
 from clip_dfkd.promotion import promote_if_better
 from clip_dfkd.runtime import FittingBatches, Runtime, seed_everything
 from clip_dfkd.student_training import (
-    AugmentedImages,
+    FreshViews,
     MetricHistory,
+    StoredViews,
     StudentOutOfMemoryError,
+    ViewedImages,
     fit_student,
     soft_label_loss,
+    with_online_teacher,
 )
 from clip_dfkd.teacher_cache import TeacherOutputCache, teacher_output_key
 from clip_dfkd.tracking import describe_run
+from clip_dfkd.views import ViewRenderer, views_of
 
 logger = logging.getLogger(__name__)
 
@@ -152,26 +156,18 @@ def fine_tune_student(
     params: OodEvaluationParams,
     runtime: RuntimeParams,
 ) -> tuple[StudentClassifier, MetricHistory]:
-    """The few-shot student: a copy of the distilled student fine-tuned on the drawn real
-    images against their true class (``label_weight`` · cross-entropy) and the teacher's
-    zero-shot logits on them (``kd_weight`` · T² · KL), all its layers or the classifier
-    only (``layers``), with its per-epoch metrics. With k = 0 the distilled student itself,
+    """The few-shot student: a copy of the distilled student fine-tuned on views of the drawn
+    real images against their true class (``label_weight`` · cross-entropy) and the teacher's
+    zero-shot logits (``kd_weight`` · T² · KL) on the whole image or on the very view trained
+    on (``teacher_targets``, as in distillation), all its layers or the classifier only
+    (``layers``), with its per-epoch metrics. With k = 0 the distilled student itself,
     untouched, and no metrics."""
     few_shot = params.few_shot
     if not few_shot.k:
         return student, {}
     resolved = Runtime.resolve(runtime)
     paths = shots["path"].tolist()
-    targets = [torch.as_tensor(shots["label"].to_numpy(), dtype=torch.long)]
-    if few_shot.kd_weight > 0:
-        targets.append(_teacher_soft_labels(paths, classes, teacher, params.batch_size, resolved))
-    seed_everything(few_shot.training.seed)
-    tuned = copy.deepcopy(student).cpu()
-    if few_shot.layers == "classifier":
-        trained = {id(parameter) for parameter in tuned.backbone.get_classifier().parameters()}
-        for parameter in tuned.parameters():
-            parameter.requires_grad_(id(parameter) in trained)
-    images = AugmentedImages(paths, targets, tuned.train_transform(few_shot.augmentation))
+    labels = torch.as_tensor(shots["label"].to_numpy(), dtype=torch.long)
 
     def step_loss(logits, embedding, batch_targets):
         labels = batch_targets[0]
@@ -186,6 +182,24 @@ def fine_tune_student(
         losses["total"] = total
         return losses, measures
 
+    if few_shot.kd_weight == 0:
+        views = FreshViews(few_shot.augmentation, [labels])
+    else:
+        teacher_model, head = load_zero_shot_teacher(teacher, resolved, classes)
+        if few_shot.teacher_targets == "online":
+            views = FreshViews(few_shot.augmentation, [labels], teacher_view=teacher_model.view_renderer)
+            step_loss = with_online_teacher(step_loss, lambda pixels: teacher_model.classify(pixels, head)[:1])
+        else:
+            views = _few_shot_teacher_views(paths, labels, teacher_model, head, params)
+            # The teacher's work is done: it does not share the device with the training.
+            del teacher_model
+    seed_everything(few_shot.training.seed)
+    tuned = copy.deepcopy(student).cpu()
+    if few_shot.layers == "classifier":
+        trained = {id(parameter) for parameter in tuned.backbone.get_classifier().parameters()}
+        for parameter in tuned.parameters():
+            parameter.requires_grad_(id(parameter) in trained)
+    images = ViewedImages(paths, ViewRenderer.for_student(tuned.config["data_config"]), views)
     history = fit_student(
         tuned,
         images,
@@ -198,20 +212,24 @@ def fine_tune_student(
     return tuned.requires_grad_(True), history
 
 
-def _teacher_soft_labels(
-    paths: list[str], classes: ClassNames, teacher: TeacherParams, batch_size: int, runtime: Runtime
-) -> torch.Tensor:
-    """The teacher's zero-shot logits on ``paths``; the teacher is loaded for this alone and
-    released before the student trains."""
-    teacher_model, head = load_zero_shot_teacher(teacher, runtime, classes)
+def _few_shot_teacher_views(
+    paths: list[str], labels: torch.Tensor, teacher_model: ClipTeacher, head: torch.Tensor, params: OodEvaluationParams
+) -> FreshViews | StoredViews:
+    """The few-shot images' targets, true class and the teacher's logits: on the whole image
+    (``centre``), or on ``views_per_image`` stored views of each."""
+    few_shot = params.few_shot
     try:
-        logits, _ = teacher_model.classify_images(paths, head, batch_size, "Teacher soft labels")
-    except UnreadableImagesError as exc:
+        if few_shot.teacher_targets == "centre":
+            logits, _ = teacher_model.classify_images(paths, head, params.batch_size, "Teacher soft labels")
+            return FreshViews(few_shot.augmentation, [labels, logits.float()])
+        views = torch.stack(
+            [views_of(path, few_shot.views_per_image, few_shot.augmentation, few_shot.seed) for path in paths]
+        )
+        logits, _ = teacher_model.classify_views(paths, views, head, params.batch_size, "Teacher labelling views")
+    except (UnreadableImagesError, *CORRUPT_IMAGE_ERRORS) as exc:
         # The images were drawn readable; a file changed since is an error, not a gap.
-        raise FewShotError(
-            f"few-shot images became unreadable while fine-tuning: {[paths[i] for i in exc.indices]}"
-        ) from None
-    return logits.float()
+        raise FewShotError(f"few-shot images became unreadable while fine-tuning: {exc}") from None
+    return StoredViews(views, [labels[:, None].expand(views.shape[:2]), logits.float()])
 
 
 def predict_teacher(

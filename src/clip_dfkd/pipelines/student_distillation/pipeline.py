@@ -13,7 +13,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "synthetic_images",
                     "teacher_labels",
+                    "teacher_view_labels",
                     "params:classes",
+                    "params:teacher",
                     "params:student_distillation",
                     "params:runtime",
                 ],

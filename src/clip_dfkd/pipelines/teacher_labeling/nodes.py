@@ -11,9 +11,18 @@ from PIL import Image
 
 from clip_dfkd.models import ClipTeacher, load_zero_shot_teacher
 from clip_dfkd.models.teacher import UnreadableImagesError
-from clip_dfkd.params import ClassNames, RuntimeParams, TeacherLabelingParams, TeacherParams
+from clip_dfkd.params import (
+    AugmentationParams,
+    ClassNames,
+    RuntimeParams,
+    StudentDistillationParams,
+    TeacherLabelingParams,
+    TeacherParams,
+    ViewLabelingParams,
+)
 from clip_dfkd.runtime import Runtime
 from clip_dfkd.styles import diversity_metrics
+from clip_dfkd.views import views_of, views_table
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +33,18 @@ def label_images(
     classes: ClassNames,
     teacher: TeacherParams,
     params: TeacherLabelingParams,
+    student_distillation: StudentDistillationParams,
     runtime: RuntimeParams,
-) -> pd.DataFrame:
-    """:func:`teacher_labels` from the teacher, loaded for this node alone: it is released
-    when the node returns, so it never shares the device with the generator or the student."""
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`teacher_labels` and :func:`teacher_view_labels` (views drawn with the student's
+    augmentation) from the teacher, loaded once for this node alone: it is released when the
+    node returns, so it never shares the device with the generator or the student."""
     teacher_model, head = load_zero_shot_teacher(teacher, Runtime.resolve(runtime), classes)
-    return teacher_labels(images, manifest, teacher_model, head, teacher.batch_size, params)
+    labels = teacher_labels(images, manifest, teacher_model, head, teacher.batch_size, params)
+    views = teacher_view_labels(
+        images, manifest, teacher_model, head, teacher.batch_size, params.views, student_distillation.augmentation
+    )
+    return labels, views
 
 
 def missing_images(images: Mapping[str, Any], manifest: pd.DataFrame) -> str | None:
@@ -78,6 +93,42 @@ def teacher_labels(
     labels["teacher_agrees"] = labels["teacher_prediction"] == labels["class_index"]
     labels["kept"] = _keep_mask(labels, params)
     return labels
+
+
+def teacher_view_labels(
+    images: dict[str, Callable[[], Image.Image]],
+    manifest: pd.DataFrame,
+    teacher_model: ClipTeacher,
+    zero_shot_head: torch.Tensor,
+    batch_size: int,
+    params: ViewLabelingParams,
+    augmentation: AugmentationParams,
+) -> pd.DataFrame:
+    """``params.per_image`` augmented views of every manifest image (:func:`views_of`) with
+    the teacher's logits and embedding on each: one row per view (``image_id``, ``view``,
+    ``view_params``, ``teacher_logits``, ``teacher_embedding``), in manifest order; the
+    augmentation they were drawn with is recorded in ``augmentation`` (JSON), so a student
+    replays them only with the augmentation it was configured with. No rows for
+    ``per_image: 0``."""
+    columns = ["image_id", "view", "view_params", "teacher_logits", "teacher_embedding", "augmentation"]
+    if not params.per_image:
+        return _with_attrs_of(manifest, pd.DataFrame(columns=columns))
+    image_ids = list(manifest["image_id"])
+    views = torch.stack([views_of(image_id, params.per_image, augmentation, params.seed) for image_id in image_ids])
+    logits, embeddings = teacher_model.classify_views(
+        [images[image_id] for image_id in image_ids], views, zero_shot_head, batch_size, "Teacher labelling views"
+    )
+    table = pd.DataFrame(views_table(image_ids, views))
+    table["teacher_logits"] = list(logits.flatten(0, 1).numpy().astype(np.float32))
+    table["teacher_embedding"] = list(embeddings.flatten(0, 1).numpy().astype(np.float32))
+    table["augmentation"] = augmentation.model_dump_json()
+    return _with_attrs_of(manifest, table[columns])
+
+
+def _with_attrs_of(manifest: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` carrying the manifest's attributes (the class list it was made for)."""
+    table.attrs.update(manifest.attrs)
+    return table
 
 
 def _keep_mask(labels: pd.DataFrame, params: TeacherLabelingParams) -> pd.Series:

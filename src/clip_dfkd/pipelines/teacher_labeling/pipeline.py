@@ -16,9 +16,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:classes",
                     "params:teacher",
                     "params:teacher_labeling",
+                    "params:student_distillation",
                     "params:runtime",
                 ],
-                outputs="teacher_labels",
+                outputs=["teacher_labels", "teacher_view_labels"],
                 name="label_images",
             ),
             Node(
