@@ -293,7 +293,7 @@ class ContrastivePromptParams(Params):
     temperature: PositiveFloat = 0.1
     # After each step a vector longer than this × the median norm of the run's real-word token
     # rows is scaled back to it; None: unbounded. 1.5 lets a pseudo-word be as long as the
-    # longest real words (the demo teacher's: 1.34×) but not the ~20× it reached unbounded.
+    # longest real words (the demo teacher's: 1.34×), not the 12–16× it reached unbounded there.
     max_norm_ratio: PositiveFloat | None = 1.5
     bank_path: str | None = None
 
