@@ -160,7 +160,9 @@ def test_contrastive_vectors_stay_within_the_norm_bound(tiny_text_encoders) -> N
 
 
 def test_contrastive_training_lowers_the_diversity_loss_and_keeps_content(tiny_text_encoders) -> None:
-    encoder = tiny_text_encoders["diffusers"]
+    # The teacher's text tower, which knows the classes (the random generator's cannot keep
+    # them apart inside the default norm bound: 0.58 accuracy).
+    encoder = tiny_text_encoders["open_clip"]
     template = "a {style} style of a {class_name}"
     params = ContrastivePromptParams(iterations=80, learning_rate=0.05)
     real_words = real_word_rows(encoder, [*STYLES, *CLASSES])

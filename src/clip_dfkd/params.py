@@ -292,9 +292,9 @@ class ContrastivePromptParams(Params):
     content_weight: float = Field(default=1.0, ge=0.0)
     temperature: PositiveFloat = 0.1
     # After each step a vector longer than this × the median norm of the run's real-word token
-    # rows is scaled back to it; None: unbounded. 1.5 lets a pseudo-word be as long as the
-    # longest real words (the demo teacher's: 1.34×), not the 12–16× it reached unbounded there.
-    max_norm_ratio: PositiveFloat | None = 1.5
+    # rows is scaled back to it; None: unbounded (12–16× in the demo). 1.0, as long as a typical
+    # real word, gave the most diverse prompts in the demo (docs/prompt_diversification.md).
+    max_norm_ratio: PositiveFloat | None = 1.0
     bank_path: str | None = None
 
 
