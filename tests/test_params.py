@@ -68,6 +68,11 @@ PACS = {"benchmarks": {"pacs": {"root": "data/01_raw/PACS", "layout": "pacs"}}}
         ),
         (
             PromptGenerationParams,
+            {"styles": ["photo"], "contrastive": {"max_norm_ratio": 0}},
+            "prompt_generation.contrastive.max_norm_ratio=0: Input should be greater than 0",
+        ),
+        (
+            PromptGenerationParams,
             {"styles": ["photo"], "num_styles": 0},
             "prompt_generation.num_styles=0: Input should be greater than 0",
         ),

@@ -13,13 +13,16 @@ from clip_dfkd.styles import (
     mix_prompt_bank,
     mix_style_vector,
     random_prompt_bank,
+    real_word_rows,
     style_diversity_loss,
-    token_embedding_statistics,
 )
 
 FAMILIES = ["diffusers", "open_clip"]
 CLASSES = ["ball", "box", "tent"]
 STYLES = ["sketch", "watercolor", "photo", "cartoon"]
+# The demo teacher's caption words: the only rows of its token table that its training moved
+# (the other ~49k keep their initial, shorter, values).
+TEACHER_WORDS = ["photo", "sketch", "cartoon", "ball", "box", "tent", "kite"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -89,23 +92,82 @@ def test_mix_bank_draws_convex_combinations_of_k_distinct_style_words(tiny_text_
         assert torch.allclose(vector, weights.float() @ words, atol=1e-6)
 
 
-def test_random_bank_matches_the_embedding_tables_per_dimension_statistics(tiny_text_encoders) -> None:
-    encoder = tiny_text_encoders["diffusers"]
-    mean, std = token_embedding_statistics(encoder)
-    bank = random_prompt_bank(encoder, num_styles=20000, seed=3)
+def test_mix_defaults_make_peaked_mixes_of_several_words_that_reach_the_whole_dictionary(
+    tiny_text_encoders,
+) -> None:
+    dictionary = [f"style{i}" for i in range(12)]
+    params = MixPromptParams()
+    bank = mix_prompt_bank(tiny_text_encoders["diffusers"], dictionary, num_styles=300, params=params, seed=0)
 
-    assert torch.allclose(bank.vectors.mean(0), mean, atol=4 * float(std.max()) / 20000**0.5)
-    assert torch.allclose(bank.vectors.std(0), std, rtol=0.05)
-    table = encoder.token_embeddings()
-    assert bank.vectors.norm(dim=1).mean() == pytest.approx(float(table.norm(dim=1).mean()), rel=0.1)
+    mixes = bank.details["mixes"]
+    largest = torch.tensor([max(mix["weights"]) for mix in mixes])
+    second = torch.tensor([sorted(mix["weights"])[-2] for mix in mixes])
+    dominant = {mix["words"][mix["weights"].index(max(mix["weights"]))] for mix in mixes}
+    assert all(len(mix["words"]) >= 4 for mix in mixes)  # each draws on several words,
+    assert 0.6 <= float(largest.mean()) <= 0.85  # mostly one of them (an even mix of 4: 0.52),
+    assert float((second > 0.1).float().mean()) >= 0.6  # often with a second, not a pure word,
+    assert dominant == set(dictionary)  # and every word leads some mix
+
+
+def test_real_word_rows_are_the_distinct_tokens_of_the_words(tiny_text_encoders) -> None:
+    encoder = tiny_text_encoders["open_clip"]
+    rows = real_word_rows(encoder, ["photo", "pencil drawing", "photo"]).rows
+
+    tokens = [*encoder.word_token_ids("photo"), *encoder.word_token_ids("pencil drawing")]
+    assert len(tokens) == 3 and len(rows) == 3
+    assert torch.equal(rows, encoder.token_embeddings()[torch.tensor(sorted(tokens))])
+    with pytest.raises(ValueError, match="1 distinct token"):
+        real_word_rows(encoder, ["photo", "photo"])
+
+
+def test_random_bank_draws_from_the_real_words_gaussian(tiny_text_encoders) -> None:
+    encoder = tiny_text_encoders["open_clip"]
+    real_words = real_word_rows(encoder, TEACHER_WORDS)
+    bank = random_prompt_bank(encoder, real_words, num_styles=20000, seed=3)
+
+    rows = real_words.rows
+    spread = float(rows.std(0).max())
+    assert torch.allclose(bank.vectors.mean(0), rows.mean(0), atol=4 * spread / 20000**0.5)
+    assert torch.allclose(torch.cov(bank.vectors.T), torch.cov(rows.T), atol=0.05 * spread**2)
+    # In the span of the real words: nothing left after projecting onto their deviations.
+    basis = torch.linalg.svd(rows - rows.mean(0), full_matrices=False).Vh[: len(rows) - 1]
+    offsets = bank.vectors - rows.mean(0)
+    assert (offsets - offsets @ basis.T @ basis).norm(dim=1).max() < 1e-4 * rows.norm(dim=1).median()
+
+
+def test_random_draws_are_as_long_as_the_real_words_in_a_teacher_that_learnt_few_rows(tiny_text_encoders) -> None:
+    """The whole table's statistics, dominated by untrained rows, gave draws 0.75× as long."""
+    encoder = tiny_text_encoders["open_clip"]
+    real_words = real_word_rows(encoder, TEACHER_WORDS)
+    bank = random_prompt_bank(encoder, real_words, num_styles=64, seed=0)
+
+    ratios = real_words.norm_ratios(bank.vectors)
+    assert 0.9 <= float(ratios.mean()) <= 1.2
+
+
+def test_contrastive_vectors_stay_within_the_norm_bound(tiny_text_encoders) -> None:
+    """Unbounded, the same training takes the vectors to several times a real word's norm."""
+    encoder = tiny_text_encoders["open_clip"]
+    real_words = real_word_rows(encoder, TEACHER_WORDS)
+    params = ContrastivePromptParams(iterations=40, learning_rate=0.05, max_norm_ratio=1.5)
+
+    bank, _ = contrastive_prompt_bank(encoder, real_words, CLASSES, "a {style} style of a {class_name}", 4, params, 0)
+
+    ratios = real_words.norm_ratios(bank.vectors)
+    assert float(ratios.max()) <= 1.5 + 1e-4
+    assert float(ratios.max()) >= 1.5 - 1e-4  # the training pushed against the bound
+    assert bank.details["max_norm"] == pytest.approx(1.5 * real_words.median_norm)
 
 
 def test_contrastive_training_lowers_the_diversity_loss_and_keeps_content(tiny_text_encoders) -> None:
-    encoder = tiny_text_encoders["diffusers"]
+    # The teacher's text tower, which knows the classes (the random generator's cannot keep
+    # them apart inside the default norm bound: 0.58 accuracy).
+    encoder = tiny_text_encoders["open_clip"]
     template = "a {style} style of a {class_name}"
     params = ContrastivePromptParams(iterations=80, learning_rate=0.05)
+    real_words = real_word_rows(encoder, [*STYLES, *CLASSES])
 
-    bank, history = contrastive_prompt_bank(encoder, CLASSES, template, num_styles=4, params=params, seed=0)
+    bank, history = contrastive_prompt_bank(encoder, real_words, CLASSES, template, 4, params, seed=0)
 
     style = [point["value"] for point in history["style_loss"]]
     accuracy = [point["value"] for point in history["content_accuracy"]]
@@ -120,14 +182,15 @@ def test_contrastive_training_lowers_the_diversity_loss_and_keeps_content(tiny_t
 @pytest.mark.parametrize("method", ["mix", "random", "contrastive"])
 def test_banks_are_reproducible_from_their_seed(tiny_text_encoders, method) -> None:
     encoder = tiny_text_encoders["diffusers"]
+    real_words = real_word_rows(encoder, [*STYLES, *CLASSES])
 
     def build(seed: int) -> StyleBank:
         if method == "mix":
             return mix_prompt_bank(encoder, STYLES, 3, MixPromptParams(k=2), seed)
         if method == "random":
-            return random_prompt_bank(encoder, 3, seed)
+            return random_prompt_bank(encoder, real_words, 3, seed)
         return contrastive_prompt_bank(
-            encoder, CLASSES, "a {style} of a {class_name}", 3, ContrastivePromptParams(iterations=5), seed
+            encoder, real_words, CLASSES, "a {style} of a {class_name}", 3, ContrastivePromptParams(iterations=5), seed
         )[0]
 
     first, again, other = build(0), build(0), build(1)

@@ -413,10 +413,18 @@ class StyleBankDataset(AbstractDataset[StyleBank, StyleBank]):
         data.save(self._filepath)
 
     def preview(self) -> JSONPreview:
-        """The bank's method, encoder, pseudo-word names and how they were made."""
+        """The bank's method, encoder, how long its vectors are against real words (norm
+        ratios; none for an empty bank or one saved before they were recorded), its
+        pseudo-word names and how they were made."""
         bank = self.load()
-        summary = {"method": bank.method, "encoder": bank.encoder, "dim": bank.dim if bank.names else None}
-        return JSONPreview(json.dumps({**summary, "names": bank.names, "details": bank.details}, default=str))
+        details = dict(bank.details)
+        summary = {
+            "method": bank.method,
+            "encoder": bank.encoder,
+            "dim": bank.dim if bank.names else None,
+            "norm_ratio": details.pop("norm_ratio", None),
+        }
+        return JSONPreview(json.dumps({**summary, "names": bank.names, "details": details}, default=str))
 
     def _exists(self) -> bool:
         return self._filepath.is_file()

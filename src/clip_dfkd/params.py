@@ -272,10 +272,15 @@ class TeacherParams(Params):
 
 
 class MixPromptParams(Params):
-    """Mix-Prompt: each pseudo-word is a Dirichlet(alpha)-weighted mix of k style words."""
+    """Mix-Prompt: each pseudo-word is a Dirichlet(alpha)-weighted mix of k style words.
 
-    k: PositiveInt = 2
-    alpha: PositiveFloat = 1.0
+    The defaults make peaked mixes over several words: with 4 words at alpha 0.3 the largest
+    weight is 0.7 on average and a second word has more than 0.1 in about 4 mixes of 5, so a
+    mix stays near one or two real words while different mixes reach the whole dictionary.
+    """
+
+    k: PositiveInt = 4
+    alpha: PositiveFloat = 0.3
 
 
 class ContrastivePromptParams(Params):
@@ -286,6 +291,10 @@ class ContrastivePromptParams(Params):
     style_weight: float = Field(default=1.0, ge=0.0)
     content_weight: float = Field(default=1.0, ge=0.0)
     temperature: PositiveFloat = 0.1
+    # After each step a vector longer than this × the median norm of the run's real-word token
+    # rows is scaled back to it; None: unbounded (12–16× in the demo). 1.0, as long as a typical
+    # real word, gave the most diverse prompts in the demo (docs/prompt_diversification.md).
+    max_norm_ratio: PositiveFloat | None = 1.0
     bank_path: str | None = None
 
 

@@ -104,7 +104,9 @@ def mix_prompt_bank(
     encoder: PseudoWordEncoder, styles: Sequence[str], num_styles: int, params: MixPromptParams, seed: int
 ) -> StyleBank:
     """Each pseudo-word mixes ``k`` distinct style words drawn from ``styles`` with weights
-    from a symmetric Dirichlet(``alpha``); one seeded draw per pseudo-word."""
+    from a symmetric Dirichlet(``alpha``); one seeded draw per pseudo-word. With the defaults
+    (4 words, alpha 0.3) a mix is mostly one or two words, and the mixes together reach every
+    word of the dictionary."""
     words = torch.stack([encoder.word_embedding(style) for style in styles])
     vectors, recipes = [], []
     for index in range(num_styles):
@@ -121,17 +123,56 @@ def mix_prompt_bank(
 # --- Random-Prompt ---------------------------------------------------------------------
 
 
-def token_embedding_statistics(encoder: PseudoWordEncoder) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and standard deviation of the whole token-embedding table."""
-    table = encoder.token_embeddings()
-    return table.mean(dim=0), table.std(dim=0)
+@dataclass(frozen=True)
+class RealWordRows:
+    """The token-embedding rows of a run's real words: the tokens of its style dictionary and
+    class names (:func:`real_word_rows`). They are the reference a pseudo-word is measured
+    against and drawn around: rows the encoder was trained on, also in an encoder whose
+    training touched only a few rows of its table (the demo's teacher)."""
+
+    rows: torch.Tensor
+
+    @property
+    def median_norm(self) -> float:
+        return float(self.rows.norm(dim=1).median())
+
+    def norm_ratios(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Each vector's norm divided by the real words' median norm: about 1 for a real word."""
+        return vectors.detach().float().cpu().norm(dim=1) / self.median_norm
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` draws from the Gaussian with the rows' mean and sample covariance: the mean
+        plus random combinations of the rows' deviations from it, so every draw stays in the
+        span of real words (no direction that no real word takes)."""
+        mean = self.rows.mean(dim=0)
+        deviations = (self.rows - mean) / (len(self.rows) - 1) ** 0.5
+        return mean + torch.randn(count, len(self.rows), generator=generator) @ deviations
 
 
-def random_prompt_bank(encoder: PseudoWordEncoder, num_styles: int, seed: int) -> StyleBank:
-    """Pseudo-words drawn from N(mean_d, std_d) per dimension of the token-embedding table."""
-    mean, std = token_embedding_statistics(encoder)
-    noise = torch.randn(num_styles, encoder.dim, generator=torch.Generator().manual_seed(stable_seed(seed, "random")))
-    return StyleBank.create("random", encoder.name, mean + std * noise, {"statistics": "per-dimension gaussian"})
+def real_word_rows(encoder: PseudoWordEncoder, words: Sequence[str]) -> RealWordRows:
+    """The distinct token rows of ``words`` (each token of a multi-token word is a row).
+
+    Raises:
+        ValueError: fewer than two distinct tokens, which give no spread to draw from.
+    """
+    ids = sorted({token for word in words for token in encoder.word_token_ids(word)})
+    if len(ids) < 2:
+        raise ValueError(
+            f"prompt_generation.styles and classes {list(words)!r} have {len(ids)} distinct token(s) in "
+            f"{encoder.name}; pseudo-words need at least 2 to measure and draw from"
+        )
+    return RealWordRows(encoder.token_embeddings()[torch.tensor(ids)].cpu())
+
+
+def random_prompt_bank(encoder: PseudoWordEncoder, real_words: RealWordRows, num_styles: int, seed: int) -> StyleBank:
+    """Pseudo-words drawn from the Gaussian of the real words' token rows
+    (:meth:`RealWordRows.sample`)."""
+    vectors = real_words.sample(num_styles, torch.Generator().manual_seed(stable_seed(seed, "random")))
+    details = {
+        "statistics": "mean and covariance of the real words' token rows",
+        "real_word_rows": len(real_words.rows),
+    }
+    return StyleBank.create("random", encoder.name, vectors, details)
 
 
 # --- Contrastive-Prompt ----------------------------------------------------------------
@@ -145,8 +186,15 @@ def style_diversity_loss(style_features: torch.Tensor) -> torch.Tensor:
     return similarity[off_diagonal].abs().mean()
 
 
+def limit_norms_(vectors: torch.Tensor, max_norm: float) -> None:
+    """Scale, in place, each row of ``vectors`` longer than ``max_norm`` down to it."""
+    with torch.no_grad():
+        vectors.mul_((max_norm / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+
+
 def contrastive_prompt_bank(
     encoder: PseudoWordEncoder,
+    real_words: RealWordRows,
     classes: Sequence[str],
     template: str,
     num_styles: int,
@@ -158,9 +206,14 @@ def contrastive_prompt_bank(
     Loss = ``style_weight`` · style-diversity (features of the style-only prompts
     ``template`` without its class pushed apart) + ``content_weight`` · content consistency
     (cross-entropy of classifying ``template`` filled with each class among the class-name
-    prompts, at ``temperature``). Returns the bank and per-iteration loss curves.
+    prompts, at ``temperature``). Initialised as Random-Prompt; after every step each vector
+    longer than ``max_norm_ratio`` × the real words' median norm is scaled back to that bound
+    (none with ``max_norm_ratio`` None), so that the vectors stay as long as real words rather
+    than growing to wherever the loss pushes them. Returns the bank and per-iteration loss curves.
     """
-    vectors = torch.nn.Parameter(random_prompt_bank(encoder, num_styles, seed).vectors.to(encoder.device))
+    initial = random_prompt_bank(encoder, real_words, num_styles, seed).vectors
+    vectors = torch.nn.Parameter(initial.to(encoder.device))
+    max_norm = None if params.max_norm_ratio is None else params.max_norm_ratio * real_words.median_norm
     style_texts = [" ".join(template.format(style=PLACEHOLDER, class_name="").split())] * num_styles
     content_texts = [template.format(style=PLACEHOLDER, class_name=name) for _ in range(num_styles) for name in classes]
     targets = torch.arange(len(classes), device=encoder.device).repeat(num_styles)
@@ -180,6 +233,8 @@ def contrastive_prompt_bank(
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
+        if max_norm is not None:
+            limit_norms_(vectors, max_norm)
         accuracy = (logits.argmax(-1) == targets).float().mean()
         for name, value in (
             ("style_loss", style_loss),
@@ -195,8 +250,20 @@ def contrastive_prompt_bank(
         history["content_accuracy"][0]["value"],
         history["content_accuracy"][-1]["value"],
     )
-    details = {"template": template, **params.model_dump(exclude={"bank_path"})}
+    details = {"template": template, **params.model_dump(exclude={"bank_path"}), "max_norm": max_norm}
     return StyleBank.create("contrastive", encoder.name, vectors.detach(), details), history
+
+
+def norm_ratio_summary(bank: StyleBank, real_words: RealWordRows) -> dict[str, Any]:
+    """How long the bank's vectors are against real words (:meth:`RealWordRows.norm_ratios`):
+    the mean, the largest and each vector's ratio, and the median norm they are divided by."""
+    ratios = real_words.norm_ratios(bank.vectors)
+    return {
+        "mean": float(ratios.mean()),
+        "max": float(ratios.max()),
+        "per_vector": [round(float(ratio), 4) for ratio in ratios],
+        "real_word_median_norm": real_words.median_norm,
+    }
 
 
 # --- diversity -------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -61,7 +63,7 @@ def test_seeds_are_reproducible_and_do_not_shift_when_classes_are_added() -> Non
 
 @pytest.mark.parametrize("method", ["mix", "random", "contrastive"])
 def test_pseudo_word_prompts_reference_one_bank_vector_per_style(tiny_text_encoders, method) -> None:
-    params = _params(method=method, contrastive={"iterations": 3})
+    params = _params(method=method, mix={"k": 2}, contrastive={"iterations": 3})
     bank, history = style_bank_from(tiny_text_encoders["diffusers"], CLASSES, params)
 
     table = generate_prompts(CLASSES, params, bank)
@@ -72,7 +74,30 @@ def test_pseudo_word_prompts_reference_one_bank_vector_per_style(tiny_text_encod
     assert set(table["style_vector_id"]) == set(bank.names)
     assert table.groupby("style")["style_vector_id"].nunique().eq(1).all()  # one vector per style, all classes
     assert set(table["style"]) == {name.rsplit("-", 1)[0] for name in bank.names}
-    assert bool(history) == (method == "contrastive")
+    assert any(name.startswith("contrastive/") for name in history) == (method == "contrastive")
+
+
+@pytest.mark.parametrize("method", ["vanilla", "mix", "random", "contrastive"])
+def test_each_banks_norm_ratio_is_a_metric_and_in_its_preview(tiny_text_encoders, tmp_path, method) -> None:
+    from clip_dfkd.datasets import StyleBankDataset
+    from clip_dfkd.styles import real_word_rows
+
+    encoder = tiny_text_encoders["open_clip"]
+    params = _params(method=method, mix={"k": 2}, contrastive={"iterations": 3})
+    bank, metrics = style_bank_from(encoder, CLASSES, params)
+    dataset = StyleBankDataset(filepath=str(tmp_path / "bank.safetensors"))
+    dataset.save(bank)
+    preview = json.loads(dataset.preview())
+
+    if method == "vanilla":
+        assert preview["norm_ratio"] is None and not metrics
+        return
+    ratios = bank.vectors.norm(dim=1) / real_word_rows(encoder, ["photo", "oil painting", *CLASSES]).median_norm
+    assert metrics["style_bank/norm_ratio_mean"] == [{"value": pytest.approx(float(ratios.mean())), "step": 0}]
+    assert metrics["style_bank/norm_ratio_max"] == [{"value": pytest.approx(float(ratios.max())), "step": 0}]
+    assert preview["norm_ratio"]["mean"] == pytest.approx(float(ratios.mean()))
+    assert preview["norm_ratio"]["per_vector"] == pytest.approx(ratios.tolist(), abs=1e-4)
+    assert "norm_ratio" not in preview["details"]
 
 
 def test_diversity_is_the_mean_pairwise_cosine_distance_per_class(tiny_text_encoders) -> None:
@@ -101,7 +126,7 @@ def test_a_saved_bank_is_reused_instead_of_trained(tiny_text_encoders, tmp_path)
     )
 
     assert reused.names == trained.names and torch.equal(reused.vectors, trained.vectors)
-    assert history == {}
+    assert not any(name.startswith("contrastive/") for name in history)  # no training curves
 
 
 def test_pipeline_writes_the_prompt_table(demo_project) -> None:

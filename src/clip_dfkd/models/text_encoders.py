@@ -59,13 +59,17 @@ class PseudoWordEncoder(ABC):
         """The token-embedding table ``(vocab, dim)``, in float32."""
         return self.embedding.weight.detach().float()
 
-    def word_embedding(self, word: str) -> torch.Tensor:
-        """The embedding of ``word``; a word of several BPE tokens gets their mean."""
+    def word_token_ids(self, word: str) -> list[int]:
+        """The BPE token ids of ``word``, without the start and end tokens."""
         ids = self.tokenize([word])[0].tolist()
         tokens = ids[1 : ids.index(self._end_id, 1)]
         if not tokens:
             raise ValueError(f"{word!r} has no tokens")
-        return self.token_embeddings()[torch.tensor(tokens)].mean(dim=0)
+        return tokens
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        """The embedding of ``word``; a word of several BPE tokens gets their mean."""
+        return self.token_embeddings()[torch.tensor(self.word_token_ids(word))].mean(dim=0)
 
     @contextlib.contextmanager
     def splice(self, vectors: torch.Tensor | None) -> Iterator[None]:

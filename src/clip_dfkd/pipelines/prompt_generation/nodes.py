@@ -26,7 +26,9 @@ from clip_dfkd.styles import (
     diversity_metrics,
     empty_bank,
     mix_prompt_bank,
+    norm_ratio_summary,
     random_prompt_bank,
+    real_word_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,12 +76,19 @@ def build_style_bank(
 def style_bank_from(
     prompt_encoder: PseudoWordEncoder, classes: ClassNames, params: PromptGenerationParams
 ) -> tuple[StyleBank, dict[str, list[dict[str, float]]]]:
-    """The method's pseudo-words (none for ``vanilla``) and, for ``contrastive``, its loss curves."""
+    """The method's pseudo-words (none for ``vanilla``) and its metrics: how long the vectors
+    are against the run's real words (``style_bank/norm_ratio_{mean,max}``, also in the bank's
+    details) and, for ``contrastive``, its loss curves."""
+    if params.method == "vanilla":
+        return empty_bank(params.method, prompt_encoder), {}
+    # The run's own content words: what its encoder is sure to have learnt, in any encoder.
+    real_words = real_word_rows(prompt_encoder, [*params.styles, *classes])
+    metrics: dict[str, list[dict[str, float]]] = {}
     if params.method == "mix":
         bank = mix_prompt_bank(prompt_encoder, params.styles, params.num_styles, params.mix, params.seed)
     elif params.method == "random":
-        bank = random_prompt_bank(prompt_encoder, params.num_styles, params.seed)
-    elif params.method == "contrastive" and params.contrastive.bank_path is not None:
+        bank = random_prompt_bank(prompt_encoder, real_words, params.num_styles, params.seed)
+    elif params.contrastive.bank_path is not None:
         bank = StyleBank.load(params.contrastive.bank_path)
         if bank.dim != prompt_encoder.dim:
             raise ValueError(
@@ -87,19 +96,28 @@ def style_bank_from(
                 f"{bank.dim} dimensions, the text encoder {prompt_encoder.name} needs {prompt_encoder.dim}"
             )
         logger.info("Reusing %d contrastive pseudo-words from %s", len(bank.names), params.contrastive.bank_path)
-    elif params.method == "contrastive":
+    else:
         bank, history = contrastive_prompt_bank(
             prompt_encoder,
+            real_words,
             list(classes),
             params.pseudo_word_template,
             params.num_styles,
             params.contrastive,
             params.seed,
         )
-        return bank, {f"contrastive/{name}": values for name, values in history.items()}
-    else:
-        bank = empty_bank(params.method, prompt_encoder)
-    return bank, {}
+        metrics = {f"contrastive/{name}": values for name, values in history.items()}
+    norm_ratio = norm_ratio_summary(bank, real_words)
+    bank.details["norm_ratio"] = norm_ratio
+    logger.info(
+        "Style bank %s: vector norm / real words' median norm %.2f on average, %.2f at most",
+        params.method,
+        norm_ratio["mean"],
+        norm_ratio["max"],
+    )
+    for statistic in ("mean", "max"):
+        metrics[f"style_bank/norm_ratio_{statistic}"] = [{"value": norm_ratio[statistic], "step": 0}]
+    return bank, metrics
 
 
 def generate_prompts(classes: ClassNames, params: PromptGenerationParams, style_bank: StyleBank) -> pd.DataFrame:
