@@ -654,7 +654,10 @@ class FewShotParams(Params):
     ``teacher_targets`` as in student_distillation); that student is
     scored on every other evaluated domain, next to the data-free one. ``layers``: train
     ``all`` of them or only the ``classifier`` (a linear probe); ``freeze_batch_norm`` keeps
-    the batch-norm statistics the student learnt on the synthetic images."""
+    the batch-norm statistics the student learnt on the synthetic images; ``interpolation``
+    moves the distilled weights only that share of the way to the fine-tuned ones (WiSE-FT,
+    Wortsman et al. 2022: 1 is the fine-tuned student, smaller keeps more of what it knew
+    of the other domains)."""
 
     k: int = Field(default=0, ge=0)
     source_domains: dict[str, list[str]] = {}
@@ -669,6 +672,7 @@ class FewShotParams(Params):
     # stored_views labels views_per_image views of each few-shot image before fine-tuning.
     teacher_targets: TeacherTargets = "stored_views"
     views_per_image: PositiveInt = 8
+    interpolation: float = Field(default=1.0, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _some_signal(self) -> FewShotParams:

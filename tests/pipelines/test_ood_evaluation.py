@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -817,3 +818,25 @@ def test_a_few_shot_source_domain_not_on_disk_fails_before_any_node(demo_project
         "ood_evaluation.few_shot.source_domains.demo_shapes=['foto']: ['foto'] not evaluated domains; "
         "allowed: ['cartoon', 'night', 'photo', 'sketch']"
     ) in str(caught.value).splitlines()
+
+
+def test_interpolation_moves_the_weights_that_share_of_the_way_to_the_fine_tuned_ones() -> None:
+    from clip_dfkd.models import create_student
+    from clip_dfkd.params import StudentParams
+    from clip_dfkd.pipelines.ood_evaluation.nodes import interpolated
+
+    torch.manual_seed(0)
+    start = create_student(StudentParams(model_name="test_resnet", image_size=32), ["a", "b"], None)
+    tuned = copy.deepcopy(start)
+    with torch.no_grad():
+        for value in tuned.state_dict().values():
+            value.add_(1) if value.is_floating_point() else value.add_(5)
+    expected = {name: value.clone() for name, value in tuned.state_dict().items()}
+
+    assert interpolated(start, tuned, 1.0) is tuned
+    mixed = interpolated(start, tuned, 0.25).state_dict()
+    for name, value in start.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(mixed[name], value + 0.25)
+        else:
+            assert torch.equal(mixed[name], expected[name]), name

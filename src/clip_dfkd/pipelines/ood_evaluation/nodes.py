@@ -160,7 +160,8 @@ def fine_tune_student(
     real images against their true class (``label_weight`` · cross-entropy) and the teacher's
     zero-shot logits (``kd_weight`` · T² · KL) on the whole image or on the very view trained
     on (``teacher_targets``, as in distillation), all its layers or the classifier only
-    (``layers``), with its per-epoch metrics. With k = 0 the distilled student itself,
+    (``layers``), its weights then taken ``interpolation`` of the way from the distilled
+    student's to the fine-tuned ones, with its per-epoch metrics. With k = 0 the distilled student itself,
     untouched, and no metrics."""
     few_shot = params.few_shot
     if not few_shot.k:
@@ -209,7 +210,20 @@ def fine_tune_student(
         f"Fine-tuning ({few_shot.describe()})",
         freeze_batch_norm=few_shot.freeze_batch_norm,
     )
-    return tuned.requires_grad_(True), history
+    return interpolated(student, tuned, few_shot.interpolation).requires_grad_(True), history
+
+
+def interpolated(start: torch.nn.Module, tuned: torch.nn.Module, share: float) -> torch.nn.Module:
+    """``tuned`` with every floating-point weight and buffer moved back to ``start``'s but for
+    ``share`` of the way (integer buffers, e.g. batch-norm step counts, stay ``tuned``'s)."""
+    if share == 1:
+        return tuned
+    start_state = start.state_dict()
+    with torch.no_grad():
+        for name, value in tuned.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(torch.lerp(start_state[name].to(value), value, share))
+    return tuned
 
 
 def _few_shot_teacher_views(
