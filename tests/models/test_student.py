@@ -98,3 +98,13 @@ def test_a_student_checkpoint_must_hold_its_architecture_but_the_classifier(tmp_
     # Disjoint names: timm would load nothing, non-strictly, and train from random weights.
     problem = missing_student_weights(StudentParams(model_name="test_resnet", checkpoint_path=saved("test_vit")))
     assert "tensors are missing, e.g." in problem
+
+
+@pytest.mark.parametrize("model_name", ["test_resnet", "test_mambaout"])
+def test_the_projection_reads_the_pooled_features_the_classifier_reads(model_name) -> None:
+    """MambaOut's head has a hidden layer: its pre-logits are wider than ``num_features``."""
+    student = create_student(StudentParams(model_name=model_name, image_size=32), CLASSES, embedding_dim=8)
+
+    logits, projected = student.forward_distill(torch.randn(2, 3, 32, 32))
+
+    assert logits.shape == (2, len(CLASSES)) and projected.shape == (2, 8)

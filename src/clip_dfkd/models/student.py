@@ -70,7 +70,10 @@ class StudentClassifier(nn.Module):
             pretrained_cfg_overlay=overlay,
             num_classes=len(class_names),
         )
-        self.projection = nn.Linear(self.backbone.num_features, embedding_dim) if embedding_dim else None
+        # The pooled features the classifier reads (forward_head's pre-logits): wider than
+        # num_features in models with a hidden head layer (e.g. MambaOut).
+        pooled = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.projection = nn.Linear(pooled, embedding_dim) if embedding_dim else None
         if data_config is None:
             # Interpolation, crop and normalisation as the backbone's pretrained weights expect;
             # only the input size is ours.
