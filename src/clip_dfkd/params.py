@@ -665,7 +665,9 @@ class FewShotParams(Params):
     label_weight: float = Field(default=1.0, ge=0.0)
     kd_weight: float = Field(default=1.0, ge=0.0)
     temperature: PositiveFloat = 4.0
-    layers: Literal["all", "classifier"] = "all"
+    # The classifier alone by default: fine-tuning every layer on one domain's shots pulls the
+    # features towards that domain and away from the others (docs/few_shot.md).
+    layers: Literal["all", "classifier"] = "classifier"
     freeze_batch_norm: bool = True
     training: TrainingParams = TrainingParams(epochs=30, batch_size=32, learning_rate=1e-4)
     augmentation: AugmentationParams = AugmentationParams()

@@ -754,8 +754,16 @@ def test_the_report_says_which_setting_produced_each_row(tmp_path, monkeypatch) 
     assert metrics["toy/sketch/student_top1"]["value"] == 0.25
     assert few_shot_metrics["toy/sketch/student_top1"]["value"] == 0.75
     assert "toy/photo/student_top1" not in few_shot_metrics  # photo gave the shots
-    assert "**few-shot k=1**: that student fine-tuned on 1 real images per class drawn with seed 0 from toy/photo" in (
-        markdown
+    assert (
+        "**few-shot k=1**: that student fine-tuned on 1 real images per class drawn with seed 0 from toy/photo "
+        "(its classifier only, true class weight 1, teacher soft labels weight 1 at T = 4, 30 epochs); "
+        "scored on the other domains only." in markdown
+    )
+    # Which layers moved is always said; the interpolation where it stopped short of the fine-tuned weights.
+    _, markdown, _, _ = summarise_evaluation(results, _few_shot_params(root, k=1, layers="all", interpolation=0.5))
+    assert (
+        "(all its layers, true class weight 1, teacher soft labels weight 1 at T = 4, 30 epochs, weights 0.5 of "
+        "the way to the fine-tuned ones); scored" in markdown
     )
     assert predictions.groupby("setting").size().to_dict() == {"data-free": 10, "few-shot k=1": 4}
     assert set(per_class_accuracy(predictions)["setting"]) == {"data-free", "few-shot k=1"}

@@ -546,11 +546,15 @@ def _setting_description(setting: str, params: OodEvaluationParams) -> str:
         return "the distilled student, which has seen no real image; every evaluated domain."
     few_shot = params.few_shot
     sources = ", ".join(few_shot.source_names())
+    layers = "its classifier only" if few_shot.layers == "classifier" else "all its layers"
+    interpolation = (
+        f", weights {few_shot.interpolation:g} of the way to the fine-tuned ones" if few_shot.interpolation < 1 else ""
+    )
     return (
         f"that student fine-tuned on {few_shot.k} real images per class drawn with seed {few_shot.seed} from "
-        f"{sources} (true class weight {few_shot.label_weight:g}, teacher soft labels weight "
-        f"{few_shot.kd_weight:g} at T = {few_shot.temperature:g}, {few_shot.training.epochs} epochs); "
-        "scored on the other domains only."
+        f"{sources} ({layers}, true class weight {few_shot.label_weight:g}, teacher soft labels weight "
+        f"{few_shot.kd_weight:g} at T = {few_shot.temperature:g}, {few_shot.training.epochs} epochs"
+        f"{interpolation}); scored on the other domains only."
     )
 
 
