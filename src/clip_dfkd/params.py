@@ -526,6 +526,9 @@ class StudentParams(Params):
     """A timm classifier; ``checkpoint_path`` optionally initialises it from local ImageNet weights."""
 
     model_name: str
+    # Keyword arguments of timm.create_model(model_name), saved with the student: a narrower or
+    # shallower variant of a family (e.g. resnet10t with channels: [8, 16, 32, 64]).
+    model_kwargs: dict[str, Any] = {}
     checkpoint_path: str | None = None
     image_size: PositiveInt = 224
 
@@ -540,6 +543,34 @@ class StudentParams(Params):
                 "(e.g. resnet18, resnet50, mobilenetv3_large_100, efficientnet_b0)"
             )
         return name
+
+    @property
+    def architecture(self) -> str:
+        """The timm name, followed by its keyword arguments where there are any."""
+        if not self.model_kwargs:
+            return self.model_name
+        return f"{self.model_name}({', '.join(f'{key}={value}' for key, value in self.model_kwargs.items())})"
+
+    @model_validator(mode="after")
+    def _model_kwargs_build(self) -> StudentParams:
+        """Builds the architecture on the meta device (no memory, no weights), so a keyword
+        timm does not take fails here rather than after synthesis and labelling."""
+        if not self.model_kwargs:
+            return self
+        import timm
+        import torch
+
+        try:
+            with torch.device("meta"):
+                timm.create_model(self.model_name, num_classes=2, **self.model_kwargs)
+        except Exception as exc:  # timm raises TypeError, ValueError, KeyError, ... by family
+            raise _bad(
+                "model_kwargs",
+                self.model_kwargs,
+                f"timm.create_model({self.model_name!r}) refused them ({type(exc).__name__}: {exc}); "
+                "allowed: keyword arguments of that model's constructor",
+            ) from None
+        return self
 
 
 class DistillationLossParams(Params):

@@ -108,3 +108,31 @@ def test_the_projection_reads_the_pooled_features_the_classifier_reads(model_nam
     logits, projected = student.forward_distill(torch.randn(2, 3, 32, 32))
 
     assert logits.shape == (2, len(CLASSES)) and projected.shape == (2, 8)
+
+
+def test_a_narrowed_student_is_rebuilt_as_it_was_trained(tmp_path) -> None:
+    """``model_kwargs`` travel in config.json: without them the saved weights would not fit the
+    family's default widths and the load would fail (or, for a checkpoint, half-load)."""
+    narrow = StudentParams(model_name="resnet10t", image_size=32, model_kwargs={"channels": [8, 16, 32, 64]})
+    student = create_student(narrow, CLASSES).eval()
+    default_size = sum(p.numel() for p in create_student(StudentParams(model_name="resnet10t"), CLASSES).parameters())
+    assert sum(p.numel() for p in student.parameters()) < default_size / 20
+
+    student.save_pretrained(tmp_path)
+    loaded = StudentClassifier.from_pretrained(tmp_path)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels), student(pixels))
+    assert loaded.config["model_kwargs"] == {"channels": [8, 16, 32, 64]}
+
+
+def test_model_kwargs_timm_refuses_fail_in_one_line_before_any_work() -> None:
+    from clip_dfkd.params import InvalidParameterError, StudentDistillationParams
+
+    section = {"student": {"model_name": "resnet10t", "model_kwargs": {"chanels": [8, 16, 32, 64]}}}
+    with pytest.raises(InvalidParameterError) as caught:
+        StudentDistillationParams.model_validate(section)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("student_distillation.student.model_kwargs={'chanels': [8, 16, 32, 64]}: ")
+    assert "allowed: keyword arguments" in message

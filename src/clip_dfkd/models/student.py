@@ -56,10 +56,12 @@ class StudentClassifier(nn.Module):
         embedding_dim: int | None = None,
         checkpoint_path: str | None = None,
         data_config: Mapping[str, Any] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         """``data_config`` is timm's preprocessing for the backbone; None resolves it from the
         backbone's pretrained config at ``image_size`` (a new student), a saved student passes
-        its own (``from_pretrained``)."""
+        its own (``from_pretrained``). ``model_kwargs`` go to ``timm.create_model`` and are
+        saved, so a narrowed architecture is rebuilt as it was trained."""
         super().__init__()
         import timm
 
@@ -69,6 +71,7 @@ class StudentClassifier(nn.Module):
             pretrained=checkpoint_path is not None,
             pretrained_cfg_overlay=overlay,
             num_classes=len(class_names),
+            **(model_kwargs or {}),
         )
         # The pooled features the classifier reads (forward_head's pre-logits): wider than
         # num_features in models with a hidden head layer (e.g. MambaOut).
@@ -89,6 +92,7 @@ class StudentClassifier(nn.Module):
             )
         self.config: dict[str, Any] = {
             "model_name": model_name,
+            "model_kwargs": dict(model_kwargs or {}),
             "class_names": list(class_names),
             "image_size": image_size,
             "embedding_dim": embedding_dim,
@@ -158,7 +162,7 @@ def missing_student_weights(params: StudentParams) -> str | None:
     if found is None:
         return None
     with torch.device("meta"):
-        model = timm.create_model(params.model_name)
+        model = timm.create_model(params.model_name, **params.model_kwargs)
     # timm names the classifier module(s) that a new class count replaces.
     classifier = model.pretrained_cfg.get("classifier") or ()
     mismatch = architecture_mismatch(model, found, ignored=(classifier,) if isinstance(classifier, str) else classifier)
@@ -183,10 +187,11 @@ def create_student(
         image_size=params.image_size,
         embedding_dim=embedding_dim,
         checkpoint_path=checkpoint,
+        model_kwargs=params.model_kwargs,
     )
     logger.info(
-        "Student %s: %.1fM parameters, %d classes",
-        params.model_name,
+        "Student %s: %.3gM parameters, %d classes",
+        params.architecture,
         sum(p.numel() for p in student.parameters()) / 1e6,
         len(class_names),
     )

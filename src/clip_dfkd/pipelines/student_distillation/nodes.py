@@ -191,7 +191,7 @@ def register_student(
         alias=params.registry.alias,
         onnx=params.registry.export_onnx,
         description=(
-            f"A {params.student.model_name} classifier of {len(names)} classes ({shown_classes(names)}), distilled "
+            f"A {params.student.architecture} classifier of {len(names)} classes ({shown_classes(names)}), distilled "
             f"from the CLIP teacher {teacher_name} on images synthesised by {generator} from "
             f"{prompt_generation.method} prompts; no real image. Its logged model carries the final epoch's "
             "training metrics (`training/*`) and, once evaluated, the evaluation's figures (`ood/*`)."
@@ -204,7 +204,7 @@ def register_student(
             "prompt_method": prompt_generation.method,
             # ood_evaluation's promotion compares a version only with versions of the same list.
             **class_list_tags(names),
-            "student": params.student.model_name,
+            "student": params.student.architecture,
             "fingerprint": fingerprint,
         },
     )
