@@ -39,6 +39,14 @@ FEW_SHOT_CHANGES: dict[str, dict] = {
     ", all layers, batch-norm statistics updated": {"layers": "all", "freeze_batch_norm": False},
 }
 
+# The demo's student is resnet10t narrowed to channels 12-96 (0.18 M parameters, below the
+# teacher's image tower, 0.32 M: docs/demo_student.md); other widths beside it.
+STUDENT_CHANGES: dict[str, dict] = {
+    "resnet10t, timm's widths (4.9 M)": {"model_kwargs": {"channels": [64, 128, 256, 512], "stem_width": 32}},
+    "resnet10t, channels 8-16-48-96": {"model_kwargs": {"channels": [8, 16, 48, 96], "stem_width": 8}},
+    "resnet10t, channels 8-64": {"model_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}},
+}
+
 VARIANTS: dict[str, dict] = {
     **{
         f"inversion, {method}": {"prompt_generation": {"method": method}, "image_synthesis": {"backend": "inversion"}}
@@ -60,6 +68,13 @@ VARIANTS: dict[str, dict] = {
             "ood_evaluation": {"few_shot": {"k": 5, "source_domains": {"demo_shapes": ["photo"]}} | change},
         }
         for name, change in FEW_SHOT_CHANGES.items()
+    },
+    **{
+        f"inversion, vanilla, student {name}": {
+            "image_synthesis": {"backend": "inversion"},
+            "student_distillation": {"student": change},
+        }
+        for name, change in STUDENT_CHANGES.items()
     },
     "diffusion (random generator), vanilla": {"image_synthesis": {"backend": "diffusion"}},
     "teacher-labelled noise": {

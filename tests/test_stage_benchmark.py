@@ -85,7 +85,8 @@ def test_what_distillation_buys_and_the_unet_flops_are_reported(tiny_report) -> 
     report, _ = tiny_report
     gain = report["distillation"]
 
-    assert gain["student"]["model"] == "resnet10t" and gain["student"]["parameters"] > 0
+    assert gain["student"]["model"] == "resnet10t(channels=[12, 24, 48, 96], stem_width=12)"
+    assert gain["student"]["parameters"] > 0
     assert [teacher["model"] for teacher in gain["teachers"]] == ["clip-dfkd-tiny"]
     for timing in (gain["student"], *gain["teachers"]):
         assert timing["latency_ms"] > 0 and timing["throughput_img_s"] > 0
@@ -175,3 +176,14 @@ def test_gpu_full_diffusion_runs_reduced_on_the_cpu(tmp_path: Path) -> None:
     assert "synthesis_size: 512 -> 64" in reductions
     assert row["project_img_s"] > 0 and row["bare_img_s"] > 0
     assert bench.mfu["unet_gflops_per_image_forward"] > 10  # 8x8 latents of the full-size UNet
+
+
+def test_cpu_tiny_measures_the_demos_own_student() -> None:
+    """cpu-tiny stands for the demo: a student narrowed in conf/demo must be the one timed
+    against the demo's teacher, or the speed-up it reports is another model's."""
+    import yaml
+
+    from clip_dfkd.params import StudentParams
+
+    demo = yaml.safe_load((REPO_ROOT / "conf" / "demo" / "parameters.yml").read_text())
+    assert sb.PRESETS["cpu-tiny"].student_params() == StudentParams(**demo["student_distillation"]["student"])

@@ -173,6 +173,13 @@ class Preset:
     evaluation_images: int
     latency_repeats: int
     throughput_batch: int
+    student_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # timm create_model kwargs
+
+    def student_params(self):
+        """The student as the pipeline's parameters describe it."""
+        from clip_dfkd.params import StudentParams
+
+        return StudentParams(model_name=self.student, model_kwargs=self.student_kwargs, image_size=self.student_size)
 
     def capped(self, images: int) -> Preset:
         """The same preset with at most ``images`` images, batch size and timed latency
@@ -187,12 +194,13 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # The demo's models (conf/demo/parameters.yml): tiny open_clip teacher, tiny random Stable
-    # Diffusion, resnet10t at 32 px.
+    # Diffusion, a narrowed resnet10t at 32 px.
     "cpu-tiny": Preset(
         name="cpu-tiny",
         generator="tiny",
         teachers=("clip-dfkd-tiny",),
         student="resnet10t",
+        student_kwargs={"channels": [12, 24, 48, 96], "stem_width": 12},
         synthesis_size=32,
         synthesis_steps=4,
         synthesis_batch=24,
@@ -886,12 +894,7 @@ class Bench:
         import timm
 
         from clip_dfkd.models import create_student
-        from clip_dfkd.params import (
-            AugmentationParams,
-            DistillationLossParams,
-            StudentParams,
-            TrainingParams,
-        )
+        from clip_dfkd.params import AugmentationParams, DistillationLossParams, TrainingParams
         from clip_dfkd.pipelines.student_distillation.nodes import distillation_loss
         from clip_dfkd.student_training import FreshViews, ViewedImages, fit_student
         from clip_dfkd.views import ViewRenderer
@@ -907,7 +910,7 @@ class Bench:
         teacher_embeddings = F.normalize(torch.randn(count, embedding_dim, generator=generator), dim=-1)
         loss_params = DistillationLossParams(temperature=4.0, kd_weight=1.0, embedding_weight=0.5)
         augmentation = AugmentationParams()
-        student_params = StudentParams(model_name=preset.student, image_size=preset.student_size)
+        student_params = preset.student_params()
         student = create_student(student_params, list(CLASSES), embedding_dim)
         renderer = ViewRenderer.for_student(student.config["data_config"])
         targets = [teacher_logits, teacher_embeddings]
@@ -927,7 +930,7 @@ class Bench:
 
         # The bare side: timm, torch and the same transform, in a plain loop.
         torch.manual_seed(0)
-        model = timm.create_model(preset.student, num_classes=len(CLASSES)).to(self.device)
+        model = timm.create_model(preset.student, num_classes=len(CLASSES), **preset.student_kwargs).to(self.device)
         projection = torch.nn.Linear(model.num_features, embedding_dim).to(self.device)
         data_config = timm.data.resolve_model_data_config(
             model, args={"input_size": (3, preset.student_size, preset.student_size)}
@@ -1034,15 +1037,13 @@ class Bench:
         import timm
 
         from clip_dfkd.models import create_student
-        from clip_dfkd.params import BenchmarkParams, OodEvaluationParams, StudentParams
+        from clip_dfkd.params import BenchmarkParams, OodEvaluationParams
         from clip_dfkd.pipelines.ood_evaluation.nodes import predict_student
 
         preset = self.preset
         paths = self.benchmark_paths
         batch = preset.evaluation_batch
-        student = create_student(
-            StudentParams(model_name=preset.student, image_size=preset.student_size), list(CLASSES)
-        )
+        student = create_student(preset.student_params(), list(CLASSES))
         params = OodEvaluationParams(
             benchmarks={"bench": BenchmarkParams(root=str(self.workdir / "benchmark"))}, batch_size=batch
         )
@@ -1090,18 +1091,15 @@ class Bench:
 
     def distillation_gain(self) -> dict[str, Any]:
         from clip_dfkd.models import create_student
-        from clip_dfkd.params import StudentParams
 
         preset = self.preset
-        student = create_student(
-            StudentParams(model_name=preset.student, image_size=preset.student_size), list(CLASSES)
-        )
+        student = create_student(preset.student_params(), list(CLASSES))
         student.to(self.device).eval()
         size = preset.student_size
         student_timing = self._inference_timing(student, size)
         result: dict[str, Any] = {
             "student": {
-                "model": preset.student,
+                "model": preset.student_params().architecture,
                 "parameters": sum(p.numel() for p in student.backbone.parameters()),
                 "input_size": size,
                 **student_timing,
