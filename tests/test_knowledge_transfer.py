@@ -12,13 +12,14 @@ Thresholds, from `python benchmarks/demo_transfer.py` on seeds 0-7 (each seed re
 world and retrains teacher and student; docs/demo_student.md), with margin below the seed-0
 figures this test runs:
 - teacher top-1 per domain: lowest 91 % over seeds 0-7; threshold 70 %;
-- student top-1 per domain: seed 0 50-83 %; lowest over seeds 0-7 35 % (night, seed 1, which
-  this floor would refuse); threshold 40 %;
+- student top-1 per domain: seed 0 50-83 % (teacher trained on two torch threads), 53-84 % (one
+  thread, as under pytest-xdist); lowest over seeds 0-7 35 % (night, seed 1, which this floor
+  would refuse); threshold 40 %;
 - student/teacher mean top-1: 0.62-0.82 over seeds 0-7 (seed 0: 0.72); threshold 0.6. A
   student of teacher-labelled noise reached at most 0.40 (measured with the earlier 2-layer
   teacher and 4.9 M student; up to 44 % on a single domain, which is why the per-domain floor
   alone would not tell it apart);
-- agreement with the teacher on the held-out night: seed 0 49 %, seeds 0-7 35-74 %; threshold 40 %.
+- agreement with the teacher on the held-out night: seed 0 49 % / 52 %, seeds 0-7 35-74 %; threshold 40 %.
 The test runs seed 0 (README).
 """
 
@@ -397,12 +398,13 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 
 # --- few-shot: what a few real images teach ---------------------------------------------
 
-# Measured on the demo (seed 0 world, two torch threads), the demo's student with its
-# classifier's rows rotated (it sees the shapes but names every one wrong), after a linear probe
-# on 5 true-labelled photos per class (draw seed 0): 0.63-0.79 per held-out domain; with the
-# photos' labels rotated as well (the fault): 0.08-0.09. At learning rate 1e-2 the probe of the
-# narrow student (96 features) had not yet moved far enough in 30 steps: 0.23-0.43.
-FEW_SHOT_MIN_TOP1 = 0.5
+# Measured on the seed-0 demo, the demo's student with its classifier's rows rotated (it sees
+# the shapes but names every one wrong), after a linear probe on 5 true-labelled photos per
+# class (draw seed 0), per held-out domain: 0.52-0.86 with the demo trained on one torch thread
+# (as under pytest-xdist on two cores), 0.63-0.79 on two; with the photos' labels rotated as
+# well (the fault): 0.05-0.20. Night, the domain the narrow student separates least, sets the
+# floor. At learning rate 1e-2 the probe had not moved far enough in 30 steps (0.23-0.45).
+FEW_SHOT_MIN_TOP1 = 0.4
 FEW_SHOT_PROBE = {
     "k": 5,
     "source_domains": {"demo_shapes": ["photo"]},
@@ -460,19 +462,21 @@ def test_a_few_labelled_photos_teach_a_student_that_names_every_shape_wrong(
 # (docs/few_shot.md): a copy of the demo's student fine-tuned, as configured, on 5 photos per
 # class must not score lower than the student itself on any domain that gave no shot, three
 # drawings in a hundred forgiven. Measured on the seed-0 demo, per domain (cartoon, night,
-# sketch), one or two torch threads alike: configured 0/0/0 points, the fault (all layers at
-# 1e-4, the default before) -6/+3/-3.
+# sketch), trained on one / two torch threads: configured 0/0/0 and 0/0/0 points; the fault,
+# every layer at ten times the learning rate, -1/-21/-10 and -26/-18/-28. (The default before,
+# every layer at 1e-4, gave +1/+4/+4 and -6/+3/-3 with this narrow student: not reliably harmful
+# any more, so no longer the fault.)
 FEW_SHOT_SHOTS = {"k": 5, "source_domains": {"demo_shapes": ["photo"]}}
 FEW_SHOT_MAX_DROP = 0.03
 
 
-@pytest.mark.parametrize("fault", [False, True], ids=["configured", "fault: all layers at 1e-4, as before"])
+@pytest.mark.parametrize("fault", [False, True], ids=["configured", "fault: all layers at 1e-3"])
 def test_few_shot_as_configured_lowers_no_domain_that_gave_no_shot(distillation_inputs, fault) -> None:
     inputs = distillation_inputs
     configured = inputs["evaluation"].few_shot.model_dump() | FEW_SHOT_SHOTS
     if fault:
         configured["layers"] = "all"
-        configured["training"]["learning_rate"] = 1.0e-4
+        configured["training"]["learning_rate"] = 1.0e-3
     data_free = _few_shot_top1(inputs, inputs["student"], configured, fine_tune=False)
     few_shot = _few_shot_top1(inputs, inputs["student"], configured)
 
