@@ -54,7 +54,8 @@ def timings(models: dict[str, torch.nn.Module], rounds: int, size: int = 32, bat
         for model in models.values():
             model.eval()
             for _ in range(20):
-                model(one), model(many)
+                model(one)
+                model(many)
         for _ in range(rounds):
             for name, model in models.items():
                 calls = []

@@ -40,7 +40,9 @@ FEW_SHOT_CHANGES: dict[str, dict] = {
 }
 
 # The demo's student is resnet10t narrowed to channels 12-96 (0.18 M parameters, below the
-# teacher's image tower, 0.32 M: docs/demo_student.md); other widths beside it.
+# teacher's image tower, 0.32 M: docs/demo_student.md); other widths beside it. Each names its
+# widths in full: runtime parameters merge into the demo's, so an empty model_kwargs would keep
+# the demo's channels.
 STUDENT_CHANGES: dict[str, dict] = {
     "resnet10t, timm's widths (4.9 M)": {"model_kwargs": {"channels": [64, 128, 256, 512], "stem_width": 32}},
     "resnet10t, channels 8-16-48-96": {"model_kwargs": {"channels": [8, 16, 48, 96], "stem_width": 8}},

@@ -1093,13 +1093,14 @@ class Bench:
         from clip_dfkd.models import create_student
 
         preset = self.preset
-        student = create_student(preset.student_params(), list(CLASSES))
+        student_params = preset.student_params()
+        student = create_student(student_params, list(CLASSES))
         student.to(self.device).eval()
         size = preset.student_size
         student_timing = self._inference_timing(student, size)
         result: dict[str, Any] = {
             "student": {
-                "model": preset.student_params().architecture,
+                "model": student_params.architecture,
                 "parameters": sum(p.numel() for p in student.backbone.parameters()),
                 "input_size": size,
                 **student_timing,
