@@ -41,6 +41,9 @@ class DemoTeacherTrainingParams(Params):
 
     # The styles the teacher is trained on; benchmark domains outside this list are unseen.
     styles: list[str] = Field(min_length=1)
+    # Words its captions also use for a drawing in any style: "picture" adds "a picture of a
+    # ball.", a neutral prompt the teacher understands (the vanilla baseline's style word).
+    neutral_words: list[str] = []
     images_per_class_and_style: PositiveInt = 300
     steps: PositiveInt = 800
     batch_size: PositiveInt = 128
@@ -72,6 +75,21 @@ class DemoAssetsParams(Params):
         if problem:
             raise _bad("benchmark_classes", self.benchmark_classes, problem)
         return self
+
+
+def held_out_domains(params: DemoAssetsParams) -> list[str]:
+    """The benchmark domains the teacher was not trained on (no caption names them).
+
+    Raises:
+        UserError: there are none, so nothing measures transfer to an unseen domain.
+    """
+    held_out = [d for d in params.benchmark_domains if d not in params.teacher_training.styles]
+    if not held_out:
+        raise UserError(
+            f"demo_assets.benchmark_domains={params.benchmark_domains}: every domain is one of the teacher's "
+            "training styles; allowed: at least one domain outside demo_assets.teacher_training.styles"
+        )
+    return held_out
 
 
 def ensure_demo_assets(params: DemoAssetsParams, project_path: Path) -> None:
@@ -123,13 +141,17 @@ def train_demo_teacher(checkpoint: Path, params: DemoAssetsParams) -> dict:
             seeds = _seeds("teacher-training", params.seed, class_name, style, training.images_per_class_and_style)
             images.append(_pixels(class_name, style, seeds, params.image_size))
             rows += [(class_name, style)] * len(seeds)
+
+    def described(class_name: str, style: str) -> list[str]:
+        return captions(class_name, style, training.neutral_words)
+
     world_captions = sorted(
-        {c for class_name in classes for style in training.styles for c in captions(class_name, style)}
+        {c for class_name in classes for style in training.styles for c in described(class_name, style)}
     )
     index = {caption: i for i, caption in enumerate(world_captions)}
     positives = torch.zeros(len(rows), len(world_captions), dtype=torch.bool)
     for row, (class_name, style) in enumerate(rows):
-        positives[row, [index[c] for c in captions(class_name, style)]] = True
+        positives[row, [index[c] for c in described(class_name, style)]] = True
     model = train_tiny_clip(
         torch.cat(images),
         world_captions,
