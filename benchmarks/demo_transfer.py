@@ -108,9 +108,17 @@ class World:
                 "images_per_class_and_style": per_class // len(teacher_styles),
             },
             **{method: {"method": method, "styles": words} for method in ("mix", "random", "contrastive")},
+            # without the norm bound on its pseudo-words (docs/prompt_diversification.md)
+            "contrastive, unbounded": {
+                "method": "contrastive",
+                "styles": words,
+                "contrastive": {"max_norm_ratio": None},
+            },
         }
         source = next(d for d in self.assets.benchmark_domains if d in teacher_styles)
         inversion = {"image_synthesis": {"backend": "inversion"}}
+        # The runs below change the student or its targets, on the world's vanilla images.
+        vanilla = {"prompt_generation": prompts["vanilla"]} | inversion
         return {
             **{f"inversion, {name}": {"prompt_generation": change} | inversion for name, change in prompts.items()},
             # Where the student's targets come from (the images are the vanilla inversion's).
@@ -118,7 +126,7 @@ class World:
                 f"inversion, vanilla, teacher targets: {targets}": {
                     "student_distillation": {"teacher_targets": targets}
                 }
-                | inversion
+                | vanilla
                 for targets in ("centre", "stored_views", "online")
             },
             # Few-shot fine-tuning of the stored-views student on 5 drawings per class of the
@@ -128,11 +136,11 @@ class World:
                 f"inversion, vanilla, few-shot k=5 photos{name}": {
                     "ood_evaluation": {"few_shot": {"k": 5, "source_domains": {"demo_shapes": [source]}} | change}
                 }
-                | inversion
+                | vanilla
                 for name, change in FEW_SHOT_CHANGES.items()
             },
             **{
-                f"inversion, vanilla, student {name}": {"student_distillation": {"student": change}} | inversion
+                f"inversion, vanilla, student {name}": {"student_distillation": {"student": change}} | vanilla
                 for name, change in STUDENT_CHANGES.items()
             },
             "diffusion (random generator), vanilla": {"image_synthesis": {"backend": "diffusion"}},
