@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import tempfile
@@ -81,12 +82,12 @@ class World:
     def load(cls, name: str) -> World:
         return cls(name, {} if name == "demo" else yaml.safe_load((WORLDS / f"{name}.yml").read_text()))
 
-    @property
+    @functools.cached_property
     def assets(self) -> DemoAssetsParams:
         raw = merge_params(demo_asset_params().model_dump(mode="json"), self.overrides.get("demo_assets", {}))
         return DemoAssetsParams.model_validate(raw)
 
-    @property
+    @functools.cached_property
     def prompts(self) -> dict:
         demo = yaml.safe_load((REPO_ROOT / "conf/demo/parameters.yml").read_text())["prompt_generation"]
         return merge_params(demo, self.overrides.get("prompt_generation", {}))
