@@ -63,6 +63,29 @@ def demo_asset_params():
     return DemoAssetsParams.model_validate(raw)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order the test files for two workers (pytest-xdist hands them out in this order, one file
+    at a time). The suite's critical path is the demo's assets (a minute and a half of teacher
+    training) followed by the whole demo run: that file starts first, and builds the assets. The
+    other worker meanwhile runs the files that need no demo asset; then come the heavy files,
+    then the others, those with most tests first, so that short files fill the end."""
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def rank(path: str) -> tuple[int, int]:
+        file_items = files[path]
+        if any(item.get_closest_marker("runs_the_whole_demo") for item in file_items):
+            return (0, 0)
+        if not any("demo_asset_project" in item.fixturenames for item in file_items):
+            return (1, -len(file_items))
+        if any(item.get_closest_marker("heavy") for item in file_items):
+            return (2, -len(file_items))
+        return (3, -len(file_items))
+
+    items[:] = [item for path in sorted(files, key=rank) for item in files[path]]
+
+
 @pytest.fixture(scope="session")
 def demo_asset_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project whose demo assets were built once for the whole session, through the same

@@ -24,6 +24,8 @@ from clip_dfkd.cli import cli, guarded, run, user_error_message
 from clip_dfkd.errors import UserError
 from clip_dfkd.preflight import PreflightError
 
+pytestmark = pytest.mark.heavy
+
 # A warning as Python formats it ("<file>:<line>: <Category>: <message>"), on stderr or in
 # Kedro's log.
 WARNING_LINE = re.compile(r"\S+:\d+: (\w+): ")

@@ -37,6 +37,8 @@ import pytest
 import torch
 from metric_names import undocumented
 
+pytestmark = pytest.mark.runs_the_whole_demo
+
 CHANCE = 1 / 4  # four classes
 # Below the lowest figures measured (module docstring).
 TEACHER_MIN_TOP1 = 0.70

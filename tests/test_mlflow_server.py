@@ -17,6 +17,8 @@ from conftest import StagedDemoProject
 
 from clip_dfkd.errors import UserError
 
+pytestmark = pytest.mark.heavy
+
 REGISTERED = "clip-dfkd-demo-student"
 
 

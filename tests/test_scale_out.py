@@ -26,6 +26,8 @@ from clip_dfkd.params import ImageSynthesisParams, InvalidParameterError
 from clip_dfkd.pipelines.image_synthesis.nodes import select_shard
 from clip_dfkd.rendering import read_record
 
+pytestmark = pytest.mark.heavy
+
 IMAGES = "data/03_primary/synthetic_images"
 MANIFEST = "data/03_primary/synthesis_manifest.parquet"
 

@@ -21,6 +21,8 @@ from clip_dfkd.params import ImageSynthesisParams, RuntimeParams, TeacherParams
 from clip_dfkd.pipelines.image_synthesis.nodes import build_manifest
 from clip_dfkd.rendering import DiffusionRenderer, LocalImages
 
+pytestmark = pytest.mark.heavy
+
 
 def _prompt_table() -> pd.DataFrame:
     return pd.DataFrame(
