@@ -68,7 +68,7 @@ EXPECTED_ARTIFACTS = {
 def demo_run(new_project) -> Path:
     """A project after `kedro run --env=demo`, run as a user runs it."""
     project = new_project("demo-run")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}  # a log line per line
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(
         [sys.executable, "-m", "kedro", "run", "--env=demo"],
@@ -79,6 +79,7 @@ def demo_run(new_project) -> Path:
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (project / "terminal.log").write_text(result.stdout + result.stderr)
     return project
 
 
@@ -161,6 +162,23 @@ def test_the_run_is_tracked_and_registers_its_student(demo_run: Path) -> None:
     assert carried["training/total_loss"].value == pytest.approx(history[-1].value)
     assert carried["ood/demo_shapes/night/student_top1"].value == pytest.approx(results.loc["night", "student_top1"])
     assert {key.split("/")[0] for key in carried} == {"training", "ood"}
+
+
+def test_the_terminal_tells_the_runs_story(demo_run: Path) -> None:
+    """conf/logging.yml: the project's lines and the node progress, no per-dataset lines, and
+    last lines that say where the results are."""
+    lines = [line for line in (demo_run / "terminal.log").read_text().splitlines() if " INFO " in line]
+    messages = [line.split(" INFO ", 1)[1].strip() for line in lines]
+    assert not any(m.startswith(("Loading data from", "Saving data to")) for m in messages)
+    assert any(m.startswith("Completed 24 out of 24 tasks") for m in messages)
+    assert any(m.startswith("data-free, demo_shapes/night: student top-1") for m in messages)
+    run_line, registered, reports = messages[-3:]
+    assert run_line.startswith("MLflow run all stages · demo · vanilla prompts · inversion (finished): mlflow ui ")
+    database = demo_run.resolve() / "mlflow.db"
+    assert f"--backend-store-uri sqlite:///{database}, then experiment clip-dfkd-demo" in run_line
+    assert registered.startswith("Registered model clip-dfkd-demo-student version 1 (@candidate, @champion)")
+    assert reports.startswith(f"Reports: {demo_run.resolve() / 'data/08_reporting'}")
+    assert len(lines) < 120, f"{len(lines)} INFO lines"
 
 
 def test_the_registered_student_reproduces_the_evaluations_predictions(demo_run: Path, monkeypatch) -> None:

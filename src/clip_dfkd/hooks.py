@@ -72,6 +72,25 @@ class TypedParamsMlflowHook(MlflowHook):
         end_abandoned_runs(mlflow.active_run().info.experiment_id)
 
     @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        """kedro-mlflow ends the run; then the run's last lines say where its results are."""
+        import mlflow
+
+        run = mlflow.active_run()
+        super().after_pipeline_run(run_params=run_params, pipeline=pipeline, catalog=catalog)
+        if run is None:
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            lines = results_summary(run.info.run_id, Path(run_params["project_path"]))
+        except MlflowException as error:  # the run's outputs are whole: only the summary is lost
+            logger.warning("The run finished; its summary could not be read from MLflow: %s", error)
+            return
+        for line in lines:
+            logger.info(line)
+
+    @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
         plain = {
             name: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
@@ -165,6 +184,32 @@ def run_name(run_params: dict[str, Any], parameters: dict[str, Any], pipeline) -
         if k:
             parts.append(f"few-shot k={k}")
     return " · ".join(parts)
+
+
+def results_summary(run_id: str, project_path: Path) -> list[str]:
+    """Three or four lines for the end of a run: the MLflow run and how to open it, the models
+    it registered with their aliases, and the reports on disk."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        where = f"{uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{run_id}"
+    else:
+        where = f"mlflow ui --backend-store-uri {uri}, then experiment {experiment.name}"
+    lines = [f"MLflow run {run.info.run_name} ({run.info.status.lower()}): {where}"]
+    for found in client.search_model_versions(f"run_id = '{run_id}'"):
+        # A search does not fill in aliases; a version read by itself does.
+        version = client.get_model_version(found.name, found.version)
+        aliases = ", ".join(f"@{alias}" for alias in sorted(version.aliases)) or "no alias"
+        lines.append(f"Registered model {version.name} version {version.version} ({aliases})")
+    reports = project_path / "data" / "08_reporting"
+    if reports.is_dir() and any(reports.iterdir()):
+        lines.append(f"Reports: {reports}")
+    return lines
 
 
 def run_tags(run_params: dict[str, Any]) -> dict[str, str]:
