@@ -397,7 +397,7 @@ def _save_a_style_bank(destination: Path, monkeypatch, code: int) -> None:
     from clip_dfkd import styles
 
     monkeypatch.setattr(styles, "save_file", _fills_the_disk(code))
-    styles.StyleBank.create("contrastive", "teacher", torch.zeros(2, 4), {}).save(destination)
+    styles.StyleBank("contrastive", "teacher", torch.zeros(2, 4)).save(destination)
 
 
 def _save_a_model_folder(destination: Path, monkeypatch, code: int) -> None:

@@ -51,7 +51,7 @@ def test_runs_are_named_after_what_ran_and_tagged_to_be_reproduced(new_project) 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("clip-dfkd-demo").experiment_id], output_format="list")
     tags = run.data.tags
-    assert run.info.run_name == "prompt_generation · demo · mix prompts"
+    assert run.info.run_name == "mix prompts · prompt_generation · demo"
     assert tags["env"] == "demo"
     assert tags["kedro_command"] == (
         "kedro run --env=demo --pipelines=prompt_generation --params=prompt_generation.method=mix"
@@ -121,7 +121,7 @@ def test_the_run_name_says_the_stages_env_method_backend_and_few_shot_setting() 
     }
 
     assert run_name({"pipeline_names": None, "env": None}, parameters, everything) == (
-        "all stages · local · contrastive prompts · diffusion · few-shot k=5"
+        "contrastive prompts · diffusion · few-shot k=5 · all stages · local"
     )
     assert run_name({"pipeline_names": ["ood_evaluation"], "env": "demo"}, {}, stage("ood_evaluation")) == (
         "ood_evaluation · demo"

@@ -151,7 +151,7 @@ def test_a_saved_bank_of_the_wrong_size_fails_before_any_work(fresh_project, mon
 
     from clip_dfkd.styles import StyleBank
 
-    StyleBank.create("contrastive", "other", torch.zeros(4, 768), {}).save(fresh_project / "bank768.safetensors")
+    StyleBank("contrastive", "other", torch.zeros(4, 768)).save(fresh_project / "bank768.safetensors")
     monkeypatch.chdir(fresh_project)
     params = {
         "prompt_generation": {"method": "contrastive", "contrastive": {"bank_path": "bank768.safetensors"}},
@@ -212,7 +212,7 @@ def _image_without_class_folder(path: Path) -> None:
 def _write_bank(path: Path, dim: int) -> None:
     from clip_dfkd.styles import StyleBank
 
-    StyleBank.create("contrastive", "generator", torch.zeros(3, dim), {}).save(path)
+    StyleBank("contrastive", "generator", torch.zeros(3, dim)).save(path)
 
 
 def _write_other_checkpoint(path: Path) -> None:

@@ -205,6 +205,15 @@ class ImageFileLoader:
         with self.filesystem.open(self.path, "rb") as file:
             return _decoded(file)
 
+    def metadata(self) -> dict[str, Any]:
+        """The image's metadata (``Image.info``, a PNG's text chunks among them), read from the
+        file's header without decoding its pixels."""
+        if isinstance(self.filesystem, LocalFileSystem):
+            with Image.open(self.path) as image:
+                return dict(image.info)
+        with self.filesystem.open(self.path, "rb") as file, Image.open(file) as image:
+            return dict(image.info)
+
     def __str__(self) -> str:
         return self.filepath
 
@@ -413,7 +422,7 @@ class StyleBankDataset(AbstractDataset[StyleBank, StyleBank]):
         data.save(self._filepath)
 
     def preview(self) -> JSONPreview:
-        """The bank's method, encoder, how long its vectors are against real words (norm
+        """The bank's method, encoder (and its token table's hash), how long its vectors are against real words (norm
         ratios; none for an empty bank or one saved before they were recorded), its
         pseudo-word names and how they were made."""
         bank = self.load()
@@ -421,6 +430,7 @@ class StyleBankDataset(AbstractDataset[StyleBank, StyleBank]):
         summary = {
             "method": bank.method,
             "encoder": bank.encoder,
+            "encoder_identity": bank.encoder_identity,
             "dim": bank.dim if bank.names else None,
             "norm_ratio": details.pop("norm_ratio", None),
         }

@@ -64,7 +64,8 @@ class TypedParamsMlflowHook(MlflowHook):
         super().before_pipeline_run(run_params=run_params, pipeline=pipeline, catalog=catalog)
         import mlflow
 
-        if not self._is_mlflow_enabled or mlflow.active_run() is None:
+        # kedro-mlflow starts no run for a pipeline it does not track.
+        if mlflow.active_run() is None:
             return
         parameters = catalog.load("parameters")
         mlflow.set_tags(run_tags(run_params) | shard_tags(pipeline, catalog) | process_tags())
@@ -165,25 +166,27 @@ class DeviceMemoryHook:
 
 
 def run_name(run_params: dict[str, Any], parameters: dict[str, Any], pipeline) -> str:
-    """What ran, e.g. ``all stages · demo · vanilla prompts · inversion`` or
-    ``ood_evaluation · demo · few-shot k=5``: the pipelines, the env and the settings that
-    tell runs of them apart (the prompt method and synthesis backend when those stages ran,
-    the few-shot setting when evaluation ran with one)."""
-    names = run_params.get("pipeline_names") or [ALL_STAGES]
-    parts = [" + ".join("all stages" if name == ALL_STAGES else name for name in names), _env(run_params)]
+    """What ran, e.g. ``vanilla prompts · inversion · all stages · demo`` or
+    ``few-shot k=5 · ood_evaluation · demo``: first the settings that tell runs apart (the
+    prompt method and synthesis backend when those stages ran, the few-shot setting when
+    evaluation ran with one), which MLflow's narrow run-name column then shows; then the
+    pipelines and the env."""
+    settings = []
     ran = {node.namespace for node in pipeline.nodes}
     if "prompt_generation" in ran:
-        parts.append(f"{_plain(parameters.get('prompt_generation'))['method']} prompts")
+        settings.append(f"{_plain(parameters.get('prompt_generation'))['method']} prompts")
     if "image_synthesis" in ran:
         synthesis = _plain(parameters.get("image_synthesis"))
-        parts.append(synthesis["backend"])
+        settings.append(synthesis["backend"])
         if synthesis.get("num_shards", 1) > 1:
-            parts.append(f"shard {synthesis.get('shard_index', 0)}/{synthesis['num_shards']}")
+            settings.append(f"shard {synthesis.get('shard_index', 0)}/{synthesis['num_shards']}")
     if "ood_evaluation" in ran:
         k = _plain(parameters.get("ood_evaluation")).get("few_shot", {}).get("k", 0)
         if k:
-            parts.append(f"few-shot k={k}")
-    return " · ".join(parts)
+            settings.append(f"few-shot k={k}")
+    names = run_params.get("pipeline_names") or [ALL_STAGES]
+    stages = " + ".join("all stages" if name == ALL_STAGES else name for name in names)
+    return " · ".join([*settings, stages, _env(run_params)])
 
 
 def results_summary(run_id: str, project_path: Path) -> list[str]:

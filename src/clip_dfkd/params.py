@@ -576,8 +576,9 @@ class StudentParams(Params):
 class DistillationLossParams(Params):
     temperature: PositiveFloat = 4.0
     kd_weight: float = Field(default=1.0, ge=0.0)
+    # Weight of 1 − cos(student projection, teacher embedding). (A squared L2 distance between
+    # the two unit vectors would be exactly twice it: a weight, not another loss.)
     embedding_weight: float = Field(default=0.0, ge=0.0)
-    embedding_loss: Literal["cosine", "l2"] = "cosine"
 
     @model_validator(mode="after")
     def _some_signal(self) -> DistillationLossParams:

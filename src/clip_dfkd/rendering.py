@@ -69,6 +69,9 @@ class Renderer:
     def render(self, image_ids: list[str]) -> list[tuple[Image.Image, dict[str, Any]]]:
         if not self._loaded:
             self._load()
+            if self._style_bank is not None and self._style_bank.names:
+                # A bank made with another encoder of the same width would splice silently.
+                self._style_bank.check_encoder(self._encoder, "style_bank")
             self._loaded = True
         # A batch that does not fit is rendered half as many at a time, which later batches
         # keep to; every image has its own seed, so the images are the same up to rounding.
@@ -230,7 +233,18 @@ def attach_record(image: Image.Image, record: dict[str, Any]) -> Image.Image:
 
 
 def read_record(image: Image.Image) -> dict[str, Any]:
-    text = image.info.get(RECORD_KEY)
+    return _record(image.info)
+
+
+def read_saved_record(load: Callable[[], Image.Image]) -> dict[str, Any]:
+    """The record of a saved image, given its loader: one that reads the file's metadata alone
+    (:meth:`clip_dfkd.datasets.ImageFileLoader.metadata`) decodes no pixel."""
+    metadata = getattr(load, "metadata", None)
+    return _record(metadata() if metadata is not None else load().info)
+
+
+def _record(info: dict[str, Any]) -> dict[str, Any]:
+    text = info.get(RECORD_KEY)
     return json.loads(text) if text else {}
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import trange
 
 from clip_dfkd.atomic import atomic_file
+from clip_dfkd.errors import UserError
 from clip_dfkd.models.text_encoders import PLACEHOLDER, PseudoWordEncoder
 from clip_dfkd.naming import slugify, stable_seed
 from clip_dfkd.params import ContrastivePromptParams, MixPromptParams
@@ -30,16 +31,21 @@ _METADATA_KEY = "clip_dfkd.style_bank"
 
 @dataclass
 class StyleBank:
-    """Named pseudo-word vectors ``(n, dim)`` for one text encoder."""
+    """Named pseudo-word vectors ``(n, dim)`` for one text encoder: ``encoder`` names it and
+    ``encoder_identity`` (:attr:`PseudoWordEncoder.identity`) tells its token space from any
+    other's of the same width."""
 
     method: str
     encoder: str
     vectors: torch.Tensor
     names: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    encoder_identity: str | None = None
 
     @classmethod
-    def create(cls, method: str, encoder: str, vectors: torch.Tensor, details: dict[str, Any]) -> StyleBank:
+    def create(
+        cls, method: str, encoder: PseudoWordEncoder, vectors: torch.Tensor, details: dict[str, Any]
+    ) -> StyleBank:
         """Names are ``<method>-<index>-<content hash>``: a changed vector never reuses the
         name (and so never the images) of an old one."""
         vectors = vectors.detach().float().cpu().contiguous()
@@ -47,7 +53,26 @@ class StyleBank:
             f"{method}-{index:03d}-{hashlib.sha256(vector.numpy().tobytes()).hexdigest()[:8]}"
             for index, vector in enumerate(vectors)
         ]
-        return cls(method, encoder, vectors, names, details)
+        return cls(method, encoder.name, vectors, names, details, encoder.identity)
+
+    def check_encoder(self, encoder: PseudoWordEncoder, source: str) -> None:
+        """Refuses to splice these pseudo-words into another encoder's token space.
+
+        Raises:
+            StyleBankEncoderError: ``encoder`` is not the one the bank was made with.
+        """
+        if not self.names or self.encoder_identity == encoder.identity:
+            return
+        made_with = (
+            f"{self.encoder} (token table {self.encoder_identity})"
+            if self.encoder_identity
+            else f"{self.encoder}, in a version that recorded no token table"
+        )
+        raise StyleBankEncoderError(
+            f"{source}: its pseudo-words were made in the token space of {made_with}, not of the text encoder "
+            f"in use, {encoder.name} (token table {encoder.identity}); allowed: a bank made with this encoder "
+            "(rerun prompt_generation)"
+        )
 
     @property
     def dim(self) -> int:
@@ -61,7 +86,13 @@ class StyleBank:
         return self.vectors[[index[name] for name in names]]
 
     def save(self, path: str | Path) -> None:
-        metadata = {"method": self.method, "encoder": self.encoder, "names": self.names, "details": self.details}
+        metadata = {
+            "method": self.method,
+            "encoder": self.encoder,
+            "encoder_identity": self.encoder_identity,
+            "names": self.names,
+            "details": self.details,
+        }
         with atomic_file(Path(path)) as staging:
             save_file({"vectors": self.vectors}, staging, metadata={_METADATA_KEY: json.dumps(metadata)})
 
@@ -70,7 +101,18 @@ class StyleBank:
         with safe_open(str(path), "pt") as handle:
             metadata = json.loads(handle.metadata()[_METADATA_KEY])
         vectors = load_file(str(path))["vectors"]
-        return cls(metadata["method"], metadata["encoder"], vectors, metadata["names"], metadata["details"])
+        return cls(
+            metadata["method"],
+            metadata["encoder"],
+            vectors,
+            metadata["names"],
+            metadata["details"],
+            metadata.get("encoder_identity"),
+        )
+
+
+class StyleBankEncoderError(UserError, ValueError):
+    """A style bank spliced into a text encoder it was not made with."""
 
 
 def saved_bank_dim(path: str | Path) -> int:
@@ -89,7 +131,7 @@ def saved_bank_dim(path: str | Path) -> int:
 
 
 def empty_bank(method: str, encoder: PseudoWordEncoder) -> StyleBank:
-    return StyleBank(method, encoder.name, torch.zeros(0, encoder.dim))
+    return StyleBank(method, encoder.name, torch.zeros(0, encoder.dim), encoder_identity=encoder.identity)
 
 
 # --- Mix-Prompt ------------------------------------------------------------------------
@@ -116,7 +158,7 @@ def mix_prompt_bank(
         vectors.append(mix_style_vector(words[torch.from_numpy(chosen)], torch.from_numpy(weights)))
         recipes.append({"words": [styles[i] for i in chosen.tolist()], "weights": weights.tolist()})
     return StyleBank.create(
-        "mix", encoder.name, torch.stack(vectors), {"k": params.k, "alpha": params.alpha, "mixes": recipes}
+        "mix", encoder, torch.stack(vectors), {"k": params.k, "alpha": params.alpha, "mixes": recipes}
     )
 
 
@@ -172,7 +214,7 @@ def random_prompt_bank(encoder: PseudoWordEncoder, real_words: RealWordRows, num
         "statistics": "mean and covariance of the real words' token rows",
         "real_word_rows": len(real_words.rows),
     }
-    return StyleBank.create("random", encoder.name, vectors, details)
+    return StyleBank.create("random", encoder, vectors, details)
 
 
 # --- Contrastive-Prompt ----------------------------------------------------------------
@@ -251,7 +293,7 @@ def contrastive_prompt_bank(
         history["content_accuracy"][-1]["value"],
     )
     details = {"template": template, **params.model_dump(exclude={"bank_path"}), "max_norm": max_norm}
-    return StyleBank.create("contrastive", encoder.name, vectors.detach(), details), history
+    return StyleBank.create("contrastive", encoder, vectors.detach(), details), history
 
 
 def norm_ratio_summary(bank: StyleBank, real_words: RealWordRows) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -13,13 +14,14 @@ import pandas as pd
 import pytest
 import torch
 from kedro.io import DatasetError
-from PIL import Image
+from PIL import Image, ImageFile
 
 from clip_dfkd.cli import user_error_message
 from clip_dfkd.datasets import ResumablePartitionedDataset
 from clip_dfkd.params import ImageSynthesisParams, RuntimeParams, TeacherParams
-from clip_dfkd.pipelines.image_synthesis.nodes import build_manifest
-from clip_dfkd.rendering import DiffusionRenderer, LocalImages
+from clip_dfkd.pipelines.image_synthesis.nodes import build_manifest, record_synthesis
+from clip_dfkd.rendering import DiffusionRenderer, LocalImages, read_record
+from clip_dfkd.styles import StyleBank, StyleBankEncoderError
 
 pytestmark = pytest.mark.heavy
 
@@ -266,3 +268,44 @@ def test_a_resumed_save_says_and_counts_what_it_will_render(tmp_path, caplog) ->
     assert rendered == [ids[2:4], ids[4:6]]
     assert "3 of the 6 planned images are missing: rendering 4 (their batches)" in caplog.text
     assert on_demand._progress.total == on_demand._progress.n == 4
+
+
+def test_synthesis_records_are_read_from_the_png_headers_without_decoding_pixels(tmp_path, monkeypatch) -> None:
+    class Blank(DiffusionRenderer):
+        def _load(self) -> None:
+            pass
+
+        def _render(self, rows):
+            return [Image.new("RGB", (64, 64)) for _ in range(len(rows))], [{} for _ in range(len(rows))]
+
+    params = ImageSynthesisParams.model_validate({"generator": {"model_id": "some/model"}, "batch_size": 2})
+    manifest = build_manifest(_prompt_table(), params, TEACHER)
+    dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset="pillow.ImageDataset", filename_suffix=".png")
+    renderer = Blank(manifest, None, params, RuntimeParams(), TEACHER)
+    dataset.save(LocalImages(renderer, list(manifest["image_id"]), params.batch_size).loaders())
+    decoded = [read_record(Image.open(tmp_path / f"{image_id}.png")) for image_id in manifest["image_id"]]
+
+    def no_decoding(image):
+        raise AssertionError("record_synthesis decoded an image's pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    _, metrics = record_synthesis(dataset.load(), manifest)
+
+    assert metrics["render_seconds"] == [{"value": sum(r["render_seconds"] for r in decoded), "step": 0}]
+
+
+def test_a_style_bank_made_with_another_encoder_is_not_spliced(tiny_text_encoders, demo_assets) -> None:
+    """Same width, other tokens (a fine-tune of the same model): refused before any image."""
+    encoder = copy.deepcopy(tiny_text_encoders["diffusers"])
+    with torch.no_grad():
+        encoder.embedding.weight.add_(0.01)
+    bank = StyleBank.create("random", encoder, torch.zeros(2, encoder.dim), {})
+    params = ImageSynthesisParams.model_validate(
+        {"generator": {"model_id": demo_assets.generator_dir, "height": 32, "width": 32}, "batch_size": 2}
+    )
+    table = _prompt_table().assign(style_vector_id=bank.names, prompt="a [S*] style of a dog")
+    manifest = build_manifest(table, params, TEACHER)
+    renderer = DiffusionRenderer(manifest, bank, params, RuntimeParams(device="cpu"), TEACHER)
+
+    with pytest.raises(StyleBankEncoderError, match=r"^style_bank: its pseudo-words were made in the token space of "):
+        renderer.render(list(manifest["image_id"]))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 
 import pandas as pd
@@ -13,7 +14,7 @@ from clip_dfkd.pipelines.prompt_generation.nodes import (
     prompt_diversity,
     style_bank_from,
 )
-from clip_dfkd.styles import StyleBank, mean_pairwise_cosine_distance
+from clip_dfkd.styles import StyleBank, StyleBankEncoderError, mean_pairwise_cosine_distance
 
 CLASSES = ClassNames.model_validate(["ball", "box", "tent"])
 
@@ -127,6 +128,44 @@ def test_a_saved_bank_is_reused_instead_of_trained(tiny_text_encoders, tmp_path)
 
     assert reused.names == trained.names and torch.equal(reused.vectors, trained.vectors)
     assert not any(name.startswith("contrastive/") for name in history)  # no training curves
+
+
+def _with_other_tokens(encoder):
+    """A copy of ``encoder`` whose token table moved a little (as a fine-tune's does): the same
+    width, another token space."""
+    other = copy.deepcopy(encoder)
+    with torch.no_grad():
+        other.embedding.weight.add_(0.01)
+    return other
+
+
+def test_a_saved_bank_is_refused_by_an_encoder_of_the_same_width_with_other_tokens(
+    tiny_text_encoders, tmp_path
+) -> None:
+    encoder = tiny_text_encoders["diffusers"]
+    trained, _ = style_bank_from(encoder, CLASSES, _params(method="contrastive", contrastive={"iterations": 3}))
+    trained.save(tmp_path / "bank.safetensors")
+    other = _with_other_tokens(encoder)
+    assert other.dim == encoder.dim and other.identity != encoder.identity
+
+    with pytest.raises(StyleBankEncoderError) as refused:
+        style_bank_from(
+            other, CLASSES, _params(method="contrastive", contrastive={"bank_path": str(tmp_path / "bank.safetensors")})
+        )
+
+    assert str(refused.value) == (
+        f"prompt_generation.contrastive.bank_path='{tmp_path / 'bank.safetensors'}': its pseudo-words were made in "
+        f"the token space of {encoder.name} (token table {encoder.identity}), not of the text encoder in use, "
+        f"{other.name} (token table {other.identity}); allowed: a bank made with this encoder (rerun prompt_generation)"
+    )
+
+
+def test_an_encoders_identity_does_not_depend_on_its_precision(tiny_text_encoders) -> None:
+    encoder = tiny_text_encoders["diffusers"]
+    half = copy.deepcopy(encoder)
+    half.embedding.to(torch.bfloat16)
+
+    assert half.identity == encoder.identity
 
 
 def test_pipeline_writes_the_prompt_table(demo_project) -> None:

@@ -13,6 +13,7 @@ Diffusion 1.x/2.x pipelines) and open_clip's text tower (the teacher).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -58,6 +59,15 @@ class PseudoWordEncoder(ABC):
     def token_embeddings(self) -> torch.Tensor:
         """The token-embedding table ``(vocab, dim)``, in float32."""
         return self.embedding.weight.detach().float()
+
+    @property
+    def identity(self) -> str:
+        """Which token-embedding space this is: a hash of the token table, the same for the same
+        weights loaded in any precision on any device (hashed in bfloat16), different for another
+        model or a fine-tune that moved its tokens, even at the same width. Computed on each call
+        (a fraction of a second for Stable Diffusion's table), so it follows the weights."""
+        table = self.embedding.weight.detach().to("cpu", torch.bfloat16).contiguous()
+        return hashlib.sha256(table.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
     def word_token_ids(self, word: str) -> list[int]:
         """The BPE token ids of ``word``, without the start and end tokens."""

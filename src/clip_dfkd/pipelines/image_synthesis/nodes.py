@@ -16,7 +16,7 @@ from PIL import Image
 
 from clip_dfkd.naming import shard_of, slugify, stable_hash
 from clip_dfkd.params import ImageSynthesisParams, RuntimeParams, TeacherParams
-from clip_dfkd.rendering import LocalImages, RayImages, create_renderer, read_record
+from clip_dfkd.rendering import LocalImages, RayImages, create_renderer, read_saved_record
 from clip_dfkd.styles import StyleBank
 
 logger = logging.getLogger(__name__)
@@ -123,13 +123,14 @@ def record_synthesis(
     images: dict[str, Callable[[], Image.Image]], plan: pd.DataFrame
 ) -> tuple[pd.DataFrame, dict[str, list[dict[str, float]]]]:
     """The manifest (the plan plus what each image's synthesis measured, read back from its
-    PNG, so images rendered by an earlier, interrupted run keep theirs) and the run's metrics:
+    PNG's text chunk without decoding the pixels, so images rendered by an earlier,
+    interrupted run keep theirs) and the run's metrics:
     seconds per image, seconds of rendering in all and, for inversion, the loss curve (mean over images per logged
     iteration) and the mean final loss."""
     missing = sorted(set(plan["image_id"]) - set(images))
     if missing:
         raise DatasetError(f"synthetic_images lacks {len(missing)} planned images, e.g. {missing[0]}")
-    records = pd.DataFrame([read_record(images[image_id]()) for image_id in plan["image_id"]], index=plan.index)
+    records = pd.DataFrame([read_saved_record(images[image_id]) for image_id in plan["image_id"]], index=plan.index)
     if "render_seconds" not in records:
         # PNGs written before images carried records: nothing measured to report.
         logger.warning("synthetic images carry no synthesis record; no synthesis metrics")

@@ -95,6 +95,7 @@ def style_bank_from(
                 f"prompt_generation.contrastive.bank_path={params.contrastive.bank_path!r}: its vectors have "
                 f"{bank.dim} dimensions, the text encoder {prompt_encoder.name} needs {prompt_encoder.dim}"
             )
+        bank.check_encoder(prompt_encoder, f"prompt_generation.contrastive.bank_path={params.contrastive.bank_path!r}")
         logger.info("Reusing %d contrastive pseudo-words from %s", len(bank.names), params.contrastive.bank_path)
     else:
         bank, history = contrastive_prompt_bank(

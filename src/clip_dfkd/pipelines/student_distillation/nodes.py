@@ -51,18 +51,15 @@ def distillation_loss(
 ) -> dict[str, torch.Tensor]:
     """``kd_weight`` · T² · KL(teacher_T ‖ student_T) + ``embedding_weight`` · alignment.
 
-    Alignment compares the projected student feature with the teacher's unit-norm image
-    embedding: ``1 − cos`` or the squared L2 distance after normalising the projection.
+    Alignment is ``1 − cos`` between the projected student feature and the teacher's unit-norm
+    image embedding.
     """
     kd = soft_label_loss(student_logits, teacher_logits, params.temperature)
     losses = {"kd": kd}
     total = params.kd_weight * kd
     if student_embedding is not None and params.embedding_weight > 0:
         projected = F.normalize(student_embedding.float(), dim=-1)
-        if params.embedding_loss == "cosine":
-            alignment = (1 - (projected * teacher_embedding).sum(dim=-1)).mean()
-        else:
-            alignment = (projected - teacher_embedding).pow(2).sum(dim=-1).mean()
+        alignment = (1 - (projected * teacher_embedding).sum(dim=-1)).mean()
         losses["embedding"] = alignment
         total = total + params.embedding_weight * alignment
     losses["total"] = total
