@@ -178,7 +178,14 @@ def test_metrics_are_logged_under_their_section_with_their_steps(tmp_path: Path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = mlflow.create_experiment("metrics", artifact_location=(tmp_path / "artifacts").as_uri())
     dataset = MlflowMetricsDataset(prefix="few_shot/training")
-    history = {"total_loss": [{"value": 0.9, "step": 0}, {"value": 0.4, "step": 1}], "seconds": {"value": 3, "step": 0}}
+    # A mean of four top-1 fractions in floating point, as summed in one order.
+    average = (0.76 + 0.68 + 0.84 + 0.53) / 4
+    assert repr(average) == "0.7024999999999999"
+    history = {
+        "total_loss": [{"value": 0.9, "step": 0}, {"value": 0.4, "step": 1}],
+        "seconds": {"value": 3, "step": 0},
+        "average": {"value": average, "step": 0},
+    }
 
     with pytest.raises(DatasetError, match=r"^metrics few_shot/training/\*: no active MLflow run"):
         dataset.save(history)
@@ -189,6 +196,7 @@ def test_metrics_are_logged_under_their_section_with_their_steps(tmp_path: Path)
         assert dataset.load() == {
             "total_loss": [{"value": 0.9, "step": 0}, {"value": 0.4, "step": 1}],
             "seconds": [{"value": 3.0, "step": 0}],
+            "average": [{"value": 0.7025, "step": 0}],  # shown in MLflow without float noise
         }
     with mlflow.start_run(experiment_id=experiment) as untracked:
         dataset._logging_activated = False  # as kedro-mlflow switches off a pipeline it does not track
@@ -196,6 +204,7 @@ def test_metrics_are_logged_under_their_section_with_their_steps(tmp_path: Path)
 
     client = mlflow.MlflowClient()
     assert sorted(client.get_run(logged.info.run_id).data.metrics) == [
+        "few_shot/training/average",
         "few_shot/training/seconds",
         "few_shot/training/total_loss",
     ]

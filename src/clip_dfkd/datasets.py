@@ -137,7 +137,7 @@ class MlflowMetricsDataset(AbstractDataset[dict[str, MetricPoints], dict[str, Me
         client, run_id = self._client_and_run()
         now = int(time.time() * 1000)
         points = [
-            Metric(f"{self._prefix}/{name}", float(point["value"]), now, int(point["step"]))
+            Metric(f"{self._prefix}/{name}", _significant(point["value"]), now, int(point["step"]))
             for name, history in data.items()
             for point in ([history] if isinstance(history, dict) else history)
         ]
@@ -162,6 +162,12 @@ class MlflowMetricsDataset(AbstractDataset[dict[str, MetricPoints], dict[str, Me
 
     def _describe(self) -> dict[str, Any]:
         return {"prefix": self._prefix}
+
+
+def _significant(value: float) -> float:
+    """``value`` to 10 significant digits: more than any figure here carries, and MLflow shows
+    a mean of fractions as ``0.7025``, not its float noise ``0.7024999999999999``."""
+    return float(f"{float(value):.10g}")
 
 
 class MarkdownDataset(text_datasets.TextDataset):
@@ -192,8 +198,8 @@ class PartitionLoader:
 class ImageFileLoader:
     """Loads one image partition as kedro-datasets' ``pillow.ImageDataset`` does (the decoded
     image, its file closed), without building that dataset: building one costs more than
-    decoding a small PNG (~0.18 ms against ~0.1 ms at 32 px), and the labelling and training
-    stages read every image, every epoch. Picklable, like :class:`PartitionLoader`."""
+    decoding a small PNG, and the labelling and training stages read every image, every epoch.
+    Picklable, like :class:`PartitionLoader`."""
 
     filesystem: fsspec.AbstractFileSystem
     path: str  # as the filesystem names it
@@ -201,7 +207,7 @@ class ImageFileLoader:
 
     def __call__(self) -> Image.Image:
         if isinstance(self.filesystem, LocalFileSystem):
-            return _decoded(self.path)  # Pillow's own file reading: fsspec's wrapper adds ~30 µs
+            return _decoded(self.path)  # Pillow's own file reading: fsspec's wrapper adds a cost per file
         with self.filesystem.open(self.path, "rb") as file:
             return _decoded(file)
 
@@ -267,7 +273,7 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
             raise DatasetError(f"writer_threads={writer_threads!r}: allowed: 1 or more")
         self._path = path
         self._dataset = dataset if isinstance(dataset, dict) else {"type": dataset}
-        # Resolved once: resolving a "module.Class" name takes ~0.3 ms, per image otherwise.
+        # Resolved once: resolving a "module.Class" name imports and inspects, per image otherwise.
         self._dataset_type, self._dataset_arguments = parse_dataset_definition(self._dataset)
         self._reads_images_itself = self._dataset_type is pillow_datasets.ImageDataset and not (
             {"credentials", "fs_args", "version"} & set(self._dataset_arguments)
@@ -339,8 +345,8 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
     def _complete_partitions(self) -> dict[str, PartitionLoader | ImageFileLoader]:
         """Every complete partition's loader, listed afresh (saves write outside any listing).
 
-        No partition's dataset is built here: building a Kedro dataset takes ~0.15 ms (its
-        ``__init__`` arguments are inspected), minutes for 10⁶ images in the process that
+        No partition's dataset is built here: building a Kedro dataset inspects its
+        ``__init__`` arguments, which adds up to minutes for 10⁶ images in the process that
         lists them. A loader reads its partition when called: in the DataLoader workers that
         decode the images, and only for the partitions a caller uses (a sample grid, a preview,
         ``exists``).

@@ -64,8 +64,8 @@ class PseudoWordEncoder(ABC):
     def identity(self) -> str:
         """Which token-embedding space this is: a hash of the token table, the same for the same
         weights loaded in any precision on any device (hashed in bfloat16), different for another
-        model or a fine-tune that moved its tokens, even at the same width. Computed on each call
-        (a fraction of a second for Stable Diffusion's table), so it follows the weights."""
+        model or a fine-tune that moved its tokens, even at the same width. Computed on each call,
+        so that it follows the weights."""
         table = self.embedding.weight.detach().to("cpu", torch.bfloat16).contiguous()
         return hashlib.sha256(table.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
