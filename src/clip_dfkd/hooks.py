@@ -16,9 +16,9 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 from kedro_mlflow.framework.hooks import MlflowHook
-from pydantic import BaseModel
 
 from clip_dfkd.errors import UserError
+from clip_dfkd.params import as_plain
 from clip_dfkd.rerun import kedro_run_command
 from clip_dfkd.runtime import release_device_memory
 
@@ -93,10 +93,7 @@ class TypedParamsMlflowHook(MlflowHook):
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
-        plain = {
-            name: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-            for name, value in inputs.items()
-        }
+        plain = {name: as_plain(value) for name, value in inputs.items()}
         super().before_node_run(node=node, catalog=catalog, inputs=plain, is_async=is_async)
 
 
@@ -311,7 +308,7 @@ def _env(run_params: dict[str, Any]) -> str:
 
 
 def _plain(section: Any) -> dict[str, Any]:
-    return section.model_dump() if isinstance(section, BaseModel) else dict(section or {})
+    return dict(as_plain(section) or {})
 
 
 def _command(run_params: dict[str, Any]) -> str:

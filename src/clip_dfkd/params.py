@@ -79,6 +79,12 @@ class Params(_OneLineErrors, BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def as_plain(value: Any) -> Any:
+    """A parameter section as plain data (dicts, lists, strings, numbers): Kedro hands a node or
+    hook a validated model when a node type-hints the section, the value as written otherwise."""
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
 def _placeholders(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 

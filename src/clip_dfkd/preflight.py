@@ -26,7 +26,6 @@ from urllib.request import url2pathname
 from kedro.framework.hooks import hook_impl
 from kedro.io import DatasetError
 from kedro.io.core import get_protocol_and_path
-from pydantic import BaseModel
 
 from clip_dfkd.atomic import nearest_folder
 from clip_dfkd.benchmarks import BenchmarkError, DomainImages, scan_benchmark
@@ -53,6 +52,7 @@ from clip_dfkd.params import (
     OodEvaluationParams,
     PromptGenerationParams,
     TeacherParams,
+    as_plain,
 )
 from clip_dfkd.pipeline_registry import STAGES, every_pipeline
 from clip_dfkd.rendering import ray_executor_problem
@@ -350,11 +350,6 @@ def _local_artifact_folder() -> Path | None:
     return Path(url2pathname(location.path)) if location.scheme in ("", "file") else None
 
 
-def _raw(value: Any) -> Any:
-    """A parameter as written: a stage that does not type-hint it gets it unvalidated."""
-    return value.model_dump() if isinstance(value, BaseModel) else value
-
-
 class PreflightError(UserError, ValueError):
     """Files that a run needs and that are missing; one line per problem."""
 
@@ -420,7 +415,7 @@ class PreflightHook:
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         used = {name.removeprefix("params:") for name in pipeline.inputs() if name.startswith("params:")}
-        classes = list(ClassNames.model_validate(_raw(catalog.load("params:classes"))))
+        classes = list(ClassNames.model_validate(as_plain(catalog.load("params:classes"))))
         problems = []
         if {"classes", "teacher"} <= used:
             problems += indistinguishable_class_problems(catalog.load("params:teacher"), classes)
@@ -467,7 +462,7 @@ class PreflightHook:
             from clip_dfkd.pipelines.comparison.nodes import comparison_problem  # imports matplotlib: only here
 
             # Before the comparison's own MLflow run starts: no empty run is left behind.
-            comparison = ComparisonParams.model_validate(_raw(catalog.load("params:comparison")))
+            comparison = ComparisonParams.model_validate(as_plain(catalog.load("params:comparison")))
             problems.append(comparison_problem(comparison, run_params))
         problems += _unwritable_outputs(pipeline, catalog)
         if problems := [problem for problem in problems if problem]:

@@ -66,7 +66,7 @@ def teacher_labels(
     batch_size: int,
     params: TeacherLabelingParams,
 ) -> pd.DataFrame:
-    """Teacher logits, probabilities and normalised embeddings for every manifest image, by
+    """Teacher logits, prediction, confidence and normalised embeddings for every manifest image, by
     the zero-shot head ``(num_classes, embedding_dim)`` (:meth:`ClipTeacher.zero_shot_weights`).
 
     With ``filter.enabled``, rows the teacher does not recognise as their intended class (or
@@ -86,7 +86,6 @@ def teacher_labels(
 
     labels = manifest[["image_id", "class_name", "class_index", "style", "method"]].copy()
     labels["teacher_logits"] = list(logits.numpy().astype(np.float32))
-    labels["teacher_probs"] = list(probabilities.numpy().astype(np.float32))
     labels["teacher_embedding"] = list(embeddings.numpy().astype(np.float32))
     labels["teacher_prediction"] = prediction.numpy()
     labels["teacher_confidence"] = confidence.numpy()
