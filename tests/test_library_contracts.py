@@ -129,20 +129,14 @@ def test_mlflow_parses_search_filters_and_refuses_bad_ones() -> None:
         SearchUtils.parse_search_filter("params.method == ")
 
 
-def test_diffusers_unets_take_the_plain_attention_processor() -> None:
+def test_diffusers_unets_take_the_plain_attention_processor(tmp_path: Path) -> None:
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
 
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
+    from clip_dfkd.models.tiny import build_tiny_stable_diffusion
+
+    build_tiny_stable_diffusion(tmp_path, seed=0)
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     unet.set_attn_processor(AttnProcessor())
 
     assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor}
