@@ -235,6 +235,11 @@ class TeacherParams(Params):
     templates: list[str] = Field(min_length=1)
     batch_size: PositiveInt = 64
 
+    @property
+    def display_name(self) -> str:
+        """``<model_name>/<pretrained>``: how logs, manifests and model cards name the teacher."""
+        return f"{self.model_name}/{self.pretrained}"
+
     @field_validator("model_name")
     @classmethod
     def _known_model(cls, name: str) -> str:

@@ -290,7 +290,7 @@ def checkpoint_architecture_problem(params: TeacherParams) -> str | None:
 
 def _download_hint(params: TeacherParams) -> str:
     return (
-        f"teacher: open_clip weights {params.model_name}/{params.pretrained} are not in the local "
+        f"teacher: open_clip weights {params.display_name} are not in the local "
         "cache and cannot be downloaded here; download them where there is network "
         f"(open_clip.create_model_and_transforms({params.model_name!r}, pretrained={params.pretrained!r}) "
         "fills ~/.cache/huggingface) or set teacher.pretrained to a local checkpoint file"
@@ -357,7 +357,7 @@ def load_teacher(params: TeacherParams, runtime: Runtime) -> ClipTeacher:
         preprocess=preprocess,
         tokenizer=teacher_tokenizer(params.model_name),
         runtime=runtime,
-        name=f"{params.model_name}/{params.pretrained}",
+        name=params.display_name,
     )
 
 

@@ -45,7 +45,7 @@ def synthesis_recipe(params: ImageSynthesisParams, teacher: TeacherParams) -> di
     decoder = inversion.pop("decoder") or {}
     return {
         "backend": params.backend,
-        "teacher": f"{teacher.model_name}/{teacher.pretrained}",
+        "teacher": teacher.display_name,
         **{
             f"inversion_{name}": json.dumps(value) if isinstance(value, list) else value
             for name, value in inversion.items()
@@ -111,9 +111,7 @@ def synthesize_images(
         renderer = create_renderer(plan, style_bank, params, runtime, teacher)
         on_demand = LocalImages(renderer, image_ids, params.batch_size)
     images = on_demand.loaders()
-    source = (
-        params.generator.model_id if params.backend == "diffusion" else f"{teacher.model_name}/{teacher.pretrained}"
-    )
+    source = params.generator.model_id if params.backend == "diffusion" else teacher.display_name
     shard = f", shard {params.shard_index} of {params.num_shards}" if params.num_shards > 1 else ""
     logger.info("%d images planned, by %s (%s%s)", len(images), params.backend, source, shard)
     return images, plan

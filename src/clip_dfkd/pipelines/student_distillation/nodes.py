@@ -175,7 +175,7 @@ def register_student(
     which ood_evaluation matches the student it scores to this registered version.
     """
     fingerprint = student_fingerprint(student)
-    teacher_name = f"open_clip:{teacher.model_name}/{teacher.pretrained}"
+    teacher_name = f"open_clip:{teacher.display_name}"
     generator = (
         f"diffusion:{image_synthesis.generator.model_id}"
         if image_synthesis.backend == "diffusion"
