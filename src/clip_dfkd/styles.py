@@ -61,7 +61,10 @@ class StyleBank:
         Raises:
             StyleBankEncoderError: ``encoder`` is not the one the bank was made with.
         """
-        if not self.names or self.encoder_identity == encoder.identity:
+        if not self.names:
+            return
+        identity = encoder.identity  # hashes the whole token table: once
+        if self.encoder_identity == identity:
             return
         made_with = (
             f"{self.encoder} (token table {self.encoder_identity})"
@@ -70,7 +73,7 @@ class StyleBank:
         )
         raise StyleBankEncoderError(
             f"{source}: its pseudo-words were made in the token space of {made_with}, not of the text encoder "
-            f"in use, {encoder.name} (token table {encoder.identity}); allowed: a bank made with this encoder "
+            f"in use, {encoder.name} (token table {identity}); allowed: a bank made with this encoder "
             "(rerun prompt_generation)"
         )
 
