@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-# Before tqdm is imported: one progress bar per batch would drown the table.
+# Progress bars (the project's and the libraries') would drown the table.
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

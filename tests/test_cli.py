@@ -317,13 +317,12 @@ def test_sigterm_leaves_the_mlflow_run_killed(fresh_project: Path) -> None:
 
     long_node = "prompt_generation.method=contrastive,prompt_generation.contrastive.iterations=1000000"
     command = ["-m", "kedro", "run", "--env=demo", "--pipelines=prompt_generation", f"--params={long_node}"]
-    with (fresh_project / "err.log").open("w") as err:
-        process = subprocess.Popen(
-            [sys.executable, *command], cwd=fresh_project, env=_env(), stdout=subprocess.DEVNULL, stderr=err
-        )
+    with (fresh_project / "err.log").open("w") as err, (fresh_project / "out.log").open("w") as out:
+        process = subprocess.Popen([sys.executable, *command], cwd=fresh_project, env=_env(), stdout=out, stderr=err)
         try:
             deadline = time.monotonic() + 240
-            while "Learning contrastive prompts" not in (fresh_project / "err.log").read_text():
+            # Kedro logs (to stdout) that the node starts.
+            while "Running node: build_style_bank" not in (fresh_project / "out.log").read_text():
                 assert process.poll() is None, (fresh_project / "err.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "the node did not start in time"
                 time.sleep(0.2)

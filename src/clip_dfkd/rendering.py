@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from tqdm.auto import tqdm
 
 from clip_dfkd.errors import UserError
 from clip_dfkd.models import load_teacher, load_text_to_image
@@ -34,6 +33,7 @@ from clip_dfkd.models.generator import load_latent_decoder
 from clip_dfkd.models.inversion import invert, start_images
 from clip_dfkd.models.text_encoders import HFCLIPTextEncoder, OpenClipTextEncoder
 from clip_dfkd.params import ImageSynthesisParams, RayExecutorParams, RuntimeParams, TeacherParams
+from clip_dfkd.progress import ProgressBar
 from clip_dfkd.runtime import FittingBatches, Runtime
 from clip_dfkd.styles import StyleBank
 
@@ -260,7 +260,7 @@ class OnDemandImages:
         self._batches = [image_ids[i : i + batch_size] for i in range(0, len(image_ids), batch_size)]
         self._batch_of = {image_id: n for n, batch in enumerate(self._batches) for image_id in batch}
         self._rendered: dict[str, Image.Image] = {}
-        self._progress: tqdm | None = None
+        self._progress: ProgressBar | None = None
         self._to_render = len(image_ids)  # until told which are missing
 
     def loaders(self) -> LazyImages:
@@ -292,7 +292,7 @@ class OnDemandImages:
         if image_id not in self._rendered:
             self._rendered.clear()
             if self._progress is None:
-                self._progress = tqdm(total=self._to_render, desc="Rendering missing images", unit="img")
+                self._progress = ProgressBar(self._to_render, "Rendering missing images", unit="img")
             batch = self._batch_of[image_id]
             rendered = self._render_batch(batch)
             self._rendered = {

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from clip_dfkd.errors import UserError
 from clip_dfkd.imaging import ImageSource, open_rgb
 from clip_dfkd.models import StudentClassifier
 from clip_dfkd.params import AugmentationParams, TrainingParams
+from clip_dfkd.progress import ProgressBar
 from clip_dfkd.runtime import FittingBatches, Runtime
 from clip_dfkd.views import ViewRenderer, draw_views, image_tensor
 
@@ -300,43 +300,42 @@ def fit_student(
     step = AccumulatedStep(forward, step_loss, scaler, optimizer, runtime, description)
 
     history: MetricHistory = defaultdict(list)
-    progress = tqdm(total=total_steps, desc=description, unit="step")
-    for epoch in range(training.epochs):
-        student.train()
-        if freeze_batch_norm:
-            for module in _batch_norm_layers(student):
-                module.eval()
-        started = time.perf_counter()
-        # Batch-weighted sums kept on the device: reading a value back each step would make
-        # the CPU wait for the GPU at every step; they are read once per epoch.
-        sums: dict[str, torch.Tensor] = {}
-        seen = 0
-        for pixels, *targets in loader:
-            pixels = pixels.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
-            targets = [target.to(runtime.device, non_blocking=True) for target in targets]
-            optimizer.zero_grad(set_to_none=True)
-            reported = step.backward(pixels, targets)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            batch = len(pixels)
-            seen += batch
-            for name, value in reported.items():
-                sums[name] = sums.get(name, 0) + value * batch
-            progress.update(1)
-        epoch_metrics = {name: value.item() / seen for name, value in sums.items()}
-        progress.set_postfix(epoch=epoch + 1, loss=f"{epoch_metrics['total_loss']:.4f}")
-        epoch_metrics["learning_rate"] = scheduler.get_last_lr()[0]
-        epoch_metrics["epoch_seconds"] = time.perf_counter() - started
-        for name, value in epoch_metrics.items():
-            history[name].append({"value": value, "step": epoch})
-        logger.info(
-            "%s, epoch %d/%d: %s",
-            description,
-            epoch + 1,
-            training.epochs,
-            ", ".join(f"{name} {value:.4f}" for name, value in epoch_metrics.items() if name != "epoch_seconds"),
-        )
-    progress.close()
+    with ProgressBar(total_steps, description, unit="step") as progress:
+        for epoch in range(training.epochs):
+            student.train()
+            if freeze_batch_norm:
+                for module in _batch_norm_layers(student):
+                    module.eval()
+            started = time.perf_counter()
+            # Batch-weighted sums kept on the device: reading a value back each step would make
+            # the CPU wait for the GPU at every step; they are read once per epoch.
+            sums: dict[str, torch.Tensor] = {}
+            seen = 0
+            for pixels, *targets in loader:
+                pixels = pixels.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
+                targets = [target.to(runtime.device, non_blocking=True) for target in targets]
+                optimizer.zero_grad(set_to_none=True)
+                reported = step.backward(pixels, targets)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                batch = len(pixels)
+                seen += batch
+                for name, value in reported.items():
+                    sums[name] = sums.get(name, 0) + value * batch
+                progress.update(1)
+            epoch_metrics = {name: value.item() / seen for name, value in sums.items()}
+            progress.set_postfix(epoch=epoch + 1, loss=f"{epoch_metrics['total_loss']:.4f}")
+            epoch_metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            epoch_metrics["epoch_seconds"] = time.perf_counter() - started
+            for name, value in epoch_metrics.items():
+                history[name].append({"value": value, "step": epoch})
+            logger.info(
+                "%s, epoch %d/%d: %s",
+                description,
+                epoch + 1,
+                training.epochs,
+                ", ".join(f"{name} {value:.4f}" for name, value in epoch_metrics.items() if name != "epoch_seconds"),
+            )
     student.to("cpu", memory_format=torch.contiguous_format).eval()
     return dict(history)

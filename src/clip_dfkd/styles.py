@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import trange
 
 from clip_dfkd.atomic import atomic_file
 from clip_dfkd.errors import UserError
 from clip_dfkd.models.text_encoders import PLACEHOLDER, PseudoWordEncoder
 from clip_dfkd.naming import slugify, stable_seed
 from clip_dfkd.params import ContrastivePromptParams, MixPromptParams
+from clip_dfkd.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def contrastive_prompt_bank(
     history: dict[str, list[dict[str, float]]] = {
         name: [] for name in ("style_loss", "content_loss", "total_loss", "content_accuracy")
     }
-    for step in trange(params.iterations, desc="Learning contrastive prompts", unit="it"):
+    for step in track(range(params.iterations), params.iterations, "Learning contrastive prompts"):
         style_loss = style_diversity_loss(encoder.encode(style_texts, vectors))
         content_vectors = vectors.repeat_interleave(len(classes), dim=0)
         content_features = F.normalize(encoder.encode(content_texts, content_vectors), dim=-1)

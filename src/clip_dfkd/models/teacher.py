@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from clip_dfkd.errors import UserError
 from clip_dfkd.imaging import ImageSource, iterate_batches, open_rgb
@@ -21,6 +20,7 @@ from clip_dfkd.models.errors import ModelNotFoundError
 from clip_dfkd.models.hub import hub_reachable
 from clip_dfkd.models.model_configs import building_without_weights, register_project_model_configs
 from clip_dfkd.params import TeacherParams, looks_like_path
+from clip_dfkd.progress import ProgressBar
 from clip_dfkd.runtime import FittingBatches, Runtime
 from clip_dfkd.views import ViewRenderer, image_tensor
 
@@ -97,16 +97,15 @@ class ClipTeacher:
             UnreadableImagesError: at the first batch with an image that cannot be decoded.
         """
         logits, embeddings = [], []
-        progress = tqdm(total=len(sources), desc=description, unit="img")
         batches = iterate_batches(sources, self.preprocess, batch_size, self.runtime.device, self.runtime.num_workers)
-        for indices, ok, pixels in batches:
-            if not bool(ok.all()):
-                raise UnreadableImagesError(indices[~ok].tolist())
-            batch_logits, batch_embeddings = self.classify(pixels, weights)
-            logits.append(batch_logits.cpu())
-            embeddings.append(batch_embeddings.cpu())
-            progress.update(len(pixels))
-        progress.close()
+        with ProgressBar(len(sources), description, unit="img") as progress:
+            for indices, ok, pixels in batches:
+                if not bool(ok.all()):
+                    raise UnreadableImagesError(indices[~ok].tolist())
+                batch_logits, batch_embeddings = self.classify(pixels, weights)
+                logits.append(batch_logits.cpu())
+                embeddings.append(batch_embeddings.cpu())
+                progress.update(len(pixels))
         return torch.cat(logits), torch.cat(embeddings)
 
     @property
@@ -134,13 +133,12 @@ class ClipTeacher:
             pin_memory=self.runtime.device.type == "cuda",
         )
         logits, embeddings = [], []
-        progress = tqdm(total=len(sources) * per_image, desc=description, unit="view")
-        for pixels in loader:
-            batch_logits, batch_embeddings = self.classify(pixels.flatten(0, 1), weights)
-            logits.append(batch_logits.cpu().unflatten(0, (-1, per_image)))
-            embeddings.append(batch_embeddings.cpu().unflatten(0, (-1, per_image)))
-            progress.update(pixels.shape[0] * per_image)
-        progress.close()
+        with ProgressBar(len(sources) * per_image, description, unit="view") as progress:
+            for pixels in loader:
+                batch_logits, batch_embeddings = self.classify(pixels.flatten(0, 1), weights)
+                logits.append(batch_logits.cpu().unflatten(0, (-1, per_image)))
+                embeddings.append(batch_embeddings.cpu().unflatten(0, (-1, per_image)))
+                progress.update(pixels.shape[0] * per_image)
         return torch.cat(logits), torch.cat(embeddings)
 
 

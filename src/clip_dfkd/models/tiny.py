@@ -111,7 +111,8 @@ def train_tiny_clip(
     """
     import open_clip
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
+
+    from clip_dfkd.progress import ProgressBar
 
     register_project_model_configs()
     with _seeded(seed), building_without_weights():
@@ -125,19 +126,20 @@ def train_tiny_clip(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    progress = tqdm(range(steps), desc="Training the demo teacher", unit="step")
-    for _ in progress:
-        batch = torch.randint(len(images), (batch_size,), generator=generator)
-        pixels = _augment(images[batch], generator)
-        image_features = F.normalize(model.encode_image((pixels - mean) / std), dim=-1)
-        text_features = F.normalize(model.encode_text(tokens), dim=-1)
-        logits = model.logit_scale.exp() * image_features @ text_features.T
-        loss = -(targets[batch] * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+    with ProgressBar(steps, "Training the demo teacher", unit="step") as progress:
+        for _ in range(steps):
+            batch = torch.randint(len(images), (batch_size,), generator=generator)
+            pixels = _augment(images[batch], generator)
+            image_features = F.normalize(model.encode_image((pixels - mean) / std), dim=-1)
+            text_features = F.normalize(model.encode_text(tokens), dim=-1)
+            logits = model.logit_scale.exp() * image_features @ text_features.T
+            loss = -(targets[batch] * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+            progress.update(1)
     return model.eval()
 
 

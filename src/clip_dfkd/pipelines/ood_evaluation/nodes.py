@@ -15,7 +15,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 from clip_dfkd.benchmarks import scan_benchmark, skipped_at_root
 from clip_dfkd.errors import UserError
@@ -24,6 +23,7 @@ from clip_dfkd.models import ClipTeacher, StudentClassifier, load_zero_shot_teac
 from clip_dfkd.models.student import student_fingerprint
 from clip_dfkd.models.teacher import UnreadableImagesError
 from clip_dfkd.params import DATA_FREE, ClassNames, OodEvaluationParams, RuntimeParams, TeacherParams
+from clip_dfkd.progress import track
 from clip_dfkd.promotion import promote_if_better
 from clip_dfkd.runtime import FittingBatches, Runtime, seed_everything
 from clip_dfkd.student_training import (
@@ -447,7 +447,7 @@ def _predict(
     predictions = np.full(len(paths), -1, dtype=np.int64)
     errors: dict[int, str] = {}
     batches = iterate_batches(paths, transform, batch_size, runtime.device, runtime.num_workers, errors)
-    for indices, ok, pixels in tqdm(batches, desc=description, total=-(-len(paths) // batch_size), unit="batch"):
+    for indices, ok, pixels in track(batches, -(-len(paths) // batch_size), description, unit="batch"):
         if not bool(ok.all()):  # masking copies the batch (150 MB at 256 × 224 px): only when needed
             indices, pixels = indices[ok], pixels[ok.to(pixels.device)]
         if len(pixels):
