@@ -76,6 +76,18 @@ def test_prompts_and_images_need_the_teachers_weights_only_for_inversion(
     assert [line[: len(start)] for line, start in zip(lines, missing, strict=True)] == missing
 
 
+@pytest.mark.parametrize(("targets", "needs_teacher"), [("online", True), ("centre", False)])
+def test_the_students_training_needs_the_teachers_weights_only_online(
+    fresh_project, monkeypatch, targets, needs_teacher
+) -> None:
+    monkeypatch.chdir(fresh_project)
+    with pytest.raises(PreflightError) as caught:
+        _run(fresh_project, "base", {"student_distillation": {"teacher_targets": targets}}, ["student_distillation"])
+
+    lines = str(caught.value).splitlines()
+    assert any(line.startswith("teacher: open_clip weights") for line in lines) == needs_teacher, lines
+
+
 @pytest.mark.parametrize(
     ("runtime_params", "error", "expected"),
     [

@@ -123,24 +123,19 @@ def _few_shot_problem(
 
 
 def _loads_teacher(pipeline, catalog) -> bool:
-    """Whether a node of ``pipeline`` loads the teacher's weights. Labelling and evaluation
-    do; prompt generation and synthesis only for inversion, where the teacher encodes the
-    prompts and guides the images (with diffusion, a render machine needs no CLIP weights);
-    the student's training when the teacher runs beside it (``teacher_targets: online``);
-    registration only records the teacher's name."""
-    from clip_dfkd.pipelines.image_synthesis.nodes import synthesize_images
-    from clip_dfkd.pipelines.ood_evaluation.nodes import fine_tune_student, predict_teacher
-    from clip_dfkd.pipelines.prompt_generation.nodes import build_style_bank, measure_prompt_diversity
-    from clip_dfkd.pipelines.student_distillation.nodes import train_student
-    from clip_dfkd.pipelines.teacher_labeling.nodes import label_images
+    """Whether a node of ``pipeline`` loads the teacher's weights, as its tags say. Labelling
+    and evaluation do; prompt generation and synthesis only for inversion, where the teacher
+    encodes the prompts and guides the images (with diffusion, a render machine needs no CLIP
+    weights); the student's training when the teacher runs beside it (``teacher_targets:
+    online``); registration only records the teacher's name."""
+    from clip_dfkd.pipelines import RUNS_TEACHER, RUNS_TEACHER_FOR_INVERSION, RUNS_TEACHER_ONLINE
 
-    functions = {node.func for node in pipeline.nodes}
-    if functions & {label_images, predict_teacher, fine_tune_student}:
+    tags = set().union(*(node.tags for node in pipeline.nodes))
+    if RUNS_TEACHER in tags:
         return True
-    if train_student in functions and catalog.load("params:student_distillation").teacher_targets == "online":
+    if RUNS_TEACHER_ONLINE in tags and catalog.load("params:student_distillation").teacher_targets == "online":
         return True
-    inversion = catalog.load("params:image_synthesis").backend == "inversion"
-    return inversion and bool(functions & {build_style_bank, measure_prompt_diversity, synthesize_images})
+    return RUNS_TEACHER_FOR_INVERSION in tags and catalog.load("params:image_synthesis").backend == "inversion"
 
 
 def _stored_views_problem(pipeline, catalog) -> str | None:

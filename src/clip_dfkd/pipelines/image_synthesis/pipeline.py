@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from clip_dfkd.pipelines import namespaced
+from clip_dfkd.pipelines import RUNS_TEACHER_FOR_INVERSION, namespaced
 from clip_dfkd.pipelines.image_synthesis.nodes import plot_sample_grid, record_synthesis, synthesize_images
 
 
@@ -19,6 +19,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["synthetic_images", "synthesis_plan"],
                 name="synthesize_images",
+                tags=[RUNS_TEACHER_FOR_INVERSION],
             ),
             # Reads the saved images back, so the manifest holds what each image's synthesis
             # measured, including images an interrupted earlier run rendered.

@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from clip_dfkd.pipelines import namespaced
+from clip_dfkd.pipelines import RUNS_TEACHER, namespaced
 from clip_dfkd.pipelines.ood_evaluation.nodes import (
     describe_evaluated_student,
     draw_few_shot,
@@ -45,6 +45,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["few_shot_student_model", "few_shot_training_metrics"],
                 name="fine_tune_student",
+                tags=[RUNS_TEACHER],
             ),
             Node(
                 predict_teacher,
@@ -58,6 +59,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs="ood_teacher_predictions",
                 name="predict_teacher",
+                tags=[RUNS_TEACHER],
             ),
             Node(
                 predict_student,

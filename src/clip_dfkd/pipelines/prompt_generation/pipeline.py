@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from clip_dfkd.pipelines import namespaced
+from clip_dfkd.pipelines import RUNS_TEACHER_FOR_INVERSION, namespaced
 from clip_dfkd.pipelines.prompt_generation.nodes import (
     build_style_bank,
     generate_prompts,
@@ -20,6 +20,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["params:classes", "params:prompt_generation", *encoder_params],
                 outputs=["style_bank", "prompt_generation_metrics"],
                 name="build_style_bank",
+                tags=[RUNS_TEACHER_FOR_INVERSION],
             ),
             Node(
                 generate_prompts,
@@ -32,6 +33,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["prompt_table", "style_bank", *encoder_params],
                 outputs=["prompt_diversity_metrics", "prompt_diversity_plot"],
                 name="measure_prompt_diversity",
+                tags=[RUNS_TEACHER_FOR_INVERSION],
             ),
         ],
     )

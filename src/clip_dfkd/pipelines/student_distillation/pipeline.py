@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from clip_dfkd.pipelines import namespaced
+from clip_dfkd.pipelines import RUNS_TEACHER_ONLINE, namespaced
 from clip_dfkd.pipelines.student_distillation.nodes import register_student, train_student
 
 
@@ -21,6 +21,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["student_model", "student_distillation_metrics"],
                 name="train_student",
+                tags=[RUNS_TEACHER_ONLINE],
             ),
             Node(
                 register_student,

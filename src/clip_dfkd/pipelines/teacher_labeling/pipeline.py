@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from clip_dfkd.pipelines import namespaced
+from clip_dfkd.pipelines import RUNS_TEACHER, namespaced
 from clip_dfkd.pipelines.teacher_labeling.nodes import label_images, measure_image_diversity, summarise_labels
 
 
@@ -21,6 +21,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["teacher_labels", "teacher_view_labels"],
                 name="label_images",
+                tags=[RUNS_TEACHER],
             ),
             Node(
                 summarise_labels,
