@@ -272,6 +272,7 @@ def test_the_registered_model_carries_its_final_training_metrics_and_a_descripti
         0.2,
     ]
     assert version.description == "A test_resnet classifier of three classes."
+    assert logged.tags["mlflow.note.content"] == version.description  # the logged model's page
     assert client.get_registered_model(MODEL_NAME).description.startswith("Students distilled from a CLIP teacher")
 
 

@@ -147,8 +147,8 @@ def register_student_model(
     onnx: bool = True,
 ) -> dict[str, str]:
     """Log ``student`` to the active MLflow run as a pyfunc model carrying the latest point of
-    the run's ``training_metrics`` (the final epoch's), register a new version of
-    ``registered_name`` with ``tags`` and ``description`` and move ``alias`` to it.
+    the run's ``training_metrics`` (the final epoch's) and ``description``, register a new
+    version of ``registered_name`` with ``tags`` and ``description`` and move ``alias`` to it.
 
     With ``onnx``, the run also gets the student as ONNX under ``student_onnx/``
     (``student.onnx`` and ``student.preprocessing.json``, see :mod:`clip_dfkd.onnx_export`),
@@ -180,7 +180,8 @@ def register_student_model(
             input_example=pd.DataFrame({"image": [example.getvalue()]}),
             pip_requirements=_requirements(),
             registered_model_name=registered_name,
-            tags=tags,
+            # The logged model's page shows this tag as its description.
+            tags={**tags, "mlflow.note.content": description},
             step=MODEL_STEP,
         )
     version = str(info.registered_model_version)
