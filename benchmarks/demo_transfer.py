@@ -69,6 +69,14 @@ STUDENT_CHANGES: dict[str, dict] = {
     "resnet10t, channels 8-64": {"model_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}},
 }
 
+# Inversion budgets for the demo's vanilla prompts (the demo's own: 60 iterations of 4 cut-outs,
+# chosen among these on tuning seeds 0-3; docs/demo.md, "Inversion budget").
+INVERSION_CHANGES: dict[str, dict] = {
+    "100 iterations, 8 cut-outs (before)": {"iterations": 100, "cutouts": 8},
+    "100 iterations, 4 cut-outs": {"iterations": 100, "cutouts": 4},
+    "50 iterations, 8 cut-outs": {"iterations": 50, "cutouts": 8},
+}
+
 
 @dataclass(frozen=True)
 class World:
@@ -143,6 +151,13 @@ class World:
             **{
                 f"inversion, vanilla, student {name}": {"student_distillation": {"student": change}} | vanilla
                 for name, change in STUDENT_CHANGES.items()
+            },
+            **{
+                f"inversion, vanilla, {name}": {
+                    "prompt_generation": prompts["vanilla"],
+                    "image_synthesis": {"backend": "inversion", "inversion": change},
+                }
+                for name, change in INVERSION_CHANGES.items()
             },
             "diffusion (random generator), vanilla": {"image_synthesis": {"backend": "diffusion"}},
             "teacher-labelled noise": {

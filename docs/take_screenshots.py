@@ -1,4 +1,4 @@
-"""Take the README's screenshots of kedro-viz and the MLflow UI after the offline demo.
+"""Take the screenshots (README.md, docs/tracking.md) of kedro-viz and the MLflow UI after the offline demo.
 
 Runs the demo twice in a fresh copy of the project (vanilla prompts, then Mix-Prompt, so the
 runs table has two runs to tell apart), starts `mlflow ui` and `kedro viz run --env=demo` on

@@ -152,7 +152,7 @@ def test_every_prompt_method_runs_the_demo(project: Path, method: str, backend: 
     assert run.info.status == "FINISHED"
     assert mlflow.active_run() is None  # the next session starts a run of its own
     assert run.data.params["prompt_generation.method"] == method
-    assert undocumented(run.data.metrics) == [], "metric names outside README's Metric names table"
+    assert undocumented(run.data.metrics) == [], "metric names outside docs/tracking.md's Metric names table"
     # Diversity is measured on what the run made: each class's prompts differ (three styles), and
     # the images' figure is the mean pairwise cosine distance of the stored teacher embeddings.
     labels = pd.read_parquet(project / "data/04_feature/teacher_labels.parquet")

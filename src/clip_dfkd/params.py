@@ -469,7 +469,7 @@ class RayExecutorParams(Params):
 class ImageSynthesisParams(Params):
     """``diffusion`` samples a diffusers text-to-image ``generator``; ``inversion`` optimises
     each image against the teacher and needs no generator. ``num_shards``/``shard_index``
-    make a run render only its share of the images (see README, "Scaling out"); ``executor``
+    make a run render only its share of the images (see docs/scaling.md); ``executor``
     ``ray`` renders on Ray actors instead of in this process."""
 
     section: ClassVar[str] = "image_synthesis"

@@ -809,7 +809,7 @@ def test_the_pipeline_scores_a_few_shot_student_next_to_the_data_free_one(demo_p
     assert "**few-shot k=2**" in (reports / "ood_evaluation.md").read_text()
     client = mlflow.MlflowClient(f"sqlite:///{demo_project.path / 'mlflow.db'}")
     run = client.get_run(run_id)
-    assert undocumented(run.data.metrics) == [], "metric names outside README's Metric names table"
+    assert undocumented(run.data.metrics) == [], "metric names outside docs/tracking.md's Metric names table"
     assert run.data.metrics["few_shot/demo_shapes/average/student_top1"] == pytest.approx(
         table.loc[(table["setting"] == "few-shot k=2") & (table["domain"] == "average"), "student_top1"].item()
     )
