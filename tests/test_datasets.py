@@ -58,6 +58,27 @@ def _files(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def test_the_image_preview_fits_kedro_vizs_panel_and_captions_each_image_with_its_prompt(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from clip_dfkd.rendering import attach_record
+
+    dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset="pillow.ImageDataset", filename_suffix=".png")
+    # black images whose records name a prompt, but the last: its caption falls back to its id
+    prompted = {
+        f"image{n}": attach_record(Image.new("RGB", (32, 32)), {"prompt": "a sketch of a tent"}) for n in range(7)
+    }
+    dataset.save(prompted | {"image7": Image.new("RGB", (32, 32))})
+
+    grid = np.asarray(Image.open(io.BytesIO(base64.b64decode(dataset.preview()))).convert("L"))
+    assert grid.shape == (2 * 126, 4 * 96)  # two rows of four: tiles of 96 px and two caption lines
+    captions = [
+        grid[row * 126 + 96 : (row + 1) * 126, column * 96 : (column + 1) * 96] for row in (0, 1) for column in range(4)
+    ]
+    assert all((caption < 128).any() for caption in captions)  # dark text on white under every image
+
+
 def test_save_skips_existing_partitions_without_calling_their_loader(tmp_path: Path) -> None:
     dataset = _text(tmp_path)
     calls: list[str] = []

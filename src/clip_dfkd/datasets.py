@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import textwrap
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -23,7 +24,7 @@ from kedro_datasets import pandas as pandas_datasets
 from kedro_datasets import pillow as pillow_datasets
 from kedro_datasets import text as text_datasets
 from kedro_datasets._typing import ImagePreview, JSONPreview, TablePreview
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from clip_dfkd.atomic import atomic_directory, reporting_full_disk
 from clip_dfkd.models.student import CONFIG_NAME, StudentClassifier
@@ -327,17 +328,29 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
                 self._filesystem.rm_file(staging_path)
             raise
 
-    def preview(self, images: int = 12, columns: int = 6, size: int = 96) -> ImagePreview:
-        """A grid of the first ``images`` complete partitions (as images, ``size`` pixels
-        square), for kedro-viz."""
+    def preview(self, images: int = 8, columns: int = 4, size: int = 96) -> ImagePreview:
+        """A grid of the first ``images`` complete partitions (``size`` pixels square), each
+        captioned with the prompt its record names (class and style), for kedro-viz: four
+        columns fit its side panel without being squeezed."""
+        from clip_dfkd.rendering import read_saved_record  # imports the models: only here
+
         partitions = self._complete_partitions()
-        chosen = [partitions[partition_id]() for partition_id in sorted(partitions)[:images]]
+        chosen = sorted(partitions)[:images]
         if not chosen:
             raise DatasetError(f"No complete partitions found in '{self._path}'")
+        font = ImageFont.load_default(size=11)
+        line_height = 13
+        tile = (size, size + 2 * line_height + 4)  # the image, then two lines of caption
         rows = -(-len(chosen) // columns)
-        grid = Image.new("RGB", (size * min(columns, len(chosen)), size * rows), "white")
-        for i, image in enumerate(chosen):
-            grid.paste(image.convert("RGB").resize((size, size)), ((i % columns) * size, (i // columns) * size))
+        grid = Image.new("RGB", (tile[0] * min(columns, len(chosen)), tile[1] * rows), "white")
+        draw = ImageDraw.Draw(grid)
+        for i, partition_id in enumerate(chosen):
+            load = partitions[partition_id]
+            left, top = (i % columns) * tile[0], (i // columns) * tile[1]
+            grid.paste(load().convert("RGB").resize((size, size)), (left, top))
+            caption = read_saved_record(load).get("prompt", partition_id)
+            for n, line in enumerate(textwrap.wrap(caption, width=size // 6, max_lines=2, placeholder="…")):
+                draw.text((left + 2, top + size + 2 + n * line_height), line, fill="black", font=font)
         buffer = io.BytesIO()
         grid.save(buffer, format="PNG")
         return ImagePreview(base64.b64encode(buffer.getvalue()).decode("ascii"))
