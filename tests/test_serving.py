@@ -4,6 +4,7 @@ HTTP through ``mlflow models serve``, with image bytes or image file paths."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -106,6 +107,39 @@ def test_bytes_and_paths_give_the_students_own_prediction(registered, model) -> 
     confidence, index = logits.softmax(-1).max(-1)
     assert list(by_bytes["class_name"]) == [CLASSES[i] for i in index.tolist()]
     assert by_bytes["probability"].tolist() == pytest.approx(confidence.tolist(), rel=1e-6)
+
+
+def test_the_registered_model_is_timms_folder_and_the_serving_module_alone(registered, model) -> None:
+    """What MLflow stores: the student as timm saves it, and as code only the serving module and
+    the image decoding it shares with evaluation; it loads and answers where clip_dfkd cannot
+    be imported."""
+    import mlflow
+    import timm
+
+    stored = Path(mlflow.artifacts.download_artifacts(registered.uri, tracking_uri=registered.tracking_uri))
+    assert sorted(p.name for p in (stored / "code").iterdir()) == ["imaging.py"]
+    assert sorted(p.name for p in stored.glob("*.py")) == ["served_model.py"]
+    assert sorted(p.name for p in (stored / "artifacts" / "student").iterdir()) == ["config.json", "model.safetensors"]
+    backbone = timm.create_model(f"local-dir:{stored / 'artifacts' / 'student'}", pretrained=True).eval()
+    assert backbone.pretrained_cfg["label_names"] == CLASSES
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(pixels), registered.student(pixels))
+
+    script = (
+        "import sys; sys.modules['clip_dfkd'] = None\n"  # any import of the package fails
+        "import mlflow, pandas as pd\n"
+        f"mlflow.set_tracking_uri({registered.tracking_uri!r})\n"
+        f"model = mlflow.pyfunc.load_model({registered.uri!r})\n"
+        f"print(model.predict(pd.DataFrame({{'path': {[str(f) for f in registered.files]!r}}})).to_json())\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone = pd.read_json(io.StringIO(result.stdout.strip().splitlines()[-1]))
+    here = model.predict(pd.DataFrame({"path": [str(f) for f in registered.files]}))
+    assert alone["class_name"].tolist() == here["class_name"].tolist()
+    assert alone["probability"].tolist() == pytest.approx(here["probability"].tolist(), rel=1e-6)
 
 
 @pytest.mark.parametrize(
