@@ -310,27 +310,31 @@ def test_the_registered_model_carries_its_final_training_metrics_and_a_descripti
     assert client.get_registered_model(MODEL_NAME).description.startswith("Students distilled from a CLIP teacher")
 
 
-def test_the_registered_version_points_at_its_onnx_export(registered) -> None:
+def test_the_registered_version_points_at_its_onnx_model(registered) -> None:
+    """The ONNX export is an MLflow model of its own (onnx flavour, with a signature and the
+    preprocessing recipe among its files) that pyfunc runs under onnxruntime."""
+    import json
+
     import mlflow
-    import onnxruntime
     from mlflow import MlflowClient
 
     client = MlflowClient(registered.tracking_uri)
-    run_id = registered.registration["run_id"]
     version = client.get_model_version(MODEL_NAME, registered.registration["version"])
+    uri = version.tags["onnx_model_uri"]
+    assert uri.startswith("models:/m-")
 
-    assert version.tags["onnx_uri"] == f"runs:/{run_id}/student_onnx/student.onnx"
-    assert sorted(a.path for a in client.list_artifacts(run_id, "student_onnx")) == [
-        "student_onnx/student.onnx",
-        "student_onnx/student.preprocessing.json",
-    ]
-    # What a deployment downloads by the tag answers the student's own probabilities.
-    onnx_file = mlflow.artifacts.download_artifacts(
-        version.tags["onnx_uri"], dst_path=str(registered.root / "onnx"), tracking_uri=registered.tracking_uri
-    )
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert logged.name == "student_onnx" and logged.source_run_id == registered.registration["run_id"]
+    onnx_model = mlflow.pyfunc.load_model(uri)
+    assert onnx_model.loader_module == "mlflow.onnx"
+    assert [spec.name for spec in onnx_model.metadata.get_input_schema().inputs] == ["pixels"]
+    stored = Path(mlflow.artifacts.download_artifacts(uri, tracking_uri=registered.tracking_uri))
+    assert (stored / "model.onnx").is_file()
+    recipe = json.loads((stored / "extra_files" / "student.preprocessing.json").read_text())
+    assert recipe["class_names"] == CLASSES
+    # What a deployment loads by the tag answers the student's own probabilities.
     transform = registered.student.eval_transform()
     pixels = torch.stack([transform(open_rgb(f)) for f in registered.files])
-    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = registered.student(pixels).softmax(-1).numpy()
-    np.testing.assert_allclose(session.run(["probabilities"], {"pixels": pixels.numpy()})[0], expected, atol=1e-4)
+    np.testing.assert_allclose(onnx_model.predict({"pixels": pixels.numpy()})["probabilities"], expected, atol=1e-4)

@@ -21,13 +21,13 @@ from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 
 from clip_dfkd.models.student import StudentClassifier
-from clip_dfkd.onnx_export import export_onnx, synthetic_pixels
+from clip_dfkd.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, preprocessing_path, synthetic_pixels
 from clip_dfkd.tracking import MODEL_STEP, link_latest_metrics
 
 logger = logging.getLogger(__name__)
 
 STUDENT_ARTIFACT = "student"  # the artifact name served_model.py reads
-_ONNX_ARTIFACT, _ONNX_FILE = "student_onnx", "student.onnx"
+_ONNX_MODEL, _ONNX_FILE = "student_onnx", "student.onnx"
 
 SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -53,9 +53,10 @@ def register_student_model(
     the run's ``training_metrics`` (the final epoch's) and ``description``, register a new
     version of ``registered_name`` with ``tags`` and ``description`` and move ``alias`` to it.
 
-    With ``onnx``, the run also gets the student as ONNX under ``student_onnx/``
-    (``student.onnx`` and ``student.preprocessing.json``, see :mod:`clip_dfkd.onnx_export`),
-    and the version a tag ``onnx_uri`` with its ``runs:/`` URI."""
+    With ``onnx``, the run also logs the student as an ONNX model ``student_onnx`` (MLflow's
+    onnx flavour, with ``student.preprocessing.json`` among its files; see
+    :mod:`clip_dfkd.onnx_export`), and the version gets a tag ``onnx_model_uri`` with its
+    ``models:/`` URI."""
     with tempfile.TemporaryDirectory() as scratch:
         student_dir = Path(scratch) / STUDENT_ARTIFACT
         save_for_timm(student, student_dir)
@@ -68,9 +69,7 @@ def register_student_model(
         # this function gets no real ones.
         if onnx:
             sample = torch.cat([student.eval_transform()(example_image)[None], synthetic_pixels(student)])
-            onnx_dir = Path(scratch) / _ONNX_ARTIFACT
-            export_onnx(student, onnx_dir / _ONNX_FILE, sample)
-            mlflow.log_artifacts(str(onnx_dir), artifact_path=_ONNX_ARTIFACT)
+            onnx_model_uri = _log_onnx_model(student, Path(scratch) / _ONNX_FILE, sample, description)
         info = mlflow.pyfunc.log_model(
             name="student",
             # Models from code: MLflow stores the script, not a pickle of the object.
@@ -103,13 +102,36 @@ def register_student_model(
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, value)
     if onnx:
-        # runs:/ resolves wherever the run's artifacts are stored: mlflow.artifacts.download_artifacts(uri).
-        onnx_uri = f"runs:/{info.run_id}/{_ONNX_ARTIFACT}/{_ONNX_FILE}"
-        client.set_model_version_tag(registered_name, version, "onnx_uri", onnx_uri)
+        client.set_model_version_tag(registered_name, version, "onnx_model_uri", onnx_model_uri)
     client.set_registered_model_alias(registered_name, alias, version)
     uri = f"models:/{registered_name}@{alias}"
     logger.info("Registered %s version %s as %s", registered_name, version, uri)
     return {"name": registered_name, "version": version, "alias": alias, "uri": uri, "run_id": info.run_id}
+
+
+def _log_onnx_model(student: StudentClassifier, path: Path, sample: torch.Tensor, description: str) -> str:
+    """Export ``student`` to ``path`` (checked against torch on ``sample``), log it as an MLflow
+    ONNX model with its preprocessing recipe, and return the model's ``models:/`` URI."""
+    import numpy as np
+    import onnx
+    from mlflow.types.schema import TensorSpec
+
+    export_onnx(student, path, sample)
+    size, classes = student.config["image_size"], len(student.class_names)
+    info = mlflow.onnx.log_model(
+        onnx.load(str(path)),
+        name=_ONNX_MODEL,
+        signature=ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), INPUT_NAME)]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), OUTPUT_NAME)]),
+        ),
+        input_example={INPUT_NAME: sample[:1].numpy()},
+        extra_files=[str(preprocessing_path(path))],
+        save_as_external_data=False,
+        tags={"mlflow.note.content": f"{description}\n\nAs ONNX: preprocess as student.preprocessing.json says."},
+        step=MODEL_STEP,
+    )
+    return f"models:/{info.model_id}"
 
 
 def save_for_timm(student: StudentClassifier, directory: Path) -> None:
