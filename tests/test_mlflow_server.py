@@ -81,7 +81,7 @@ def test_the_demo_tracks_and_registers_on_an_mlflow_server(tracking_server, new_
     assert run.info.status == "FINISHED"
     assert "ood/demo_shapes/average/student_top1" in run.data.metrics
     # Artifacts went through the server into its artifact store, not into the project.
-    assert any((root / "artifacts").rglob("MLmodel")) and any((root / "artifacts").rglob("student.onnx"))
+    assert any((root / "artifacts").rglob("MLmodel")) and any((root / "artifacts").rglob("model.onnx"))
     onnx_model = client.get_logged_model(version.tags["onnx_model_uri"].removeprefix("models:/"))
     assert onnx_model.name == "student_onnx" and onnx_model.source_run_id == version.run_id
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()

@@ -331,7 +331,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         if "VmHWM" in self.method:
-            return _status_mib("VmHWM")
+            # The kernel updates the high-water mark lazily, so right after a reset it can read a
+            # few pages below the resident set measured as the baseline: the peak is at least that.
+            return max(_status_mib("VmHWM"), self.baseline_mib)
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
