@@ -25,7 +25,8 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from clip_dfkd.atomic import atomic_directory, atomic_file
 from clip_dfkd.demo_world import captions, draw, unknown_names
 from clip_dfkd.errors import UserError
-from clip_dfkd.params import Params, _bad
+from clip_dfkd.params import Params
+from clip_dfkd.params.base import bad_value
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class DemoAssetsParams(Params):
     def _drawable(self) -> DemoAssetsParams:
         problem = unknown_names(self.benchmark_classes, [*self.benchmark_domains, *self.teacher_training.styles])
         if problem:
-            raise _bad("benchmark_classes", self.benchmark_classes, problem)
+            raise bad_value("benchmark_classes", self.benchmark_classes, problem)
         return self
 
 
