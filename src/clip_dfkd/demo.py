@@ -25,8 +25,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from clip_dfkd.atomic import atomic_directory, atomic_file
 from clip_dfkd.demo_world import captions, draw, unknown_names
 from clip_dfkd.errors import UserError
-from clip_dfkd.params import Params
-from clip_dfkd.params.base import bad_value
+from clip_dfkd.params.base import Params, bad_value
 
 logger = logging.getLogger(__name__)
 

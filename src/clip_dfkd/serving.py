@@ -59,7 +59,7 @@ def register_student_model(
     ``models:/`` URI."""
     with tempfile.TemporaryDirectory() as scratch:
         student_dir = Path(scratch) / STUDENT_ARTIFACT
-        save_for_timm(student, student_dir)
+        student.save_for_timm(student_dir)
         size = student.config["image_size"]
         example_image = Image.new("RGB", (size, size), (127, 127, 127))
         example = io.BytesIO()
@@ -132,22 +132,6 @@ def _log_onnx_model(student: StudentClassifier, path: Path, sample: torch.Tensor
         step=MODEL_STEP,
     )
     return f"models:/{info.model_id}"
-
-
-def save_for_timm(student: StudentClassifier, directory: Path) -> None:
-    """The student's classifier (its backbone and head, without the distillation projection)
-    as a folder that ``timm.create_model("local-dir:<directory>", pretrained=True)`` rebuilds:
-    its architecture arguments, class names (``label_names``) and preprocessing."""
-    import timm
-
-    timm.models.save_for_hf(
-        student.backbone,
-        str(directory),
-        model_config={"label_names": student.class_names},
-        model_args=student.config["model_kwargs"],
-        data_config=student.config["data_config"],
-        safe_serialization=True,
-    )
 
 
 def _requirements() -> list[str]:

@@ -126,6 +126,22 @@ class StudentClassifier(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, directory / WEIGHTS_NAME)
 
+    def save_for_timm(self, directory: str | Path) -> None:
+        """The classifier alone (backbone and head, without the distillation projection) in
+        timm's own format, which ``timm.create_model("local-dir:<directory>", pretrained=True)``
+        rebuilds with timm alone: architecture arguments, class names (``label_names``) and
+        preprocessing (the data config)."""
+        import timm
+
+        timm.models.save_for_hf(
+            self.backbone,
+            str(directory),
+            model_config={"label_names": self.class_names},
+            model_args=self.config["model_kwargs"],
+            data_config=self.config["data_config"],
+            safe_serialization=True,
+        )
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> StudentClassifier:
         directory = Path(directory)
