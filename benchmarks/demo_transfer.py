@@ -39,8 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from _demo import REPO_ROOT, make_project_copy, merge_params
-from conftest import demo_asset_params
+from demo_projects import REPO_ROOT, demo_asset_params, make_project_copy, merge_params
 
 from clip_dfkd.demo import DemoAssetsParams, held_out_domains
 from clip_dfkd.demo_world import draw

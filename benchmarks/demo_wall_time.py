@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _demo import kedro_run, make_project_copy
+from demo_projects import kedro_run, make_project_copy
 
 STAGES = ["prompt_generation", "image_synthesis", "teacher_labeling", "student_distillation", "ood_evaluation"]
 

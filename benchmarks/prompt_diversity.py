@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from _demo import kedro_run, make_project_copy
+from demo_projects import kedro_run, make_project_copy
 
 METHODS = ["vanilla", "mix", "random", "contrastive"]
 

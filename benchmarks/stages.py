@@ -3,7 +3,7 @@ work (same model, batch size, dtype, device and images), in one process: images/
 memory and the ratio project/bare per stage (target: >= 0.9), then what distillation buys
 (student vs teacher image tower: parameters, batch-1 latency, batch-32 throughput, and the
 student under onnxruntime) and the diffusion UNet's model FLOPs utilisation. What each side
-runs, and the JSON's keys: ``clip_dfkd.stage_benchmark``.
+runs, and the JSON's keys: ``benchmarks/stage_benchmark.py``.
 
     python benchmarks/stages.py --preset cpu-tiny                 # the demo's tiny models, < 2 min on 2 cores
     python benchmarks/stages.py --preset gpu-full                 # SD-1.5-sized UNet/VAE at 512 px, ViT-B/32 and
@@ -26,10 +26,11 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from stage_benchmark import MIN_SECONDS, PRESETS, STAGES, run  # noqa: E402
+
 from clip_dfkd.library_warnings import ignore_library_warnings  # noqa: E402
 from clip_dfkd.params import RuntimeParams  # noqa: E402
 from clip_dfkd.runtime import Runtime  # noqa: E402
-from clip_dfkd.stage_benchmark import MIN_SECONDS, PRESETS, STAGES, run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 
 # No test may touch the network; set before huggingface_hub reads it at import.
@@ -18,49 +17,16 @@ if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 import pytest  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_LAYERS = [
-    "01_raw",
-    "02_intermediate",
-    "03_primary",
-    "04_feature",
-    "05_model_input",
-    "06_models",
-    "07_model_output",
-    "08_reporting",
-]
+# Shared with the benchmark scripts (benchmarks/ is on pytest's pythonpath).
+from demo_projects import (  # noqa: E402
+    DATA_LAYERS,
+    REPO_ROOT,
+    demo_asset_params,
+    make_project_copy,
+    merge_params,
+)
 
-
-# The demo's assets, as the demo's config places them in a project.
-DEMO_ASSET_FOLDERS = ["data/06_models/demo", "data/01_raw/demo_shapes"]
-
-
-def make_project_copy(destination: Path, assets_from: Path | None = None) -> Path:
-    """A fresh copy of the project's configuration with empty data layers (the package
-    itself comes from the installed ``clip_dfkd``), and the demo's assets copied from the
-    project ``assets_from`` when given (they are built, the teacher trained, otherwise)."""
-    destination.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO_ROOT / "pyproject.toml", destination / "pyproject.toml")
-    shutil.copy(REPO_ROOT / ".telemetry", destination / ".telemetry")
-    shutil.copytree(REPO_ROOT / "conf", destination / "conf", ignore=shutil.ignore_patterns("local"))
-    (destination / "conf" / "local").mkdir()
-    (destination / "src").mkdir()  # Kedro insists on it; the package itself is installed
-    for layer in DATA_LAYERS:
-        (destination / "data" / layer).mkdir(parents=True)
-    if assets_from is not None:
-        for folder in DEMO_ASSET_FOLDERS:
-            shutil.copytree(assets_from / folder, destination / folder)
-    return destination
-
-
-def demo_asset_params():
-    """The demo config's ``demo_assets`` section, validated."""
-    import yaml
-
-    from clip_dfkd.demo import DemoAssetsParams
-
-    raw = yaml.safe_load((REPO_ROOT / "conf/demo/parameters.yml").read_text())["demo_assets"]
-    return DemoAssetsParams.model_validate(raw)
+__all__ = ["DATA_LAYERS", "REPO_ROOT", "demo_asset_params", "make_project_copy", "merge_params"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -119,14 +85,6 @@ PLUMBING_BUDGET = {
         "registry": {"export_onnx": False},
     },
 }
-
-
-def merge_params(base: dict, extra: dict) -> dict:
-    """Nested runtime parameters: ``extra`` on top of ``base``, section by section."""
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = merge_params(merged.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
 
 
 def plumbing_params(overrides: dict | None = None) -> dict:

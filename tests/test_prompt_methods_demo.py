@@ -18,9 +18,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from metric_names import undocumented
-from PIL import Image
 
-from clip_dfkd.rendering import read_record
 from clip_dfkd.styles import StyleBank
 
 pytestmark = pytest.mark.heavy
@@ -165,14 +163,12 @@ def test_every_prompt_method_runs_the_demo(project: Path, method: str, backend: 
         assert run.data.metrics[f"images/diversity/class/{name}"] == pytest.approx(value, abs=1e-4)
     assert run.data.metrics["images/diversity/average"] == pytest.approx(np.mean(list(image_diversity.values())))
     assert ("prompts/contrastive/style_loss" in run.data.metrics) == (method == "contrastive")
-    # Every image's rendering time as its PNG records it: summed, the stage's real cost, which
-    # its node time leaves out.
-    render_seconds = [
-        read_record(Image.open(images / f"{image_id}.png"))["render_seconds"] for image_id in manifest["image_id"]
-    ]
-    assert min(render_seconds) > 0
-    assert run.data.metrics["synthesis/render_seconds"] == pytest.approx(sum(render_seconds))
-    assert run.data.metrics["synthesis/seconds_per_image"] == pytest.approx(np.mean(render_seconds))
+    # The stage's real cost, which its node time leaves out: every image was rendered by this run.
+    assert run.data.metrics["synthesis/rendered_images"] == len(manifest) == len(list(images.rglob("*.png")))
+    assert run.data.metrics["synthesis/render_seconds"] > 0
+    assert run.data.metrics["synthesis/seconds_per_image"] == pytest.approx(
+        run.data.metrics["synthesis/render_seconds"] / len(manifest)
+    )
     if backend == "inversion":
         # Each image's final loss in the manifest; the mean loss curve, per logged iteration, in MLflow.
         assert manifest["inversion_loss"].between(0, 10).all()

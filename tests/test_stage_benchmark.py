@@ -1,4 +1,4 @@
-"""The stage benchmark (``benchmarks/stages.py``, ``clip_dfkd.stage_benchmark``): every stage
+"""The stage benchmark (``benchmarks/stages.py``, ``benchmarks/stage_benchmark.py``): every stage
 measured on both sides, the report's keys, and the pieces of gpu-full that run without a GPU."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
+import stage_benchmark as sb
 import torch
 
-from clip_dfkd import stage_benchmark as sb
 from clip_dfkd.params import RuntimeParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

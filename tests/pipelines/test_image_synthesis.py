@@ -20,7 +20,7 @@ from clip_dfkd.cli import user_error_message
 from clip_dfkd.datasets import ResumablePartitionedDataset
 from clip_dfkd.params import ImageSynthesisParams, RuntimeParams, TeacherParams
 from clip_dfkd.pipelines.image_synthesis.nodes import build_manifest, record_synthesis
-from clip_dfkd.rendering import DiffusionRenderer, LocalImages, read_record
+from clip_dfkd.rendering import DiffusionRenderer, LocalImages, RenderedBatch, RenderTiming, read_record
 from clip_dfkd.styles import StyleBank, StyleBankEncoderError
 
 pytestmark = pytest.mark.heavy
@@ -191,7 +191,9 @@ def test_out_of_memory_while_rendering_is_reported_as_itself(tmp_path) -> None:
     params = ImageSynthesisParams.model_validate({"generator": {"model_id": "some/model"}, "batch_size": 8})
     manifest = build_manifest(_prompt_table(), params, TEACHER)
     ids = list(manifest["image_id"])
-    images = LocalImages(ExhaustedRenderer(manifest, None, params, RuntimeParams(), None), ids, params.batch_size)
+    images = LocalImages(
+        ExhaustedRenderer(manifest, None, params, RuntimeParams(), None), ids, params.batch_size, RenderTiming()
+    )
     dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset="pillow.ImageDataset", filename_suffix=".png")
 
     with pytest.raises(DatasetError) as error:
@@ -228,14 +230,14 @@ def test_a_batch_that_does_not_fit_is_split_until_it_does(demo_assets, caplog) -
     cpu = RuntimeParams(device="cpu")
     renderer = TwoAtATime(manifest, None, params, cpu, TEACHER)
     with caplog.at_level(logging.WARNING, logger="clip_dfkd.rendering"):
-        rendered = renderer.render(ids[:6]) + renderer.render(ids[6:])
+        rendered = RenderedBatch.joined([renderer.render(ids[:6]), renderer.render(ids[6:])])
     fitting = DiffusionRenderer(manifest, None, params.model_copy(update={"batch_size": 2}), cpu, TEACHER)
-    expected = [image for start in range(0, 12, 2) for image, _ in fitting.render(ids[start : start + 2])]
+    expected = [image for start in range(0, 12, 2) for image in fitting.render(ids[start : start + 2]).images]
 
     # 6, then 3, did not fit; from then on 2 at a time (the 1s are what remained of a batch).
     assert attempts == [6, 3, 2, 1, 2, 1, 2, 2, 2]
-    assert [record["image_id"] for _, record in rendered] == ids
-    pixels = np.stack([np.asarray(image, dtype=np.int16) for image, _ in rendered])
+    assert [record["image_id"] for record in rendered.records] == ids
+    pixels = np.stack([np.asarray(image, dtype=np.int16) for image in rendered.images])
     assert np.abs(pixels - np.stack([np.asarray(image, dtype=np.int16) for image in expected])).max() <= 1
     assert "6 images at once do not fit in device memory; rendering 3 at a time" in caplog.text
 
@@ -260,7 +262,9 @@ def test_a_resumed_save_says_and_counts_what_it_will_render(tmp_path, caplog) ->
     ids = list(manifest["image_id"])
     dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset="pillow.ImageDataset", filename_suffix=".png")
     dataset.save({image_id: Image.new("RGB", (8, 8)) for image_id in ids[:3]})  # batch 0, and half of batch 1
-    on_demand = LocalImages(Blank(manifest, None, params, RuntimeParams(), TEACHER), ids, params.batch_size)
+    on_demand = LocalImages(
+        Blank(manifest, None, params, RuntimeParams(), TEACHER), ids, params.batch_size, RenderTiming()
+    )
 
     with caplog.at_level(logging.INFO, logger="clip_dfkd.rendering"):
         dataset.save(on_demand.loaders())
@@ -276,22 +280,30 @@ def test_synthesis_records_are_read_from_the_png_headers_without_decoding_pixels
             pass
 
         def _render(self, rows):
-            return [Image.new("RGB", (64, 64)) for _ in range(len(rows))], [{} for _ in range(len(rows))]
+            # What an inversion computes per image: its final loss and its loss curve.
+            computed = [
+                {"inversion_loss": 1.0 / (1 + seed), "inversion_loss_curve": {"0": 2.0, "9": 1.0 / (1 + seed)}}
+                for seed in rows["seed"]
+            ]
+            return [Image.new("RGB", (64, 64)) for _ in range(len(rows))], computed
 
     params = ImageSynthesisParams.model_validate({"generator": {"model_id": "some/model"}, "batch_size": 2})
     manifest = build_manifest(_prompt_table(), params, TEACHER)
     dataset = ResumablePartitionedDataset(path=str(tmp_path), dataset="pillow.ImageDataset", filename_suffix=".png")
     renderer = Blank(manifest, None, params, RuntimeParams(), TEACHER)
-    dataset.save(LocalImages(renderer, list(manifest["image_id"]), params.batch_size).loaders())
+    timing = RenderTiming()
+    dataset.save(LocalImages(renderer, list(manifest["image_id"]), params.batch_size, timing).loaders())
     decoded = [read_record(Image.open(tmp_path / f"{image_id}.png")) for image_id in manifest["image_id"]]
 
     def no_decoding(image):
         raise AssertionError("record_synthesis decoded an image's pixels")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    _, metrics = record_synthesis(dataset.load(), manifest)
+    recorded, metrics = record_synthesis(dataset.load(), manifest, timing)
 
-    assert metrics["render_seconds"] == [{"value": sum(r["render_seconds"] for r in decoded), "step": 0}]
+    assert recorded["inversion_loss"].tolist() == [record["inversion_loss"] for record in decoded]
+    assert metrics["rendered_images"] == [{"value": float(len(manifest)), "step": 0}]
+    assert metrics["render_seconds"] == [{"value": timing.seconds, "step": 0}]
 
 
 def test_a_style_bank_made_with_another_encoder_is_not_spliced(tiny_text_encoders, demo_assets) -> None:

@@ -14,9 +14,10 @@ from kedro.io import DatasetError
 from matplotlib.figure import Figure
 from PIL import Image
 
+from clip_dfkd.models import PROJECT_LOADERS, ModelLoaders
 from clip_dfkd.naming import shard_of, slugify, stable_hash
 from clip_dfkd.params import ImageSynthesisParams, RuntimeParams, TeacherParams
-from clip_dfkd.rendering import LocalImages, RayImages, create_renderer, read_saved_record
+from clip_dfkd.rendering import LocalImages, RayImages, RenderTiming, create_renderer, read_saved_record
 from clip_dfkd.styles import StyleBank
 
 logger = logging.getLogger(__name__)
@@ -96,63 +97,66 @@ def synthesize_images(
     params: ImageSynthesisParams,
     teacher: TeacherParams,
     runtime: RuntimeParams,
-) -> tuple[dict[str, Callable[[], Image.Image]], pd.DataFrame]:
-    """Lazy images keyed by ``image_id`` and the plan (manifest rows) that can regenerate each.
+    loaders: ModelLoaders = PROJECT_LOADERS,
+) -> tuple[dict[str, Callable[[], Image.Image]], pd.DataFrame, RenderTiming]:
+    """Lazy images keyed by ``image_id``, the plan (manifest rows) that can regenerate each, and
+    the run's rendering time, counted as the images are rendered.
 
     Rendering happens while the resumable partitioned dataset saves, one batch at a time, so
     images on disk are never rendered again and a killed run loses at most one batch. Each
-    PNG carries its synthesis record (see ``record_synthesis``).
+    PNG carries its synthesis record (see ``record_synthesis``). ``loaders`` loads the
+    generator or the teacher (the project's loaders; Kedro passes no other).
     """
     plan = select_shard(build_manifest(prompt_table, params, teacher), params.num_shards, params.shard_index)
     image_ids = list(plan["image_id"])
+    timing = RenderTiming()
     if params.executor == "ray":
-        on_demand = RayImages(plan, style_bank, params, runtime, teacher)
+        on_demand = RayImages(plan, style_bank, params, runtime, teacher, timing, loaders)
     else:
-        renderer = create_renderer(plan, style_bank, params, runtime, teacher)
-        on_demand = LocalImages(renderer, image_ids, params.batch_size)
+        renderer = create_renderer(plan, style_bank, params, runtime, teacher, loaders)
+        on_demand = LocalImages(renderer, image_ids, params.batch_size, timing)
     images = on_demand.loaders()
     source = params.generator.model_id if params.backend == "diffusion" else teacher.display_name
     shard = f", shard {params.shard_index} of {params.num_shards}" if params.num_shards > 1 else ""
     logger.info("%d images planned, by %s (%s%s)", len(images), params.backend, source, shard)
-    return images, plan
+    return images, plan, timing
 
 
 def record_synthesis(
-    images: dict[str, Callable[[], Image.Image]], plan: pd.DataFrame
+    images: dict[str, Callable[[], Image.Image]], plan: pd.DataFrame, timing: RenderTiming
 ) -> tuple[pd.DataFrame, dict[str, list[dict[str, float]]]]:
-    """The manifest (the plan plus what each image's synthesis measured, read back from its
+    """The manifest (the plan plus what each image's synthesis computed, read back from its
     PNG's text chunk without decoding the pixels, so images rendered by an earlier,
-    interrupted run keep theirs) and the run's metrics:
-    seconds per image, seconds of rendering in all and, for inversion, the loss curve (mean over images per logged
-    iteration) and the mean final loss."""
+    interrupted run keep theirs) and the run's metrics: the images this run rendered, its
+    seconds of rendering (and per image, when it rendered any) and, for inversion, the loss
+    curve (mean over images per logged iteration) and the mean final loss."""
     missing = sorted(set(plan["image_id"]) - set(images))
     if missing:
         raise DatasetError(f"synthetic_images lacks {len(missing)} planned images, e.g. {missing[0]}")
     records = pd.DataFrame([read_saved_record(images[image_id]) for image_id in plan["image_id"]], index=plan.index)
-    if "render_seconds" not in records:
-        # PNGs written before images carried records: nothing measured to report.
-        logger.warning("synthetic images carry no synthesis record; no synthesis metrics")
-        return plan, {}
     manifest = plan.copy()
-    seconds = records["render_seconds"].mean()
-    total = float(records["render_seconds"].sum())
     metrics = {
-        "seconds_per_image": [{"value": float(seconds), "step": 0}],
-        "render_seconds": [{"value": total, "step": 0}],
+        "rendered_images": [{"value": float(timing.images), "step": 0}],
+        "render_seconds": [{"value": timing.seconds, "step": 0}],
     }
+    if timing.images:
+        metrics["seconds_per_image"] = [{"value": timing.seconds / timing.images, "step": 0}]
     if "inversion_loss" in records:
         manifest["inversion_loss"] = records["inversion_loss"]
         curves = pd.DataFrame(list(records["inversion_loss_curve"].dropna()))
         metrics["inversion_loss"] = [{"value": value, "step": int(step)} for step, value in curves.mean().items()]
         metrics["inversion_final_loss"] = [{"value": float(manifest["inversion_loss"].mean()), "step": 0}]
+    elif plan["backend"].eq("inversion").any():
+        # PNGs written before images carried records: nothing computed to report.
+        logger.warning("synthetic images carry no synthesis record; no inversion loss in the manifest")
     # Rendering runs while synthetic_images saves, which Kedro's node timing (and kedro-viz's
     # Workflow view) leaves out of synthesize_images; this line and render_seconds say it.
     logger.info(
-        "%d images in the manifest: %.1f s of rendering in all (%.3f s per image), spent while saving "
+        "%d images in the manifest, %d rendered by this run: %.1f s of rendering, spent while saving "
         "synthetic_images, so not in synthesize_images' node time",
         len(manifest),
-        total,
-        seconds,
+        timing.images,
+        timing.seconds,
     )
     return manifest, metrics
 

@@ -17,7 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:teacher",
                     "params:runtime",
                 ],
-                outputs=["synthetic_images", "synthesis_plan"],
+                outputs=["synthetic_images", "synthesis_plan", "render_timing"],
                 name="synthesize_images",
                 tags=[RUNS_TEACHER_FOR_INVERSION],
             ),
@@ -25,7 +25,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             # measured, including images an interrupted earlier run rendered.
             Node(
                 record_synthesis,
-                inputs=["synthetic_images", "synthesis_plan"],
+                inputs=["synthetic_images", "synthesis_plan", "render_timing"],
                 outputs=["synthesis_manifest", "image_synthesis_metrics"],
                 name="record_synthesis",
             ),

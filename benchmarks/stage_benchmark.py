@@ -69,7 +69,6 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
@@ -472,7 +471,7 @@ def write_images(folder: Path, count: int, size: int, seed: int) -> list[Path]:
     return paths
 
 
-def _synthesis_node(count: int, params, bench: Bench):
+def _synthesis_node(count: int, params, bench: Bench, keeping: Keeping):
     """The image_synthesis stage's node ``synthesize_images`` on ``count`` vanilla prompts
     (made by prompt_generation's ``generate_prompts``): lazy images by ``image_id``, as Kedro
     gets them, and the plan, sorted as they are rendered."""
@@ -486,34 +485,32 @@ def _synthesis_node(count: int, params, bench: Bench):
     prompt_params = PromptGenerationParams(method="vanilla", styles=list(STYLES), images_per_class_and_style=per_cell)
     prompts = generate_prompts(ClassNames(list(CLASSES)), prompt_params, bank).head(count)
     teacher_params = bench.models.teacher_params(bench.preset.teachers[0])
-    return synthesize_images(prompts, bank, params, teacher_params, bench.runtime_params)
+    images, plan, _ = synthesize_images(
+        prompts, bank, params, teacher_params, bench.runtime_params, loaders=keeping.loaders()
+    )
+    return images, plan
 
 
-@contextlib.contextmanager
-def _preloaded(loader: str, model) -> Iterator[dict[str, Any]]:
-    """While active, the project's ``loader`` (``load_text_to_image`` or ``load_teacher``,
-    wherever a module imported it) returns ``model`` instead of loading one, or, when ``model``
-    is None, loads as usual; either way the yielded dict gets the model under ``"model"``.
-    Full-size models with random weights have no files to load from."""
-    import clip_dfkd.pipelines.image_synthesis.nodes  # noqa: F401 - imports whatever module renders
-    from clip_dfkd import models
+class Keeping:
+    """Model loaders that keep what they load (the bare side runs on the same object), or hand
+    over a model built here instead of loading one (``model``: full-size models with random
+    weights have no files to load from)."""
 
-    original = getattr(models, loader)
-    loaded: dict[str, Any] = {}
+    def __init__(self, model=None):
+        self.model = model
 
-    def load(params, runtime):
-        loaded["model"] = model if model is not None else original(params, runtime)
-        return loaded["model"]
+    def loaders(self):
+        from clip_dfkd.models import PROJECT_LOADERS, ModelLoaders
 
-    modules = [
-        module
-        for name, module in list(sys.modules.items())
-        if name.startswith("clip_dfkd") and getattr(module, loader, None) is original
-    ]
-    with contextlib.ExitStack() as stack:
-        for module in modules:
-            stack.enter_context(mock.patch.object(module, loader, load))
-        yield loaded
+        def keep(load):
+            def load_or_hand_over(params, runtime):
+                if self.model is None:
+                    self.model = load(params, runtime)
+                return self.model
+
+            return load_or_hand_over
+
+        return ModelLoaders(teacher=keep(PROJECT_LOADERS.teacher), text_to_image=keep(PROJECT_LOADERS.text_to_image))
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -709,16 +706,16 @@ class Bench:
         )
         params = ImageSynthesisParams(backend="diffusion", generator=generator, batch_size=preset.synthesis_batch)
         batch = preset.synthesis_batch
-        with _preloaded("load_text_to_image", preloaded) as loaded:
-            images, plan = _synthesis_node(batch + preset.synthesis_images, params, self)
-            ids = list(plan["image_id"])
-            warm_ids, timed_ids = ids[:batch], ids[batch:]
+        keeping = Keeping(preloaded)
+        images, plan = _synthesis_node(batch + preset.synthesis_images, params, self, keeping)
+        ids = list(plan["image_id"])
+        warm_ids, timed_ids = ids[:batch], ids[batch:]
 
-            def project(image_ids=timed_ids):
-                return [images[image_id]() for image_id in image_ids]
+        def project(image_ids=timed_ids):
+            return [images[image_id]() for image_id in image_ids]
 
-            project(warm_ids)  # loads the pipeline and warms it up
-        pipe = loaded["model"]
+        project(warm_ids)  # loads the pipeline and warms it up
+        pipe = keeping.model
         rows = plan.set_index("image_id")
 
         def bare(image_ids=timed_ids):
@@ -810,16 +807,15 @@ class Bench:
         )
         params = ImageSynthesisParams(backend="inversion", inversion=inversion, batch_size=preset.inversion_batch)
         batch = preset.inversion_batch
-        with _preloaded("load_teacher", teacher):
-            images, plan = _synthesis_node(batch + preset.inversion_images, params, self)
-            ids = list(plan["image_id"])
-            warm_ids, timed_ids = ids[:batch], ids[batch:]
-            prompts = dict(zip(plan["image_id"], plan["prompt"], strict=True))
+        images, plan = _synthesis_node(batch + preset.inversion_images, params, self, Keeping(teacher))
+        ids = list(plan["image_id"])
+        warm_ids, timed_ids = ids[:batch], ids[batch:]
+        prompts = dict(zip(plan["image_id"], plan["prompt"], strict=True))
 
-            def project(image_ids=timed_ids):
-                return [images[image_id]() for image_id in image_ids]
+        def project(image_ids=timed_ids):
+            return [images[image_id]() for image_id in image_ids]
 
-            project(warm_ids)  # the renderer takes the teacher here
+        project(warm_ids)  # the renderer takes the teacher here
 
         def bare(image_ids=timed_ids):
             rendered = []
