@@ -13,7 +13,7 @@ from demo_transfer import WORLDS, World
 from PIL import Image, ImageDraw
 
 from clip_dfkd.demo import held_out_domains
-from clip_dfkd.demo_world import draw
+from clip_dfkd.demo.world import draw
 
 CELL, LABEL, GAP = 72, 18, 12
 

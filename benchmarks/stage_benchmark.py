@@ -23,7 +23,7 @@ device and number of images on both):
   distillation loss → a timm train-step loop with the same model, batch, fused AdamW,
   one-cycle schedule, loss, augmentation and image size; the row also carries the bare loop
   on images transformed once beforehand (``bare_step_only_img_s``), the compute ceiling.
-- ``evaluation``: :func:`~clip_dfkd.pipelines.ood_evaluation.nodes.predict_student` over
+- ``evaluation``: :func:`~clip_dfkd.pipelines.ood_evaluation.scoring.predict_student` over
   benchmark PNGs (normalised once per batch, as above) → ``Image.open`` + the student's eval
   transform per image + forward per batch.
 
@@ -543,9 +543,9 @@ class Models:
     def _build_teacher(self, name: str):
         import open_clip
 
+        from clip_dfkd.demo.tiny_models import build_tiny_clip
         from clip_dfkd.models import ClipTeacher, load_teacher
         from clip_dfkd.models.model_configs import building_without_weights
-        from clip_dfkd.models.tiny import build_tiny_clip
 
         params = self.teacher_params(name)
         if name == "clip-dfkd-tiny":
@@ -590,7 +590,7 @@ def sd15_pipeline(runtime: Runtime, workdir: Path, scheduler: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    from clip_dfkd.models.tiny import build_clip_tokenizer, sd1_pipeline, sd1_text_encoder
+    from clip_dfkd.demo.tiny_models import build_clip_tokenizer, sd1_pipeline, sd1_text_encoder
 
     tokenizer = CLIPTokenizer.from_pretrained(build_clip_tokenizer(workdir / "sd15-tokenizer"))
     with torch.device(runtime.device):
@@ -690,7 +690,7 @@ class Bench:
         preset = self.preset
         generator_dir = self.workdir / "tiny-stable-diffusion"
         if preset.generator == "tiny":
-            from clip_dfkd.models.tiny import build_tiny_stable_diffusion
+            from clip_dfkd.demo.tiny_models import build_tiny_stable_diffusion
 
             build_tiny_stable_diffusion(generator_dir)
             preloaded = None
@@ -1036,7 +1036,7 @@ class Bench:
 
         from clip_dfkd.models import create_student
         from clip_dfkd.params import BenchmarkParams, OodEvaluationParams
-        from clip_dfkd.pipelines.ood_evaluation.nodes import predict_student
+        from clip_dfkd.pipelines.ood_evaluation.scoring import predict_student
 
         preset = self.preset
         paths = self.benchmark_paths

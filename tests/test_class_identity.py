@@ -7,14 +7,22 @@ from __future__ import annotations
 import json
 
 import mlflow
+import pyarrow.parquet as pq
 import pytest
 from conftest import plumbing_params
 
-from clip_dfkd.preflight import PreflightError
+from clip_dfkd.datasets import CLASSES_KEY
+from clip_dfkd.models import student as student_module
+from clip_dfkd.preflight import CLASS_CARRIERS, PreflightError
 from clip_dfkd.rerun import kedro_run_command
 
 DEMO_CLASSES = ["ball", "box", "tent", "kite"]
 REORDERED = ["kite", "tent", "box", "ball"]  # the silent failure: every class index shifts
+TABLES = {
+    "prompt_table": "data/02_intermediate/prompt_table.parquet",
+    "synthesis_manifest": "data/03_primary/synthesis_manifest.parquet",
+    "teacher_labels": "data/04_feature/teacher_labels.parquet",
+}
 
 
 def _run_count(project) -> int:
@@ -28,12 +36,34 @@ def trained(demo_project):
     return demo_project
 
 
-def test_each_saved_table_and_the_student_carry_their_class_list(trained) -> None:
+def test_each_saved_table_and_the_student_carry_their_class_list(trained, monkeypatch) -> None:
     catalog = trained.catalog()
 
-    for table in ("prompt_table", "synthesis_manifest", "teacher_labels"):
+    for table, path in TABLES.items():
         assert catalog.load(table).attrs["classes"] == DEMO_CLASSES, table
+        # Under the project's own key in the Parquet footer, not pandas' copy of DataFrame.attrs.
+        footer = pq.read_schema(trained.path / path).metadata
+        assert footer[CLASSES_KEY] == json.dumps(DEMO_CLASSES).encode() and b"PANDAS_ATTRS" not in footer, table
     assert catalog.load("student_model").class_names == DEMO_CLASSES
+    # Read from headers alone: neither a table's rows nor the student's weights.
+    _forbid_reading_rows_and_weights(monkeypatch, CLASS_CARRIERS)
+    assert {name: catalog[name].class_list() for name in CLASS_CARRIERS} == dict.fromkeys(CLASS_CARRIERS, DEMO_CLASSES)
+
+
+def _forbid_reading_rows_and_weights(monkeypatch, artefacts) -> None:
+    read_table = pq.read_table
+
+    def rows_unless_forbidden(source, *args, **kwargs):
+        name = getattr(source, "path", str(source))
+        if any(name.endswith(f"/{artefact}.parquet") for artefact in artefacts):
+            raise AssertionError(f"read the rows of {name}")
+        return read_table(source, *args, **kwargs)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("loaded the student's weights")
+
+    monkeypatch.setattr(pq, "read_table", rows_unless_forbidden)
+    monkeypatch.setattr(student_module, "load_file", no_weights)
 
 
 @pytest.mark.parametrize(
@@ -49,8 +79,9 @@ def test_each_saved_table_and_the_student_carry_their_class_list(trained) -> Non
         ),
     ],
 )
-def test_a_stage_refuses_an_artefact_made_for_other_classes(trained, stage, artefact, rerun) -> None:
+def test_a_stage_refuses_an_artefact_made_for_other_classes(trained, stage, artefact, rerun, monkeypatch) -> None:
     runs_before = _run_count(trained)
+    _forbid_reading_rows_and_weights(monkeypatch, [artefact])
     with pytest.raises(PreflightError) as caught, trained.session(runtime_params={"classes": REORDERED}) as session:
         session.run(pipeline_names=[stage])
 

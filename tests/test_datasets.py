@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet
 import pytest
 import yaml
 from kedro.io import AbstractDataset, DatasetError
@@ -162,7 +163,6 @@ def test_the_catalog_entry_builds_a_dataset_that_kedro_viz_can_describe(tmp_path
 
 def test_a_table_is_saved_and_also_logged_as_an_mlflow_table(tmp_path: Path) -> None:
     import mlflow
-    import pandas as pd
 
     from clip_dfkd.datasets import MlflowTableDataset
 
@@ -464,15 +464,15 @@ def test_a_full_disk_stops_an_atomic_write_with_one_line_and_nothing_left(
     assert list((tmp_path / "outputs").iterdir()) == []
 
 
-def _parquet_fills_the_disk(data: Any, file: Any, *args: Any, **kwargs: Any) -> None:
-    """A stand-in for ``DataFrame.to_parquet(file)`` as kedro-datasets calls it, on the output
-    file opened in place: a few bytes out, then the disk is full."""
+def _parquet_fills_the_disk(table: Any, file: Any, *args: Any, **kwargs: Any) -> None:
+    """A stand-in for ``pyarrow.parquet.write_table(table, file)`` as the project's Parquet
+    dataset calls it, on its staging file: a few bytes out, then the disk is full (the bare
+    OSError, without a file name)."""
     file.write(b"PAR1")
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-# The style bank is written atomically by the project; the prompt table in place, by
-# kedro-datasets' Parquet writer, which raises the bare OSError without a file name, after
+# Both written by the project, to a sibling renamed when whole; the prompt table fails after
 # the style bank was saved whole.
 @pytest.mark.parametrize(
     ("output", "kept"), [("style_bank.safetensors", []), ("prompt_table.parquet", ["style_bank.safetensors"])]
@@ -493,7 +493,7 @@ def test_a_full_disk_during_a_run_ends_it_failed_with_one_line(fresh_project: Pa
     if output == "style_bank.safetensors":
         monkeypatch.setattr(styles, "save_file", _fills_the_disk())
     else:
-        monkeypatch.setattr(pd.DataFrame, "to_parquet", _parquet_fills_the_disk)
+        monkeypatch.setattr(pyarrow.parquet, "write_table", _parquet_fills_the_disk)
     bootstrap_project(fresh_project)
 
     with (

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, demo_asset_params, merge_params
 
-from clip_dfkd.demo import DemoAssetsParams, DemoTeacherError, held_out_domains, train_demo_teacher
-from clip_dfkd.demo_world import STYLES, captions, draw
+from clip_dfkd.demo.assets import DemoAssetsParams, DemoTeacherError, held_out_domains, train_demo_teacher
+from clip_dfkd.demo.world import STYLES, captions, draw
 from clip_dfkd.errors import UserError
 from clip_dfkd.params import InvalidParameterError
 

@@ -285,8 +285,8 @@ def _train(inputs, labels: pd.DataFrame, view_labels: pd.DataFrame):
 def _evaluate(inputs, student) -> pd.DataFrame:
     """The evaluation's nodes in the pipeline's order; the teacher's side comes from the demo
     run's cache."""
-    from clip_dfkd.pipelines.ood_evaluation.nodes import (
-        draw_few_shot,
+    from clip_dfkd.pipelines.ood_evaluation.few_shot import draw_few_shot
+    from clip_dfkd.pipelines.ood_evaluation.scoring import (
         index_benchmarks,
         predict_student,
         predict_teacher,
@@ -441,12 +441,8 @@ def _few_shot_top1(inputs, student, few_shot: dict, rotate_shot_labels: bool = F
     """Per held-out domain, the top-1 of ``student`` fine-tuned by the few-shot nodes with the
     ``few_shot`` parameters (or, with ``fine_tune`` false, of ``student`` itself)."""
     from clip_dfkd.params import OodEvaluationParams
-    from clip_dfkd.pipelines.ood_evaluation.nodes import (
-        draw_few_shot,
-        fine_tune_student,
-        index_benchmarks,
-        predict_student,
-    )
+    from clip_dfkd.pipelines.ood_evaluation.few_shot import draw_few_shot, fine_tune_student
+    from clip_dfkd.pipelines.ood_evaluation.scoring import index_benchmarks, predict_student
 
     evaluation = OodEvaluationParams.model_validate({**inputs["evaluation"].model_dump(), "few_shot": few_shot})
     index, _ = index_benchmarks(inputs["classes"], evaluation)

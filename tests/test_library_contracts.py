@@ -4,7 +4,9 @@ libraries is held below its next minor version in pyproject.toml; raise the boun
 this file green.
 
 - kedro-mlflow: switches logging off for an untracked pipeline by setting ``_logging_activated``
-  on every catalog entry whose class name starts with "Mlflow" (clip_dfkd.datasets).
+  on every catalog entry whose class name starts with "Mlflow" (clip_dfkd.datasets); its
+  ``MlflowArtifactDataset`` logs the file at the wrapped dataset's ``_filepath``, which the
+  project's ParquetDataset sets as kedro-datasets' datasets do.
 - kedro-datasets: the preview types of ``kedro_datasets._typing``, which kedro-viz recognises by
   their names (clip_dfkd.datasets).
 - Kedro: ``kedro.io.core.parse_dataset_definition`` (clip_dfkd.datasets); the ``run`` command
@@ -46,6 +48,22 @@ def test_kedro_mlflow_switches_the_projects_mlflow_datasets_off_by_their_class_n
 
     assert table._logging_activated is False
     assert catalog["metrics"]._logging_activated is False
+
+
+def test_kedro_mlflow_logs_the_projects_parquet_file_as_an_artifact(tmp_path: Path, monkeypatch) -> None:
+    import mlflow
+    import pandas as pd
+    from kedro_mlflow.io.artifacts import MlflowArtifactDataset
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dataset = MlflowArtifactDataset(
+        artifact_path="tables",
+        dataset={"type": "clip_dfkd.datasets.ParquetDataset", "filepath": str(tmp_path / "t.pq")},
+    )
+    with mlflow.start_run() as run:
+        dataset.save(pd.DataFrame({"a": [1]}))
+
+    assert [entry.path for entry in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tables")] == ["tables/t.pq"]
 
 
 def test_kedro_datasets_preview_types_carry_the_names_kedro_viz_reads() -> None:
@@ -133,7 +151,7 @@ def test_diffusers_unets_take_the_plain_attention_processor(tmp_path: Path) -> N
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
 
-    from clip_dfkd.models.tiny import build_tiny_stable_diffusion
+    from clip_dfkd.demo.tiny_models import build_tiny_stable_diffusion
 
     build_tiny_stable_diffusion(tmp_path, seed=0)
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")

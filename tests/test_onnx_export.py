@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_dfkd.demo_world import draw
+from clip_dfkd.demo.world import draw
 from clip_dfkd.imaging import open_rgb
 from clip_dfkd.models import StudentClassifier
 from clip_dfkd.onnx_export import (

@@ -87,7 +87,7 @@ def test_the_student_trains_and_predicts_in_channels_last_and_comes_back_contigu
 
     from clip_dfkd.models.student import StudentClassifier, create_student
     from clip_dfkd.params import AugmentationParams, OodEvaluationParams, StudentParams, TrainingParams
-    from clip_dfkd.pipelines.ood_evaluation.nodes import predict_student
+    from clip_dfkd.pipelines.ood_evaluation.scoring import predict_student
     from clip_dfkd.student_training import FreshViews, ViewedImages, fit_student
     from clip_dfkd.views import ViewRenderer
 

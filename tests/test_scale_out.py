@@ -257,8 +257,8 @@ HTTP2_SETTINGS_FRAME = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 )
 def test_a_ray_address_must_answer_as_ray_does(monkeypatch, answer, is_ray) -> None:
     """A firewall that accepts every connection, or a port of something else, is no Ray."""
-    from clip_dfkd.rendering import on_ray as rendering
     from clip_dfkd.params import RayExecutorParams
+    from clip_dfkd.rendering import on_ray as rendering
 
     monkeypatch.setattr(rendering, "RAY_PROBE_SECONDS", 0.5)
     with _server_answering(answer) as port:
@@ -274,8 +274,8 @@ def test_a_ray_address_must_answer_as_ray_does(monkeypatch, answer, is_ray) -> N
 
 def test_with_tls_a_ray_address_is_only_connected_to(monkeypatch) -> None:
     """Ray's servers expect a TLS handshake first then: an HTTP/2 preface would get no answer."""
-    from clip_dfkd.rendering import on_ray as rendering
     from clip_dfkd.params import RayExecutorParams
+    from clip_dfkd.rendering import on_ray as rendering
 
     monkeypatch.setenv("RAY_USE_TLS", "1")
     monkeypatch.setattr(rendering, "RAY_PROBE_SECONDS", 0.5)

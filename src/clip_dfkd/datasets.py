@@ -20,14 +20,13 @@ import pandas as pd
 from fsspec.implementations.local import LocalFileSystem
 from kedro.io import AbstractDataset, DatasetError
 from kedro.io.core import parse_dataset_definition
-from kedro_datasets import pandas as pandas_datasets
 from kedro_datasets import pillow as pillow_datasets
 from kedro_datasets import text as text_datasets
 from kedro_datasets._typing import ImagePreview, JSONPreview, TablePreview
 from PIL import Image, ImageDraw, ImageFont
 
 from clip_dfkd.atomic import atomic_directory, reporting_full_disk
-from clip_dfkd.models.student import CONFIG_NAME, StudentClassifier
+from clip_dfkd.models.student import CONFIG_NAME, OutdatedStudentError, StudentClassifier
 from clip_dfkd.styles import StyleBank
 from clip_dfkd.teacher_cache import TeacherOutputCache
 
@@ -46,14 +45,92 @@ def _array_cell(value: Any) -> Any:
     return f"[{head}{', …' if len(value) > 4 else ''}] ({len(value)} values)"
 
 
-class ParquetDataset(pandas_datasets.ParquetDataset):
-    """kedro-datasets' ``pandas.ParquetDataset`` whose kedro-viz preview shows array columns
-    (embeddings, logits) as short strings instead of failing to serialise them."""
+# The Parquet schema-metadata key of the class list a table was made for (a JSON list).
+CLASSES_KEY = b"clip_dfkd.classes"
+
+
+class ParquetDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
+    """A pandas table in one Parquet file (local or any fsspec URL), written whole or not at all
+    (to a sibling, then renamed). The class list a table was made for (``data.attrs["classes"]``
+    between nodes) is kept in the file's schema metadata under :data:`CLASSES_KEY`, where
+    :meth:`class_list` reads it from the footer alone, without reading a row. Its kedro-viz
+    preview shows array columns (embeddings, logits) as short strings."""
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        load_args: dict[str, Any] | None = None,
+        save_args: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self._url = filepath
+        self._load_args = load_args or {}
+        self._save_args = save_args or {}
+        self._filesystem, self._path = fsspec.core.url_to_fs(filepath, **(fs_args or {}))
+        # Where kedro-mlflow's MlflowArtifactDataset finds the file to log, as it finds
+        # kedro-datasets' own (a path without its protocol).
+        self._filepath = PurePosixPath(self._path)
+        self.metadata = metadata
+
+    def _load(self) -> pd.DataFrame:
+        import pyarrow.parquet as pq
+
+        with self._filesystem.open(self._path, "rb") as file:
+            table = pq.read_table(file, **self._load_args)
+        frame = table.to_pandas()
+        classes = (table.schema.metadata or {}).get(CLASSES_KEY)
+        frame.attrs = {"classes": json.loads(classes)} if classes else {}
+        return frame
+
+    def _save(self, data: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(data, preserve_index=False)
+        # The class list under the project's own key; pandas' copy of every attr is left out.
+        schema_metadata = {key: value for key, value in (table.schema.metadata or {}).items() if key != b"PANDAS_ATTRS"}
+        if "classes" in data.attrs:
+            schema_metadata[CLASSES_KEY] = json.dumps(list(data.attrs["classes"])).encode()
+        table = table.replace_schema_metadata(schema_metadata)
+        staging = f"{self._path}{_PARTIAL}"
+        local = isinstance(self._filesystem, LocalFileSystem)
+        self._filesystem.makedirs(str(PurePosixPath(self._path).parent), exist_ok=True)
+        try:
+            with reporting_full_disk(self._path) if local else contextlib.nullcontext():
+                with self._filesystem.open(staging, "wb") as file:
+                    pq.write_table(table, file, **self._save_args)
+                self._filesystem.mv(staging, self._path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                self._filesystem.rm_file(staging)
+            raise
+
+    def class_list(self) -> list[str] | None:
+        """The class list the saved table was made for, read from the file's footer; None when
+        it records none (a table saved by an older version)."""
+        import pyarrow.parquet as pq
+
+        with self._filesystem.open(self._path, "rb") as file:
+            classes = (pq.read_schema(file).metadata or {}).get(CLASSES_KEY)
+        return json.loads(classes) if classes else None
 
     def preview(self, nrows: int = 5) -> TablePreview:
-        table = super().preview(nrows)
-        table["data"] = [[_array_cell(cell) for cell in row] for row in table["data"]]
-        return TablePreview(table)
+        frame = self._load().head(nrows)
+        return TablePreview(
+            {
+                "index": list(range(len(frame))),
+                "columns": list(frame.columns),
+                "data": [[_array_cell(cell) for cell in row] for row in frame.itertuples(index=False)],
+            }
+        )
+
+    def _exists(self) -> bool:
+        return self._filesystem.exists(self._path)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._url, "load_args": self._load_args, "save_args": self._save_args}
 
 
 class MlflowTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
@@ -81,6 +158,10 @@ class MlflowTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
 
     def preview(self, nrows: int = 5) -> TablePreview:
         return TablePreview(self._dataset.preview(nrows))
+
+    def class_list(self) -> list[str] | None:
+        """The class list the saved table records (see :meth:`ParquetDataset.class_list`)."""
+        return self._dataset.class_list()
 
     # kedro-mlflow switches logging off for the datasets of a pipeline it does not track by
     # setting this on every catalog entry whose class name starts with "Mlflow"; it reaches
@@ -417,6 +498,18 @@ class StudentModelDataset(AbstractDataset[StudentClassifier, StudentClassifier])
 
     def _exists(self) -> bool:
         return (self._path / CONFIG_NAME).is_file()
+
+    def class_list(self) -> list[str]:
+        """The classes the saved student tells apart, read from its ``config.json`` alone (no
+        weights loaded).
+
+        Raises:
+            OutdatedStudentError: the student was saved by a version that it cannot be loaded by.
+        """
+        config = json.loads((self._path / CONFIG_NAME).read_text())
+        if "data_config" not in config:
+            raise OutdatedStudentError(self._path / CONFIG_NAME)
+        return list(config["class_names"])
 
     def preview(self) -> JSONPreview:
         """The saved ``config.json``: architecture, classes, preprocessing."""

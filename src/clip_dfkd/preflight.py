@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from kedro.framework.hooks import hook_impl
-from kedro.io import DatasetError
 from kedro.io.core import get_protocol_and_path
 
 from clip_dfkd.atomic import nearest_folder
@@ -38,7 +37,7 @@ from clip_dfkd.models.generator import (
     missing_tiny_vae_weights,
     unsupported_generator,
 )
-from clip_dfkd.models.student import OutdatedStudentError, StudentClassifier, missing_student_weights
+from clip_dfkd.models.student import OutdatedStudentError, missing_student_weights
 from clip_dfkd.models.teacher import (
     indistinguishable_class_problems,
     missing_teacher_weights,
@@ -211,24 +210,18 @@ def _unrendered_images(catalog, run_params: dict[str, Any]) -> str | None:
 
 def _class_list_problem(name: str, catalog, classes: list[str], run_params: dict[str, Any]) -> str | None:
     """Why the saved artefact ``name`` cannot be used with ``classes`` (or at all: a student
-    saved by an older version), or None.
+    saved by an older version), or None. Only its header is read (a Parquet footer, a
+    student's ``config.json``), never its rows or weights.
 
     Classes enter at prompt generation, so the fix is to rerun every stage from there up to
     the one that makes the artefact.
     """
     try:
-        artefact = catalog.load(name)
-    except DatasetError as exc:
-        # Kedro wraps the dataset's error, and wraps that again.
-        outdated: BaseException | None = exc
-        while outdated is not None and not isinstance(outdated, OutdatedStudentError):
-            outdated = outdated.__cause__
-        if outdated is None:
-            raise
+        found = catalog[name].class_list()
+    except OutdatedStudentError as outdated:
         return str(
             OutdatedStudentError(outdated.config, kedro_run_command(run_params, f"--pipelines={_stage_making(name)}"))
         )
-    found = list(artefact.class_names) if isinstance(artefact, StudentClassifier) else artefact.attrs.get("classes")
     if found == classes:
         return None
     stages = STAGES[: STAGES.index(_stage_making(name)) + 1]

@@ -22,11 +22,14 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from clip_dfkd.params import OodEvaluationParams
+from clip_dfkd.models import StudentClassifier
+from clip_dfkd.models.student import student_fingerprint
+from clip_dfkd.params import DATA_FREE, OodEvaluationParams
 from clip_dfkd.tracking import (
     CLASSES_FINGERPRINT_TAG,
     CLASSES_TAG,
     class_list_fingerprint,
+    describe_run,
     describe_version,
     link_latest_metrics,
     shown_classes,
@@ -39,6 +42,53 @@ logger = logging.getLogger(__name__)
 FIGURE_TAG = "ood/{benchmark}/{domain}/{metric}"
 # The folder those figures were read from (the evaluation table's root, absolute).
 ROOT_TAG = "ood/{benchmark}/root"
+
+
+def describe_evaluated_student(student: StudentClassifier, registration: dict[str, Any]) -> dict[str, Any]:
+    """Which student the evaluation scored: its config, its weights' fingerprint and, when the
+    saved registration (``student_registration``) carries the same fingerprint, the
+    registered model name, version and MLflow run. A registration without a fingerprint, or
+    with another one, may be for a different student (the student folder can be retrained or
+    replaced after registering), so it is not claimed; ``reason`` says why."""
+    fingerprint = student_fingerprint(student)
+    record: dict[str, Any] = {
+        "config": dict(student.config),
+        "fingerprint": fingerprint,
+        "registered_model": None,
+        "version": None,
+        "run_id": None,
+        "reason": None,
+    }
+    registered = registration.get("fingerprint")
+    if registered == fingerprint:
+        record.update(
+            registered_model=registration["name"], version=registration["version"], run_id=registration["run_id"]
+        )
+    elif registered is None:
+        record["reason"] = (
+            f"student_registration of {registration.get('name')} version {registration.get('version')} records "
+            "no fingerprint, so it cannot be matched to the evaluated student"
+        )
+    else:
+        record["reason"] = (
+            f"student_registration of {registration.get('name')} version {registration.get('version')} is for a "
+            f"student with fingerprint {registered}, not the evaluated {fingerprint}"
+        )
+    if record["reason"]:
+        logger.warning("Evaluated student %s is not matched to a registered model: %s", fingerprint, record["reason"])
+    return record
+
+
+def promote_student(
+    evaluated_student: dict[str, Any], evaluation_table: pd.DataFrame, report: str, params: OodEvaluationParams
+) -> dict[str, Any]:
+    """Record the evaluation on the scored student's registered version and move the
+    promotion alias (``champion``) to it only when it beats the version holding it. Only the
+    data-free rows score that version; a few-shot student is another model."""
+    data_free = evaluation_table[evaluation_table["setting"] == DATA_FREE]
+    decision = promote_if_better(evaluated_student, data_free, report, params)
+    describe_run(decision, report)
+    return decision
 
 
 def promote_if_better(

@@ -29,21 +29,18 @@ from clip_dfkd.params import (
     StudentParams,
     TeacherParams,
 )
-from clip_dfkd.pipelines.ood_evaluation.nodes import (
-    FewShotError,
-    describe_evaluated_student,
-    draw_few_shot,
+from clip_dfkd.pipelines.ood_evaluation.few_shot import FewShotError, draw_few_shot
+from clip_dfkd.pipelines.ood_evaluation.plots import plot_confusion_matrices, plot_domain_accuracy
+from clip_dfkd.pipelines.ood_evaluation.scoring import (
     index_benchmarks,
     per_class_accuracy,
-    plot_confusion_matrices,
-    plot_domain_accuracy,
     predict_student,
     predict_teacher,
-    promote_student,
     score_domains,
     summarise_evaluation,
 )
 from clip_dfkd.preflight import PreflightError, PreflightHook
+from clip_dfkd.promotion import describe_evaluated_student, promote_student
 from clip_dfkd.runtime import Runtime
 from clip_dfkd.teacher_cache import TeacherOutputCache
 
@@ -357,7 +354,7 @@ def test_a_domain_without_readable_images_is_warned_and_left_out_of_the_average(
     (root / "clipart" / "box" / "broken.png").write_bytes(b"")
 
     params = _params({"toy": {"root": str(root)}})
-    with caplog.at_level(logging.WARNING, logger="clip_dfkd.pipelines.ood_evaluation.nodes"):
+    with caplog.at_level(logging.WARNING, logger="clip_dfkd.pipelines.ood_evaluation.scoring"):
         results, _, _ = _evaluate(params)
 
     assert "toy/clipart: no readable image (1 image files, 0 other files)" in caplog.text
@@ -587,7 +584,7 @@ def test_a_scoring_batch_that_does_not_fit_is_scored_in_smaller_batches(tmp_path
 
     student = BrightestChannelInLittleMemory(fits=2)
     params = OodEvaluationParams.model_validate({"benchmarks": {"toy": {"root": str(tmp_path)}}, "batch_size": 6})
-    with caplog.at_level(logging.WARNING, logger="clip_dfkd.pipelines.ood_evaluation.nodes"):
+    with caplog.at_level(logging.WARNING, logger="clip_dfkd.pipelines.ood_evaluation.scoring"):
         predictions = predict_student(index, student, params, RuntimeParams(device="cpu"))
 
     # 6, then 3, did not fit; 2 at a time from then on (the 1s are what remained of a batch).
@@ -778,7 +775,7 @@ def test_the_report_says_which_setting_produced_each_row(tmp_path, monkeypatch) 
     # Only the data-free rows score the registered student.
     decided = {}
     monkeypatch.setattr(
-        "clip_dfkd.pipelines.ood_evaluation.nodes.promote_if_better",
+        "clip_dfkd.promotion.promote_if_better",
         lambda student, scored, report, params: decided.setdefault("settings", set(scored["setting"])),
     )
     promote_student({}, table, markdown, params)
@@ -832,7 +829,7 @@ def test_a_few_shot_source_domain_not_on_disk_fails_before_any_node(demo_project
 def test_interpolation_moves_the_weights_that_share_of_the_way_to_the_fine_tuned_ones() -> None:
     from clip_dfkd.models import create_student
     from clip_dfkd.params import StudentParams
-    from clip_dfkd.pipelines.ood_evaluation.nodes import interpolated
+    from clip_dfkd.pipelines.ood_evaluation.few_shot import interpolated
 
     torch.manual_seed(0)
     start = create_student(StudentParams(model_name="test_resnet", image_size=32), ["a", "b"], None)

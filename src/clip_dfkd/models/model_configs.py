@@ -1,6 +1,6 @@
 """The project's own open_clip architecture configs (``clip_dfkd/models/configs/*.json``).
 
-Kept apart from :mod:`clip_dfkd.models.tiny` so that parameter validation and model loaders
+Kept apart from :mod:`clip_dfkd.demo.tiny_models` so that parameter validation and model loaders
 can register the configs without importing diffusers or transformers.
 """
 

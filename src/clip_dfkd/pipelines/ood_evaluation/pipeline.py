@@ -1,20 +1,17 @@
 from kedro.pipeline import Node, Pipeline
 
 from clip_dfkd.pipelines import RUNS_TEACHER, namespaced
-from clip_dfkd.pipelines.ood_evaluation.nodes import (
-    describe_evaluated_student,
-    draw_few_shot,
-    fine_tune_student,
+from clip_dfkd.pipelines.ood_evaluation.few_shot import draw_few_shot, fine_tune_student
+from clip_dfkd.pipelines.ood_evaluation.plots import plot_confusion_matrices, plot_domain_accuracy
+from clip_dfkd.pipelines.ood_evaluation.scoring import (
     index_benchmarks,
     per_class_accuracy,
-    plot_confusion_matrices,
-    plot_domain_accuracy,
     predict_student,
     predict_teacher,
-    promote_student,
     score_domains,
     summarise_evaluation,
 )
+from clip_dfkd.promotion import describe_evaluated_student, promote_student
 
 
 def create_pipeline(**kwargs) -> Pipeline:

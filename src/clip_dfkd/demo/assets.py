@@ -4,7 +4,7 @@ generator, and a multi-domain benchmark of that world.
 Nothing can be downloaded here, so ``kedro run --env=demo`` builds these on first use and
 then loads them through the same code as real models (open_clip with a checkpoint path,
 diffusers ``from_pretrained`` on a folder). The teacher is trained here, through open_clip,
-on drawings of the world (:mod:`clip_dfkd.demo_world`) in some of its styles; the benchmark
+on drawings of the world (:mod:`clip_dfkd.demo.world`) in some of its styles; the benchmark
 draws every style, so a style the teacher never saw measures transfer to an unseen domain.
 The generator stays random: it is the contrast, a generator that knows nothing.
 """
@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from clip_dfkd.atomic import atomic_directory, atomic_file
-from clip_dfkd.demo_world import captions, draw, unknown_names
+from clip_dfkd.demo.world import captions, draw, unknown_names
 from clip_dfkd.errors import UserError
 from clip_dfkd.params.base import Params, bad_value
 
@@ -94,7 +94,7 @@ def held_out_domains(params: DemoAssetsParams) -> list[str]:
 
 def ensure_demo_assets(params: DemoAssetsParams, project_path: Path) -> None:
     """Build whichever demo asset is missing; existing ones are left as they are."""
-    from clip_dfkd.models.tiny import build_tiny_stable_diffusion
+    from clip_dfkd.demo.tiny_models import build_tiny_stable_diffusion
 
     teacher = project_path / params.teacher_checkpoint
     if not teacher.is_file():
@@ -130,7 +130,7 @@ def train_demo_teacher(checkpoint: Path, params: DemoAssetsParams) -> dict:
     Raises:
         DemoTeacherError: it did not; nothing is written.
     """
-    from clip_dfkd.models.tiny import save_clip_checkpoint, train_tiny_clip
+    from clip_dfkd.demo.tiny_models import save_clip_checkpoint, train_tiny_clip
 
     training = params.teacher_training
     classes = params.benchmark_classes

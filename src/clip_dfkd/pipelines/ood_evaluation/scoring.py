@@ -1,56 +1,45 @@
+"""Scoring on domain-shift benchmarks: the images per domain, the teacher's zero-shot and the
+student's predictions on each, and per-domain top-1, agreement and ratio in one table."""
+
 from __future__ import annotations
 
-import copy
 import logging
-import os
 from functools import partial
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # nodes draw off-screen, also on machines with a display
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from matplotlib.figure import Figure
 
 from clip_dfkd.benchmarks import scan_benchmark, skipped_at_root
-from clip_dfkd.errors import UserError
-from clip_dfkd.imaging import CORRUPT_IMAGE_ERRORS, iterate_batches, open_rgb
+from clip_dfkd.imaging import iterate_batches
 from clip_dfkd.models import ClipTeacher, StudentClassifier, load_zero_shot_teacher
-from clip_dfkd.models.student import student_fingerprint
-from clip_dfkd.models.teacher import UnreadableImagesError
 from clip_dfkd.params import DATA_FREE, ClassNames, OodEvaluationParams, RuntimeParams, TeacherParams
 from clip_dfkd.progress import track
-from clip_dfkd.promotion import promote_if_better
-from clip_dfkd.runtime import FittingBatches, Runtime, seed_everything
+from clip_dfkd.runtime import FittingBatches, Runtime
 from clip_dfkd.student_training import (
-    FreshViews,
-    MetricHistory,
-    StoredViews,
     StudentOutOfMemoryError,
-    ViewedImages,
-    fit_student,
-    soft_label_loss,
-    with_online_teacher,
 )
 from clip_dfkd.teacher_cache import TeacherOutputCache, teacher_output_key
-from clip_dfkd.tracking import describe_run
-from clip_dfkd.views import ViewRenderer, views_of
 
 logger = logging.getLogger(__name__)
 
 
-class FewShotError(UserError, ValueError):
-    """A few-shot setting the benchmark cannot serve; one line."""
-
-
 METRICS = ["student_top1", "teacher_top1", "agreement", "student_teacher_ratio"]
+
+
 TABLE_COLUMNS = ["setting", "benchmark", "domain", "images", "corrupt_images", "domains", *METRICS, "note"]
+
+
 SKIPPED_COLUMNS = ["benchmark", "domain", "path", "reason"]
+
+
 INDEX_COLUMNS = ["benchmark", "domain", "path", "label"]
+
+
 NO_READABLE_IMAGE = "no readable image"
 
 
@@ -72,178 +61,6 @@ def index_benchmarks(classes: ClassNames, params: OodEvaluationParams) -> tuple[
             ]
             skipped += [(name, domain.domain, str(path), reason) for path, reason in domain.skipped]
     return pd.DataFrame(rows, columns=INDEX_COLUMNS), pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
-
-
-def draw_few_shot(
-    benchmark_index: pd.DataFrame, classes: ClassNames, params: OodEvaluationParams
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The few-shot split: ``few_shot.k`` readable images per class drawn with
-    ``few_shot.seed`` from the source domains (rows of the index), and the index of the
-    domains the few-shot student is scored on: every other evaluated domain, less any file
-    that is one of the drawn images under another name (a link). Both empty when k = 0.
-
-    Raises:
-        FewShotError: a source domain that was not indexed, no domain left to score, or a
-            class with fewer than k readable images in the source domains (preflight has
-            counted the image files; only decoding finds those that are unreadable).
-    """
-    few_shot = params.few_shot
-    if not few_shot.k:
-        return benchmark_index.iloc[:0], benchmark_index.iloc[:0]
-    found = benchmark_index.groupby("benchmark", sort=False)["domain"].unique()
-    if problem := params.few_shot_source_error({name: list(domains) for name, domains in found.items()}):
-        raise FewShotError(problem)
-    sources = {(b, domain) for b, domains in few_shot.source_domains.items() for domain in domains}
-    is_source = pd.Series(
-        [pair in sources for pair in zip(benchmark_index["benchmark"], benchmark_index["domain"], strict=True)],
-        index=benchmark_index.index,
-        dtype=bool,
-    )
-    pool = benchmark_index[is_source & benchmark_index["path"].notna()]
-    rng = np.random.default_rng(few_shot.seed)
-    drawn, readable = [], {}
-    for label, name in enumerate(classes):
-        candidates = pool.index[pool["label"] == label]
-        taken = []
-        # Decodes only until k readable images are found: a source domain can be large.
-        for index in candidates[rng.permutation(len(candidates))]:
-            if len(taken) == few_shot.k:
-                break
-            if _readable(pool.at[index, "path"]):
-                taken.append(index)
-        # Counts are complete for a class short of k: all its candidates were decoded.
-        found = pool.loc[taken, "benchmark"] + "/" + pool.loc[taken, "domain"]
-        readable[name] = {source: int((found == source).sum()) for source in few_shot.source_names()}
-        drawn += taken
-    if problem := params.few_shot_shortage_error(readable, "readable images"):
-        raise FewShotError(problem)
-    shots = benchmark_index.loc[drawn].reset_index(drop=True)
-    held_out = benchmark_index[~is_source]
-    # A held-out file that is a drawn image under another name (a link, a copy by hard link)
-    # would be scored after training on it.
-    drawn_files = {os.path.realpath(path) for path in shots["path"]}
-    linked = held_out["path"].map(lambda path: isinstance(path, str) and os.path.realpath(path) in drawn_files)
-    if linked.any():
-        logger.warning(
-            "few-shot: %d held-out files are drawn training images under another name; not scored: %s",
-            int(linked.sum()),
-            held_out.loc[linked, "path"].tolist()[:5],
-        )
-    logger.info(
-        "few-shot: %d images (%d per class) from %s; the few-shot student is scored on %d images of %s",
-        len(shots),
-        few_shot.k,
-        few_shot.source_domains,
-        int(held_out["path"].notna().sum() - linked.sum()),
-        sorted({f"{b}/{d}" for b, d in zip(held_out["benchmark"], held_out["domain"], strict=True)}),
-    )
-    return shots, held_out[~linked].reset_index(drop=True)
-
-
-def _readable(path: str) -> bool:
-    try:
-        open_rgb(path)
-    except CORRUPT_IMAGE_ERRORS:
-        return False
-    return True
-
-
-def fine_tune_student(
-    student: StudentClassifier,
-    shots: pd.DataFrame,
-    classes: ClassNames,
-    teacher: TeacherParams,
-    params: OodEvaluationParams,
-    runtime: RuntimeParams,
-) -> tuple[StudentClassifier, MetricHistory]:
-    """The few-shot student: a copy of the distilled student fine-tuned on views of the drawn
-    real images against their true class (``label_weight`` · cross-entropy) and the teacher's
-    zero-shot logits (``kd_weight`` · T² · KL) on the whole image or on the very view trained
-    on (``teacher_targets``, as in distillation), all its layers or the classifier only
-    (``layers``), its weights then taken ``interpolation`` of the way from the distilled
-    student's to the fine-tuned ones, with its per-epoch metrics. With k = 0 the distilled student itself,
-    untouched, and no metrics."""
-    few_shot = params.few_shot
-    if not few_shot.k:
-        return student, {}
-    resolved = Runtime.resolve(runtime)
-    paths = shots["path"].tolist()
-    labels = torch.as_tensor(shots["label"].to_numpy(), dtype=torch.long)
-
-    def step_loss(logits, embedding, batch_targets):
-        labels = batch_targets[0]
-        losses = {"label": F.cross_entropy(logits, labels)}
-        measures = {"label_accuracy": (logits.argmax(-1) == labels).float().mean()}
-        total = few_shot.label_weight * losses["label"]
-        if few_shot.kd_weight > 0:
-            teacher_logits = batch_targets[1]
-            losses["kd"] = soft_label_loss(logits, teacher_logits, few_shot.temperature)
-            measures["teacher_agreement"] = (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
-            total = total + few_shot.kd_weight * losses["kd"]
-        losses["total"] = total
-        return losses, measures
-
-    if few_shot.kd_weight == 0:
-        views = FreshViews(few_shot.augmentation, [labels])
-    else:
-        teacher_model, head = load_zero_shot_teacher(teacher, resolved, classes)
-        if few_shot.teacher_targets == "online":
-            views = FreshViews(few_shot.augmentation, [labels], teacher_view=teacher_model.view_renderer)
-            step_loss = with_online_teacher(step_loss, lambda pixels: teacher_model.classify(pixels, head)[:1])
-        else:
-            views = _few_shot_teacher_views(paths, labels, teacher_model, head, params)
-            # The teacher's work is done: it does not share the device with the training.
-            del teacher_model
-    seed_everything(few_shot.training.seed)
-    tuned = copy.deepcopy(student).cpu()
-    if few_shot.layers == "classifier":
-        trained = {id(parameter) for parameter in tuned.backbone.get_classifier().parameters()}
-        for parameter in tuned.parameters():
-            parameter.requires_grad_(id(parameter) in trained)
-    images = ViewedImages(paths, ViewRenderer.for_student(tuned.config["data_config"]), views)
-    history = fit_student(
-        tuned,
-        images,
-        step_loss,
-        few_shot.training,
-        resolved,
-        f"Fine-tuning ({few_shot.describe()})",
-        freeze_batch_norm=few_shot.freeze_batch_norm,
-    )
-    return interpolated(student, tuned, few_shot.interpolation).requires_grad_(True), history
-
-
-def interpolated(start: torch.nn.Module, tuned: torch.nn.Module, share: float) -> torch.nn.Module:
-    """``tuned`` with every floating-point weight and buffer moved back to ``start``'s but for
-    ``share`` of the way (integer buffers, e.g. batch-norm step counts, stay ``tuned``'s)."""
-    if share == 1:
-        return tuned
-    start_state = start.state_dict()
-    with torch.no_grad():
-        for name, value in tuned.state_dict().items():
-            if value.is_floating_point():
-                value.copy_(torch.lerp(start_state[name].to(value), value, share))
-    return tuned
-
-
-def _few_shot_teacher_views(
-    paths: list[str], labels: torch.Tensor, teacher_model: ClipTeacher, head: torch.Tensor, params: OodEvaluationParams
-) -> FreshViews | StoredViews:
-    """The few-shot images' targets, true class and the teacher's logits: on the whole image
-    (``centre``), or on ``views_per_image`` stored views of each."""
-    few_shot = params.few_shot
-    try:
-        if few_shot.teacher_targets == "centre":
-            logits, _ = teacher_model.classify_images(paths, head, params.batch_size, "Teacher soft labels")
-            return FreshViews(few_shot.augmentation, [labels, logits.float()])
-        views = torch.stack(
-            [views_of(path, few_shot.views_per_image, few_shot.augmentation, few_shot.seed) for path in paths]
-        )
-        logits, _ = teacher_model.classify_views(paths, views, head, params.batch_size, "Teacher labelling views")
-    except (UnreadableImagesError, *CORRUPT_IMAGE_ERRORS) as exc:
-        # The images were drawn readable; a file changed since is an error, not a gap.
-        raise FewShotError(f"few-shot images became unreadable while fine-tuning: {exc}") from None
-    return StoredViews(views, [labels[:, None].expand(views.shape[:2]), logits.float()])
 
 
 def predict_teacher(
@@ -574,147 +391,3 @@ def per_class_accuracy(predictions: pd.DataFrame) -> pd.DataFrame:
         )
         .reset_index()
     )
-
-
-def plot_confusion_matrices(predictions: pd.DataFrame, classes: ClassNames) -> Figure:
-    """One row per setting and benchmark: the student's and the teacher's confusion matrices
-    over the domains scored in that setting, each row normalised by the true class's count."""
-    names = list(classes)
-    panels = list(dict.fromkeys(zip(predictions["setting"], predictions["benchmark"], strict=True)))
-    side = min(12.0, 2.5 + 0.35 * len(names))
-    figure, axes = plt.subplots(
-        max(1, len(panels)),
-        2,
-        figsize=(2 * side, side * max(1, len(panels))),
-        squeeze=False,
-        constrained_layout=True,
-    )
-    index = {name: i for i, name in enumerate(names)}
-    for row, (setting, benchmark) in zip(axes, panels, strict=False):
-        rows = predictions[(predictions["setting"] == setting) & (predictions["benchmark"] == benchmark)]
-        truth = rows["class_name"].map(index).to_numpy(int)
-        for axis, column, model in (
-            (row[0], "student_prediction", f"{setting} student"),
-            (row[1], "teacher_prediction", "teacher"),
-        ):
-            matrix = np.zeros((len(names), len(names)))
-            np.add.at(matrix, (truth, rows[column].map(index).to_numpy(int)), 1)
-            matrix /= np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-            axis.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
-            axis.set_title(f"{benchmark}: {model} ({len(rows)} images)")
-            axis.set_xlabel("predicted")
-            axis.set_ylabel("true")
-            if len(names) <= 30:  # beyond that, labels would overprint each other
-                axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-                axis.set_yticks(range(len(names)), names, fontsize=7)
-                for (i, j), value in np.ndenumerate(matrix):
-                    if value >= 0.005:
-                        axis.text(
-                            j,
-                            i,
-                            f"{value:.2f}",
-                            ha="center",
-                            va="center",
-                            fontsize=6,
-                            color="white" if value > 0.5 else "black",
-                        )
-    return figure
-
-
-def plot_domain_accuracy(domain_results: pd.DataFrame) -> Figure:
-    """Grouped bars per domain: the student's top-1 in each setting next to the teacher's
-    zero-shot ceiling; a few-shot source domain has no few-shot bar."""
-    benchmarks = list(dict.fromkeys(domain_results["benchmark"]))
-    settings = list(dict.fromkeys(domain_results["setting"]))
-    data_free = domain_results[domain_results["setting"] == DATA_FREE]
-    figure, axes = plt.subplots(
-        1,
-        len(benchmarks),
-        figsize=(max(4.0, (0.7 + 0.35 * len(settings)) * len(data_free) + 1.5), 3.6),
-        squeeze=False,
-        constrained_layout=True,
-    )
-    width = 0.8 / (len(settings) + 1)
-    for axis, benchmark in zip(axes[0], benchmarks, strict=True):
-        rows = data_free[data_free["benchmark"] == benchmark].set_index("domain")
-        positions = np.arange(len(rows))
-        bars = [
-            (
-                f"student ({setting})" if len(settings) > 1 else "student",
-                domain_results[(domain_results["setting"] == setting) & (domain_results["benchmark"] == benchmark)]
-                .set_index("domain")["student_top1"]
-                .reindex(rows.index),
-            )
-            for setting in settings
-        ]
-        bars.append(("teacher (zero-shot)", rows["teacher_top1"]))
-        for number, (label, values) in enumerate(bars):
-            offset = (number - (len(bars) - 1) / 2) * width
-            drawn = axis.bar(positions + offset, values.to_numpy(float), width, label=label)
-            axis.bar_label(drawn, labels=["" if np.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
-        # A domain without readable images has no bars, a few-shot source no few-shot bar; the
-        # tick says why.
-        scored_in_every_setting = set.intersection(*(set(values.dropna().index) for _, values in bars))
-        ticks = [
-            f"{d}\n({NO_READABLE_IMAGE})"
-            if n == 0
-            else d
-            if d in scored_in_every_setting
-            else f"{d}\n(few-shot source)"
-            for d, n in zip(rows.index, rows["images"], strict=True)
-        ]
-        axis.set_xticks(positions, ticks, rotation=20)
-        axis.set_ylim(0, 1.05)
-        axis.set_title(benchmark)
-        axis.set_ylabel("top-1 accuracy")
-    # Below the panels: inside, the legend would cover the tallest bars.
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
-    return figure
-
-
-def describe_evaluated_student(student: StudentClassifier, registration: dict[str, Any]) -> dict[str, Any]:
-    """Which student the evaluation scored: its config, its weights' fingerprint and, when the
-    saved registration (``student_registration``) carries the same fingerprint, the
-    registered model name, version and MLflow run. A registration without a fingerprint, or
-    with another one, may be for a different student (the student folder can be retrained or
-    replaced after registering), so it is not claimed; ``reason`` says why."""
-    fingerprint = student_fingerprint(student)
-    record: dict[str, Any] = {
-        "config": dict(student.config),
-        "fingerprint": fingerprint,
-        "registered_model": None,
-        "version": None,
-        "run_id": None,
-        "reason": None,
-    }
-    registered = registration.get("fingerprint")
-    if registered == fingerprint:
-        record.update(
-            registered_model=registration["name"], version=registration["version"], run_id=registration["run_id"]
-        )
-    elif registered is None:
-        record["reason"] = (
-            f"student_registration of {registration.get('name')} version {registration.get('version')} records "
-            "no fingerprint, so it cannot be matched to the evaluated student"
-        )
-    else:
-        record["reason"] = (
-            f"student_registration of {registration.get('name')} version {registration.get('version')} is for a "
-            f"student with fingerprint {registered}, not the evaluated {fingerprint}"
-        )
-    if record["reason"]:
-        logger.warning("Evaluated student %s is not matched to a registered model: %s", fingerprint, record["reason"])
-    return record
-
-
-def promote_student(
-    evaluated_student: dict[str, Any], evaluation_table: pd.DataFrame, report: str, params: OodEvaluationParams
-) -> dict[str, Any]:
-    """Record the evaluation on the scored student's registered version and move the
-    promotion alias (``champion``) to it only when it beats the version holding it. Only the
-    data-free rows score that version; a few-shot student is another model."""
-    data_free = evaluation_table[evaluation_table["setting"] == DATA_FREE]
-    decision = promote_if_better(evaluated_student, data_free, report, params)
-    describe_run(decision, report)
-    return decision

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from clip_dfkd.models import tiny
-from clip_dfkd.models.model_configs import CONFIG_DIR, register_project_model_configs
-from clip_dfkd.models.tiny import (
+from clip_dfkd.demo import tiny_models as tiny
+from clip_dfkd.demo.tiny_models import (
     TINY_CLIP_MODEL_NAME,
     build_clip_tokenizer,
     build_tiny_clip,
     build_tiny_stable_diffusion,
 )
+from clip_dfkd.models.model_configs import CONFIG_DIR, register_project_model_configs
 
 TEXTS = [
     "a photo of a dog",
