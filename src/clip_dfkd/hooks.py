@@ -285,20 +285,22 @@ def tracking_server_problem(uri: str | None) -> str | None:
 
 def shard_tags(pipeline, catalog) -> dict[str, str]:
     """A sharded synthesis run's shard (``k/N``) and the group its sibling runs share: a hash
-    of every image the N shards render together, so the runs of one sharded job find each
-    other (``tags.synthesis_shard_group = '…'``) without being told."""
+    of what decides the images the N shards render together (the saved prompt table's bytes
+    and the synthesis recipe), so the runs of one sharded job find each other
+    (``tags.synthesis_shard_group = '…'``) without being told, and without reading a row."""
     if "params:image_synthesis" not in pipeline.inputs():
         return {}
     synthesis = catalog.load("params:image_synthesis")
     if synthesis.num_shards == 1:
         return {}
     from clip_dfkd.naming import stable_hash
-    from clip_dfkd.pipelines.image_synthesis.nodes import build_manifest
+    from clip_dfkd.pipelines.image_synthesis.nodes import synthesis_recipe
 
-    plan = build_manifest(catalog.load("prompt_table"), synthesis, catalog.load("params:teacher"))
+    recipe = synthesis_recipe(synthesis, catalog.load("params:teacher"))
+    prompts = catalog["prompt_table"].content_digest()
     return {
         "synthesis_shard": f"{synthesis.shard_index}/{synthesis.num_shards}",
-        "synthesis_shard_group": stable_hash(list(plan["image_id"]), synthesis.num_shards, length=12),
+        "synthesis_shard_group": stable_hash(prompts, *recipe.values(), synthesis.num_shards, length=12),
     }
 
 

@@ -9,6 +9,10 @@ what a single parameter cannot: every top-level parameter key is read by some pi
 (:class:`ParameterSectionsHook`), and the teacher's tokenizer tells the classes apart. A
 failed check raises :class:`PreflightError` with one line per problem, and nothing has been
 written or logged yet.
+
+Over 400 lines by choice: every check a run makes before it starts is here, in the order
+:class:`PreflightHook` makes them, so that one file answers "what can stop a run before it
+starts"; each check is a small function of the catalog and parameters.
 """
 
 from __future__ import annotations
@@ -447,7 +451,7 @@ class PreflightHook:
             if evaluation.few_shot.k and len(scanned) == len(evaluation.enabled_benchmarks()):
                 problems.append(_few_shot_problem(evaluation, scanned, classes))
         if "comparison" in used:
-            from clip_dfkd.pipelines.comparison.nodes import comparison_problem  # imports matplotlib: only here
+            from clip_dfkd.pipelines.comparison.tracked_runs import comparison_problem
 
             # Before the comparison's own MLflow run starts: no empty run is left behind.
             comparison = ComparisonParams.model_validate(as_plain(catalog.load("params:comparison")))
