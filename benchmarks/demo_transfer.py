@@ -42,7 +42,7 @@ import yaml
 from demo_projects import REPO_ROOT, demo_asset_params, make_project_copy, merge_params
 
 from clip_dfkd.demo import DemoAssetsParams, held_out_domains
-from clip_dfkd.demo_world import draw
+from clip_dfkd.demo.world import draw
 
 WORLDS = Path(__file__).parent / "worlds"
 
@@ -66,6 +66,20 @@ STUDENT_CHANGES: dict[str, dict] = {
     "resnet10t, timm's widths (4.9 M)": {"model_kwargs": {"channels": [64, 128, 256, 512], "stem_width": 32}},
     "resnet10t, channels 8-16-48-96": {"model_kwargs": {"channels": [8, 16, 48, 96], "stem_width": 8}},
     "resnet10t, channels 8-64": {"model_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}},
+}
+
+# Function matching (Beyer et al. 2022): the teacher online on the student's own views, mixed
+# by mixup, and a longer ("patient") schedule; on the world's vanilla images.
+TEACHING_CHANGES: dict[str, dict] = {
+    "online, mixup 0.2": {"teacher_targets": "online", "mixup": 0.2},
+    "online, mixup 1.0": {"teacher_targets": "online", "mixup": 1.0},
+    "online, 120 epochs": {"teacher_targets": "online", "training": {"epochs": 120}},
+    "online, mixup 1.0, 120 epochs": {"teacher_targets": "online", "mixup": 1.0, "training": {"epochs": 120}},
+    "stored_views, 120 epochs": {"training": {"epochs": 120}},
+    "online": {"teacher_targets": "online"},
+    "online, 240 epochs": {"teacher_targets": "online", "training": {"epochs": 240}},
+    "online, mixup 1.0, 240 epochs": {"teacher_targets": "online", "mixup": 1.0, "training": {"epochs": 240}},
+    "online, mixup 0.5, 120 epochs": {"teacher_targets": "online", "mixup": 0.5, "training": {"epochs": 120}},
 }
 
 # Inversion budgets for the demo's vanilla prompts (the demo's own: 60 iterations of 4 cut-outs,
@@ -146,6 +160,10 @@ class World:
                 }
                 | vanilla
                 for name, change in FEW_SHOT_CHANGES.items()
+            },
+            **{
+                f"inversion, vanilla, teaching: {name}": {"student_distillation": change} | vanilla
+                for name, change in TEACHING_CHANGES.items()
             },
             **{
                 f"inversion, vanilla, student {name}": {"student_distillation": {"student": change}} | vanilla

@@ -162,6 +162,12 @@ PACS = {"benchmarks": {"pacs": {"root": "data/01_raw/PACS", "layout": "pacs"}}}
             "student_distillation.loss.kd_weight=0: kd_weight and embedding_weight are both 0",
         ),
         (
+            StudentDistillationParams,
+            {**STUDENT, "mixup": 0.2},
+            "student_distillation.mixup=0.2: mixed images have no stored targets (teacher_targets is 'stored_views'); "
+            "allowed: 0, or teacher_targets online",
+        ),
+        (
             OodEvaluationParams,
             {"benchmarks": {}},
             "ood_evaluation.benchmarks={}: Dictionary should have at least 1 item",

@@ -80,3 +80,38 @@ def test_views_of_oblong_images_stay_inside_them(size) -> None:
     image = image_tensor(Image.new("RGB", size))
     for view in draw_views(100, AugmentationParams(crop_scale=(0.08, 1.0)), torch.Generator().manual_seed(1)):
         assert renderer(image, view).shape == (3, 8, 8)
+
+
+def test_mixup_shows_both_models_the_same_mixed_image() -> None:
+    """Mixing two views (the student's pixels, and by the same pairs and weights the teacher's)
+    gives each model its own rendering of the mixed images: function matching holds."""
+    from clip_dfkd.student_training import Mixup
+
+    student = ViewRenderer(size=16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bicubic")
+    teacher = ViewRenderer(size=12, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), interpolation="bicubic")
+    rng = np.random.default_rng(0)
+    images = [image_tensor(Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))) for _ in range(6)]
+    # Crops and flips, no colour jitter: its clamp to [0, 1] is the one step that is not linear.
+    views = draw_views(6, AugmentationParams(crop_scale=(0.5, 1.0), color_jitter=0.0), torch.Generator().manual_seed(0))
+    labels = torch.arange(6)
+
+    mixed_student, (same_labels, mixed_teacher) = Mixup(1.0, seed=3)(
+        torch.stack([student(image, view) for image, view in zip(images, views, strict=True)]),
+        [labels, torch.stack([teacher(image, view) for image, view in zip(images, views, strict=True)])],
+    )
+
+    assert torch.equal(same_labels, labels)
+    # Recover each mixed image's weight and partner from the student's pixels, then check the
+    # teacher's pixels against the teacher's rendering of that same mixture of the two images.
+    for row in range(6):
+        candidates = []
+        for partner in range(6):
+            a, b = student(images[row], views[row]), student(images[partner], views[partner])
+            weight = ((mixed_student[row] - b) * (a - b)).sum() / ((a - b) ** 2).sum().clamp_min(1e-12)
+            error = (weight * a + (1 - weight) * b - mixed_student[row]).abs().max()
+            candidates.append((float(error), partner, float(weight)))
+        error, partner, weight = min(candidates)
+        assert error < 1e-4
+        expected = weight * teacher(images[row], views[row]) + (1 - weight) * teacher(images[partner], views[partner])
+        torch.testing.assert_close(mixed_teacher[row], expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(mixed_student, torch.stack([student(i, v) for i, v in zip(images, views, strict=True)]))

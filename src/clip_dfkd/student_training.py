@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -148,6 +149,31 @@ def with_online_teacher(step_loss: StepLoss, teacher: Callable[[torch.Tensor], t
     return step
 
 
+class Mixup:
+    """Mixes each image of a batch with another of the same batch, ``w·a + (1 − w)·b`` with a
+    weight ``w ~ Beta(alpha, alpha)`` per image, in the student's pixels and, by the same
+    weights and pairs, in the teacher's rendering of the view (the batch's last target, see
+    :func:`with_online_teacher`): both models see the same mixed image, since resizing and
+    normalising commute with mixing. Weights and pairs follow ``seed``."""
+
+    def __init__(self, alpha: float, seed: int):
+        self._alpha = alpha
+        self._random = np.random.default_rng(seed)
+
+    def __call__(self, pixels: torch.Tensor, targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        count = len(pixels)
+        partners = torch.from_numpy(self._random.permutation(count))
+        weights = torch.from_numpy(self._random.beta(self._alpha, self._alpha, count))
+        *others, teacher_pixels = targets
+        return _mixed(pixels, partners, weights), [*others, _mixed(teacher_pixels, partners, weights)]
+
+
+def _mixed(images: torch.Tensor, partners: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    shape = (len(images),) + (1,) * (images.dim() - 1)
+    weights = weights.to(images.device, images.dtype).view(shape)
+    return weights * images + (1 - weights) * images[partners.to(images.device)]
+
+
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T² · KL(teacher_T ‖ student_T) on temperature-softened logits. The T² factor keeps the
     gradient scale of the soft targets independent of T (Hinton et al.)."""
@@ -253,13 +279,15 @@ def fit_student(
     runtime: Runtime,
     description: str,
     freeze_batch_norm: bool = False,
+    mix: Mixup | None = None,
 ) -> MetricHistory:
     """Train ``student`` in place (AdamW, one-cycle learning rate, mixed precision on an
     accelerator) on ``images`` for ``training.epochs``, minimising ``step_loss``'s total.
 
     Only parameters that require a gradient are trained. ``freeze_batch_norm`` keeps
     batch-norm layers on their running statistics (neither using nor updating the batch's),
-    as fine-tuning on a few images of one domain needs: else they become that domain's. The
+    as fine-tuning on a few images of one domain needs: else they become that domain's. ``mix``
+    mixes each batch's images (and the teacher's view of them) before the step. The
     caller seeds (before creating the student, so that its initial weights are seeded too);
     ``training.seed`` orders the images and draws or picks their views.
 
@@ -314,6 +342,8 @@ def fit_student(
             for pixels, *targets in loader:
                 pixels = pixels.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
                 targets = [target.to(runtime.device, non_blocking=True) for target in targets]
+                if mix is not None:
+                    pixels, targets = mix(pixels, targets)
                 optimizer.zero_grad(set_to_none=True)
                 reported = step.backward(pixels, targets)
                 scaler.step(optimizer)

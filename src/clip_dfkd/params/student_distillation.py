@@ -125,4 +125,18 @@ class StudentDistillationParams(Params):
     loss: DistillationLossParams = DistillationLossParams()
     augmentation: AugmentationParams = AugmentationParams()
     teacher_targets: TeacherTargets = "stored_views"
+    # Mixup between a batch's views (Beta(mixup, mixup) weights, one per image; 0: off), for
+    # the teacher run online on the same mixed images ("function matching", Beyer et al. 2022).
+    mixup: float = Field(default=0.0, ge=0.0)
     registry: RegistryParams = RegistryParams()
+
+    @model_validator(mode="after")
+    def _mixup_needs_the_teacher_online(self) -> StudentDistillationParams:
+        if self.mixup > 0 and self.teacher_targets != "online":
+            raise bad_value(
+                "mixup",
+                self.mixup,
+                f"mixed images have no stored targets (teacher_targets is {self.teacher_targets!r}); allowed: 0, "
+                "or teacher_targets online",
+            )
+        return self

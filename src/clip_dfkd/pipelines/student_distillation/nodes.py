@@ -29,6 +29,7 @@ from clip_dfkd.serving import register_student_model
 from clip_dfkd.student_training import (
     FreshViews,
     MetricHistory,
+    Mixup,
     StoredViews,
     TooFewTrainingImagesError,
     ViewedImages,
@@ -114,7 +115,8 @@ def train_student(
         ViewRenderer.for_student(student.config["data_config"]),
         views,
     )
-    history = fit_student(student, training_images, step_loss, params.training, resolved, "Distilling student")
+    mix = Mixup(params.mixup, params.training.seed) if params.mixup > 0 else None
+    history = fit_student(student, training_images, step_loss, params.training, resolved, "Distilling student", mix=mix)
     return student, history
 
 
