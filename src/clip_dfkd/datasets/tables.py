@@ -113,12 +113,22 @@ class ParquetDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
         return digest.hexdigest()
 
     def preview(self, nrows: int = 5) -> TablePreview:
-        frame = self._load().head(nrows)
+        """The first ``nrows`` rows (read alone), missing values as null and array cells as short
+        strings: kedro-viz serialises the preview as JSON."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with self._filesystem.open(self._path, "rb") as file:
+            parquet = pq.ParquetFile(file)
+            batch = next(parquet.iter_batches(batch_size=nrows), None)
+            table = pa.Table.from_batches([batch]) if batch is not None else parquet.schema_arrow.empty_table()
+        frame = table.to_pandas()
+        cells = frame.astype(object).where(frame.notna(), None)
         return TablePreview(
             {
                 "index": list(range(len(frame))),
                 "columns": list(frame.columns),
-                "data": [[_array_cell(cell) for cell in row] for row in frame.itertuples(index=False)],
+                "data": [[_array_cell(cell) for cell in row] for row in cells.itertuples(index=False)],
             }
         )
 
