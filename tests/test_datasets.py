@@ -512,3 +512,25 @@ def test_a_full_disk_during_a_run_ends_it_failed_with_one_line(fresh_project: Pa
     client = mlflow.MlflowClient(f"sqlite:///{fresh_project / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def test_a_table_keeps_its_class_list_in_the_parquet_footer(tmp_path) -> None:
+    """Saved under the project's key and read from the footer alone; a table saved before (by
+    pandas, which keeps DataFrame.attrs under its own key) still tells its classes."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from clip_dfkd.datasets import CLASSES_KEY, ParquetDataset
+
+    table = pd.DataFrame({"image_id": ["a", "b"], "label": [0, 1]})
+    table.attrs["classes"] = ["tent", "ball"]
+    ours = ParquetDataset(filepath=str(tmp_path / "ours.parquet"))
+    ours.save(table)
+    table.to_parquet(tmp_path / "older.parquet")
+
+    footer = pq.read_schema(tmp_path / "ours.parquet").metadata
+    assert json.loads(footer[CLASSES_KEY]) == ["tent", "ball"] and b"PANDAS_ATTRS" not in footer
+    assert ours.class_list() == ours.load().attrs["classes"] == ["tent", "ball"]
+    assert ParquetDataset(filepath=str(tmp_path / "older.parquet")).class_list() == ["tent", "ball"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["older.parquet", "ours.parquet"]  # no staging file left

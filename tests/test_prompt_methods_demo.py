@@ -163,8 +163,9 @@ def test_every_prompt_method_runs_the_demo(project: Path, method: str, backend: 
         assert run.data.metrics[f"images/diversity/class/{name}"] == pytest.approx(value, abs=1e-4)
     assert run.data.metrics["images/diversity/average"] == pytest.approx(np.mean(list(image_diversity.values())))
     assert ("prompts/contrastive/style_loss" in run.data.metrics) == (method == "contrastive")
-    # The stage's real cost, which its node time leaves out: every image was rendered by this run.
-    assert run.data.metrics["synthesis/rendered_images"] == len(manifest) == len(list(images.rglob("*.png")))
+    # The stage's real cost, which its node time leaves out: every image of this method and
+    # backend is new to the project's folder, so this run rendered each of them.
+    assert run.data.metrics["synthesis/rendered_images"] == len(manifest)
     assert run.data.metrics["synthesis/render_seconds"] > 0
     assert run.data.metrics["synthesis/seconds_per_image"] == pytest.approx(
         run.data.metrics["synthesis/render_seconds"] / len(manifest)

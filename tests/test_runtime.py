@@ -80,6 +80,31 @@ def test_channels_last_is_on_for_cuda_by_default_and_can_be_set(monkeypatch) -> 
     assert Runtime.resolve(RuntimeParams(device="auto", channels_last=False)).memory_format == torch.contiguous_format
 
 
+@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 1), (6, 5), (64, 8)])
+def test_auto_workers_leave_the_main_process_a_core_and_stop_at_eight(monkeypatch, cores, workers) -> None:
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cores)))
+
+    assert Runtime.resolve(RuntimeParams(device="cpu", num_workers="auto")).num_workers == workers
+    assert Runtime.resolve(RuntimeParams(device="cpu", num_workers=3)).num_workers == 3
+
+
+def test_tf32_is_set_for_fp32_on_cuda_only_and_can_be_refused(monkeypatch) -> None:
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision  # a backend flag, which monkeypatch cannot put back
+    matmul.fp32_precision = "none"
+    try:
+        Runtime.resolve(RuntimeParams(device="cpu", precision="fp32"))
+        assert matmul.fp32_precision == "none"
+        _gpu(monkeypatch, native_bf16=True)
+        Runtime.resolve(RuntimeParams(device="auto", precision="bf16"))
+        Runtime.resolve(RuntimeParams(device="auto", precision="fp32", tf32=False))
+        assert matmul.fp32_precision == "none"
+        Runtime.resolve(RuntimeParams(device="auto", precision="fp32"))
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
 def test_the_student_trains_and_predicts_in_channels_last_and_comes_back_contiguous(tmp_path) -> None:
     import pandas as pd
     import torch.nn.functional as F

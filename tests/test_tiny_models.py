@@ -293,6 +293,18 @@ def test_failed_builds_keep_the_previous_output(tmp_path: Path, monkeypatch: pyt
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.safetensors", "tokenizer"]
 
 
+def test_the_unet_and_vae_take_the_runtimes_memory_format(tiny_sd_dir: Path) -> None:
+    from clip_dfkd.models import load_text_to_image
+    from clip_dfkd.params import GeneratorParams, RuntimeParams
+    from clip_dfkd.runtime import Runtime
+
+    for channels_last in (True, False):
+        runtime = Runtime.resolve(RuntimeParams(device="cpu", channels_last=channels_last))
+        pipeline = load_text_to_image(GeneratorParams(model_id=str(tiny_sd_dir)), runtime)
+        for weight in (pipeline.unet.conv_in.weight, pipeline.vae.decoder.conv_in.weight):
+            assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last, weight.shape
+
+
 def test_vae_slicing_and_tiling_reach_the_vae_and_keep_the_images(tiny_sd_dir: Path) -> None:
     from clip_dfkd.models import load_text_to_image
     from clip_dfkd.params import GeneratorParams, RuntimeParams

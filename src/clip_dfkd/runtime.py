@@ -6,6 +6,7 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,7 +71,11 @@ class Runtime:
             dtype = _DTYPES[params.precision]
         channels_last = params.channels_last if params.channels_last is not None else device.type == "cuda"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        runtime = cls(device, dtype, params.compile, params.num_workers, memory_format)
+        if device.type == "cuda" and dtype == torch.float32 and params.tf32:
+            # Process-wide, like every backend flag: fp32 runs here are all this run's models.
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        num_workers = auto_workers() if params.num_workers == "auto" else params.num_workers
+        runtime = cls(device, dtype, params.compile, num_workers, memory_format)
         _announce(str(device), str(dtype).removeprefix("torch."))
         return runtime
 
@@ -79,6 +84,13 @@ class Runtime:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def auto_workers() -> int:
+    """DataLoader workers for ``runtime.num_workers: auto``: one per core this process may use,
+    but the main process's, at most 8 (decoding a batch then outpaces one accelerator)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
 
 
 @functools.cache

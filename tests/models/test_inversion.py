@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clip_dfkd.models import load_teacher
-from clip_dfkd.models.inversion import cutout_transforms, invert, spherical_distance, start_images
+from clip_dfkd.models.inversion import CutoutDraws, cutout_transforms, invert, spherical_distance, start_images
 from clip_dfkd.models.text_encoders import OpenClipTextEncoder
 from clip_dfkd.params import InversionDecoderParams, InversionParams, RuntimeParams, TeacherParams
 from clip_dfkd.runtime import Runtime
@@ -104,6 +104,36 @@ def test_a_rows_start_and_cutouts_come_from_its_own_seed() -> None:
     thetas_batched, jitter_batched = cutout_transforms(batched_generators, 4, (0.25, 1.0))
     assert torch.equal(thetas_alone, thetas_batched[4:])
     assert torch.equal(jitter_alone, jitter_batched[4:])
+
+
+def test_cutouts_drawn_ahead_are_the_ones_drawn_one_iteration_at_a_time() -> None:
+    """Drawn at the start (an accelerator: nothing copied inside the loop) or per iteration (the
+    CPU with noise, which draws from the same generators): the same transforms, in order."""
+    seeds, cpu = [3, 8], torch.device("cpu")
+    ahead = CutoutDraws([torch.Generator().manual_seed(s) for s in seeds], 4, (0.25, 1.0), 5, cpu, ahead=True)
+    stepwise = CutoutDraws([torch.Generator().manual_seed(s) for s in seeds], 4, (0.25, 1.0), 5, cpu, ahead=False)
+
+    for iteration in range(5):
+        for drawn_ahead, drawn_then in zip(ahead(iteration), stepwise(iteration), strict=True):
+            assert torch.equal(drawn_ahead, drawn_then), iteration
+
+
+def test_inversion_without_noise_draws_ahead_and_gives_the_same_image(teacher, monkeypatch) -> None:
+    """Without noise the cut-outs are drawn ahead even on the CPU; the image is the one drawing
+    them per iteration gives."""
+    from clip_dfkd.models import inversion
+
+    original = inversion.CutoutDraws
+
+    def image(ahead_allowed: bool) -> torch.Tensor:
+        def draws(*args, ahead, **kwargs):
+            assert ahead, "without noise the cut-outs are drawn ahead"
+            return original(*args, ahead=ahead and ahead_allowed, **kwargs)
+
+        monkeypatch.setattr(inversion, "CutoutDraws", draws)
+        return _invert(teacher, ["a photo of a ball", "a sketch of a tent"], [11, 12], iterations=6, noise=0.0).images
+
+    assert torch.equal(image(ahead_allowed=True), image(ahead_allowed=False))
 
 
 def test_a_pseudo_word_equal_to_a_words_embedding_inverts_like_the_word(teacher) -> None:

@@ -37,6 +37,15 @@ def _array_cell(value: Any) -> Any:
 CLASSES_KEY = b"clip_dfkd.classes"
 
 
+def _recorded_classes(schema_metadata: dict[bytes, bytes] | None) -> list[str] | None:
+    """The class list a footer records: under :data:`CLASSES_KEY`, or, in a table saved before
+    it (by pandas, which writes ``DataFrame.attrs`` there), in pandas' ``PANDAS_ATTRS``."""
+    metadata = schema_metadata or {}
+    if CLASSES_KEY in metadata:
+        return json.loads(metadata[CLASSES_KEY])
+    return json.loads(metadata.get(b"PANDAS_ATTRS", b"{}")).get("classes")
+
+
 class ParquetDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
     """A pandas table in one Parquet file (local or any fsspec URL), written whole or not at all
     (to a sibling, then renamed). The class list a table was made for (``data.attrs["classes"]``
@@ -68,8 +77,8 @@ class ParquetDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
         with self._filesystem.open(self._path, "rb") as file:
             table = pq.read_table(file, **self._load_args)
         frame = table.to_pandas()
-        classes = (table.schema.metadata or {}).get(CLASSES_KEY)
-        frame.attrs = {"classes": json.loads(classes)} if classes else {}
+        classes = _recorded_classes(table.schema.metadata)
+        frame.attrs = {"classes": classes} if classes else {}
         return frame
 
     def _save(self, data: pd.DataFrame) -> None:
@@ -101,8 +110,7 @@ class ParquetDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
         import pyarrow.parquet as pq
 
         with self._filesystem.open(self._path, "rb") as file:
-            classes = (pq.read_schema(file).metadata or {}).get(CLASSES_KEY)
-        return json.loads(classes) if classes else None
+            return _recorded_classes(pq.read_schema(file).metadata)
 
     def content_digest(self) -> str:
         """The sha256 of the saved file's bytes: the same table saved again gives the same file."""

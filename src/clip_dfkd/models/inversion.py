@@ -129,6 +129,45 @@ def cutout_transforms(
     return torch.cat(thetas), torch.cat(jitters)
 
 
+class CutoutDraws:
+    """Each iteration's cut-out transforms (:func:`cutout_transforms`), on ``device``.
+
+    When nothing else draws from the rows' generators during the inversion (on an accelerator,
+    whose noise comes from generators of its own, or without noise), every iteration's are
+    drawn at the start, in the order drawing them one iteration at a time would take, and
+    copied to the device once: no copy, and so no wait for the device, inside the loop. On the
+    CPU with noise, the noise of an iteration is drawn from the same generators after its
+    cut-outs, so they are drawn one iteration at a time, as before."""
+
+    def __init__(
+        self,
+        generators: Sequence[torch.Generator],
+        count: int,
+        scale: tuple[float, float],
+        iterations: int,
+        device: torch.device,
+        ahead: bool,
+    ):
+        self._draw = lambda: cutout_transforms(generators, count, scale)
+        self._device = device
+        self._ahead: tuple[torch.Tensor, torch.Tensor] | None = None
+        if ahead:
+            thetas, jitters = zip(*(self._draw() for _ in range(iterations)), strict=True)
+            self._ahead = tuple(self._to_device(torch.stack(drawn)) for drawn in (thetas, jitters))
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self._device, non_blocking=True)
+
+    def __call__(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ahead is not None:
+            thetas, jitters = self._ahead
+            return thetas[iteration], jitters[iteration]
+        thetas, jitter = self._draw()
+        return thetas.to(self._device), jitter.to(self._device)
+
+
 def invert(
     encode_image: ImageEncoder,
     text_embeddings: torch.Tensor,
@@ -163,15 +202,19 @@ def invert(
         if device.type == "cpu"
         else [torch.Generator(device).manual_seed(g.initial_seed()) for g in generators]
     )
+    shares_generators = params.noise > 0 and noise_generators is generators
+    cutouts_of = CutoutDraws(
+        generators, count, params.cutout_scale, params.iterations, device, ahead=not shares_generators
+    )
     logged_iterations: list[int] = []
     history: list[torch.Tensor] = []
     per_row = torch.zeros(rows, device=device)
     for iteration in range(params.iterations):
         images = parameterization()
-        thetas, jitter = cutout_transforms(generators, count, params.cutout_scale)
-        grid = F.affine_grid(thetas.to(device), [rows * count, 3, input_size, input_size], align_corners=False)
+        thetas, jitter = cutouts_of(iteration)
+        grid = F.affine_grid(thetas, [rows * count, 3, input_size, input_size], align_corners=False)
         cutouts = F.grid_sample(images.repeat_interleave(count, dim=0), grid, align_corners=False)
-        brightness, contrast = (params.color_jitter * jitter.to(device)).unbind(dim=1)
+        brightness, contrast = (params.color_jitter * jitter).unbind(dim=1)
         centre = cutouts.mean(dim=(1, 2, 3), keepdim=True)
         cutouts = (cutouts - centre) * (1 + contrast.view(-1, 1, 1, 1)) + centre + brightness.view(-1, 1, 1, 1)
         if params.noise > 0:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (
     AfterValidator,
     Field,
+    NonNegativeInt,
     PositiveInt,
     RootModel,
     field_validator,
@@ -113,10 +114,13 @@ class RuntimeParams(Params):
     device: str = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     compile: bool = False
-    num_workers: int = Field(default=0, ge=0)
-    # The student's convolutions in channels-last layout, which tensor cores run without
-    # transposing; null: on CUDA only.
+    # DataLoader workers decoding images; auto: one per core but the main process's, at most 8.
+    num_workers: Literal["auto"] | NonNegativeInt = "auto"
+    # The student's, the UNet's and the VAE's convolutions in channels-last layout, which tensor
+    # cores run without transposing; null: on CUDA only.
     channels_last: bool | None = None
+    # fp32 matrix products in TF32 on CUDA (Ampere and newer): tensor-core speed, 10-bit mantissa.
+    tf32: bool = True
 
     @field_validator("device")
     @classmethod
