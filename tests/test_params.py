@@ -10,6 +10,7 @@ from clip_dfkd.params import (
     InvalidParameterError,
     OodEvaluationParams,
     PromptGenerationParams,
+    RuntimeParams,
     StudentDistillationParams,
     TeacherParams,
 )
@@ -161,6 +162,12 @@ PACS = {"benchmarks": {"pacs": {"root": "data/01_raw/PACS", "layout": "pacs"}}}
             {**STUDENT, "loss": {"kd_weight": 0, "embedding_weight": 0}},
             "student_distillation.loss.kd_weight=0: kd_weight and embedding_weight are both 0",
         ),
+        (
+            RuntimeParams,
+            {"num_workers": "many"},
+            "runtime.num_workers='many': allowed: auto, or a number of workers >= 0",
+        ),
+        (RuntimeParams, {"num_workers": -1}, "runtime.num_workers=-1: allowed: auto, or a number of workers >= 0"),
         (
             StudentDistillationParams,
             {**STUDENT, "mixup": 0.2},

@@ -13,8 +13,11 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
+
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from clip_dfkd.errors import UserError
 
@@ -111,6 +114,22 @@ def atomic_directory(destination: Path) -> Iterator[Path]:
             _remove(previous)
     finally:
         _remove(staging)
+
+
+@contextmanager
+def staged_on(filesystem: AbstractFileSystem, destination: str, staging: str) -> Iterator[None]:
+    """For any fsspec filesystem: write ``staging`` inside the block; on success it is renamed
+    to ``destination``, on any failure removed. A full local disk raises
+    :class:`OutOfSpaceError` (a remote store's paths are on no local disk)."""
+    local = isinstance(filesystem, LocalFileSystem)
+    try:
+        with reporting_full_disk(destination) if local else nullcontext():
+            yield
+            filesystem.mv(staging, destination)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            filesystem.rm_file(staging)
+        raise
 
 
 def _remove(path: Path) -> None:

@@ -88,7 +88,7 @@ class Runtime:
 
 def auto_workers() -> int:
     """DataLoader workers for ``runtime.num_workers: auto``: one per core this process may use,
-    but the main process's, at most 8 (decoding a batch then outpaces one accelerator)."""
+    but the main process's, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(0, min(8, cores - 1))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import contextlib
 import dataclasses
 import io
 import textwrap
@@ -21,7 +20,7 @@ from kedro_datasets import pillow as pillow_datasets
 from kedro_datasets._typing import ImagePreview
 from PIL import Image, ImageDraw, ImageFont
 
-from clip_dfkd.atomic import reporting_full_disk
+from clip_dfkd.atomic import staged_on
 
 PARTIAL = ".partial"  # the staging name of a file being written, never loaded
 
@@ -130,8 +129,6 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
         self._filename_suffix = filename_suffix
         self._writer_threads = writer_threads
         self._filesystem, self._root = fsspec.core.url_to_fs(path)
-        # Free space is reported for local disks only: a remote store's paths are not on one.
-        self._reports_full_disk = isinstance(self._filesystem, LocalFileSystem)
         self.metadata = metadata
 
     def load(self) -> dict[str, PartitionLoader | ImageFileLoader]:
@@ -167,14 +164,8 @@ class ResumablePartitionedDataset(AbstractDataset[dict[str, Any], dict[str, Part
     def _write(self, final_path: str, value: Any) -> None:
         staging_path = final_path.removesuffix(self._filename_suffix) + PARTIAL + self._filename_suffix
         staging = self._filesystem.unstrip_protocol(staging_path)
-        try:
-            with reporting_full_disk(final_path) if self._reports_full_disk else contextlib.nullcontext():
-                self._dataset_type(**self._dataset_arguments, filepath=staging).save(value)
-                self._filesystem.mv(staging_path, final_path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                self._filesystem.rm_file(staging_path)
-            raise
+        with staged_on(self._filesystem, final_path, staging_path):
+            self._dataset_type(**self._dataset_arguments, filepath=staging).save(value)
 
     def preview(self, images: int = 8, columns: int = 4, size: int = 96) -> ImagePreview:
         """A grid of the first ``images`` complete partitions (``size`` pixels square), each

@@ -3,7 +3,6 @@ their footer, and Markdown reports; both with kedro-viz previews."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import PurePosixPath
@@ -12,12 +11,11 @@ from typing import Any, NewType
 import fsspec.core
 import numpy as np
 import pandas as pd
-from fsspec.implementations.local import LocalFileSystem
 from kedro.io import AbstractDataset
 from kedro_datasets import text as text_datasets
 from kedro_datasets._typing import TablePreview
 
-from clip_dfkd.atomic import reporting_full_disk
+from clip_dfkd.atomic import staged_on
 from clip_dfkd.datasets.partitions import PARTIAL
 
 # kedro-viz names a preview's kind after its return annotation: "TextPreview" shows as text.
@@ -92,17 +90,9 @@ class ParquetDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
             schema_metadata[CLASSES_KEY] = json.dumps(list(data.attrs["classes"])).encode()
         table = table.replace_schema_metadata(schema_metadata)
         staging = f"{self._path}{PARTIAL}"
-        local = isinstance(self._filesystem, LocalFileSystem)
         self._filesystem.makedirs(str(PurePosixPath(self._path).parent), exist_ok=True)
-        try:
-            with reporting_full_disk(self._path) if local else contextlib.nullcontext():
-                with self._filesystem.open(staging, "wb") as file:
-                    pq.write_table(table, file, **self._save_args)
-                self._filesystem.mv(staging, self._path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                self._filesystem.rm_file(staging)
-            raise
+        with staged_on(self._filesystem, self._path, staging), self._filesystem.open(staging, "wb") as file:
+            pq.write_table(table, file, **self._save_args)
 
     def class_list(self) -> list[str] | None:
         """The class list the saved table was made for, read from the file's footer; None when

@@ -122,6 +122,16 @@ class RuntimeParams(Params):
     # fp32 matrix products in TF32 on CUDA (Ampere and newer): tensor-core speed, 10-bit mantissa.
     tf32: bool = True
 
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _auto_or_a_count(cls, value: Any) -> Any:
+        # One line for a bad value, not one per member of the type's union.
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError("allowed: auto, or a number of workers >= 0")
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
